@@ -1,0 +1,38 @@
+"""kvmkit: KVM virtual machines for Python.
+
+Create a :class:`VM`, put code in its memory, serve its port I/O and MMIO from Python handlers or
+Rust devices, and run it at KVM speed::
+
+    import kvmkit
+
+    with kvmkit.VM(memory="2M") as vm:
+        vm.mem_write(0x1000, code)
+        vm.vcpus[0].setup("long", entry=0x1000)
+        vm.hook_io(0xE9, write=lambda port, data: print(data.decode(), end=""))
+        print(vm.run(timeout=5).reason)
+"""
+
+from kvmkit import devices, errors
+from kvmkit._core import __version__
+from kvmkit.cpu import CpuidEdit, CpuidEntry, CpuMode, DescriptorTable, Fpu, Regs, Segment, SRegs, Vcpu
+from kvmkit.exits import Exit, ExitReason
+from kvmkit.vm import VM, parse_size
+
+__all__ = [
+    "VM",
+    "CpuMode",
+    "CpuidEdit",
+    "CpuidEntry",
+    "DescriptorTable",
+    "Exit",
+    "ExitReason",
+    "Fpu",
+    "Regs",
+    "SRegs",
+    "Segment",
+    "Vcpu",
+    "__version__",
+    "devices",
+    "errors",
+    "parse_size",
+]

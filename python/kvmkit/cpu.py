@@ -1,0 +1,253 @@
+"""vCPUs and their register state."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from kvmkit._core import Vm as _CoreVm
+
+CpuMode = Literal["real", "protected", "long"]
+CpuidRegister = Literal["eax", "ebx", "ecx", "edx"]
+
+
+def _from_dict(cls: type[Any], raw: dict[str, Any]) -> Any:
+    return cls(**{f.name: raw[f.name] for f in fields(cls)})
+
+
+@dataclass
+class Regs:
+    """General-purpose registers, RIP and RFLAGS."""
+
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 2
+
+
+@dataclass
+class Segment:
+    """A segment register with its hidden descriptor part."""
+
+    base: int = 0
+    limit: int = 0
+    selector: int = 0
+    type: int = 0
+    present: int = 0
+    dpl: int = 0
+    db: int = 0
+    s: int = 0
+    l: int = 0  # noqa: E741 - the architectural name of the long-mode bit
+    g: int = 0
+    avl: int = 0
+    unusable: int = 0
+
+
+@dataclass
+class DescriptorTable:
+    """GDTR or IDTR."""
+
+    base: int = 0
+    limit: int = 0
+
+
+_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_TABLES = ("gdt", "idt")
+_CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+
+
+@dataclass
+class SRegs:
+    """Segment, descriptor-table and control registers."""
+
+    cs: Segment
+    ds: Segment
+    es: Segment
+    fs: Segment
+    gs: Segment
+    ss: Segment
+    tr: Segment
+    ldt: Segment
+    gdt: DescriptorTable
+    idt: DescriptorTable
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+    cr8: int
+    efer: int
+    apic_base: int
+
+    @classmethod
+    def _from_core(cls, raw: dict[str, Any]) -> SRegs:
+        parts: dict[str, Any] = {name: _from_dict(Segment, raw[name]) for name in _SEGMENTS}
+        parts.update({name: _from_dict(DescriptorTable, raw[name]) for name in _TABLES})
+        parts.update({name: raw[name] for name in _CONTROL})
+        return cls(**parts)
+
+
+@dataclass
+class Fpu:
+    """x87 and SSE state. ``fpr`` holds 8 and ``xmm`` 16 values of 16 bytes."""
+
+    fcw: int
+    fsw: int
+    ftwx: int
+    last_opcode: int
+    last_ip: int
+    last_dp: int
+    mxcsr: int
+    fpr: list[bytes]
+    xmm: list[bytes]
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One CPUID leaf/subleaf as a vCPU reports it."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+@dataclass(frozen=True)
+class CpuidEdit:
+    """A change to the CPUID every vCPU of a VM reports: clear, then set, bits of one register.
+
+    ``subleaf=None`` edits every subleaf of the leaf. Example, hiding CMPXCHG16B::
+
+        VM(cpuid=[CpuidEdit(leaf=1, register="ecx", clear=1 << 13)])
+    """
+
+    leaf: int
+    register: CpuidRegister
+    clear: int = 0
+    set: int = 0
+    subleaf: int | None = None
+
+    def _to_core(self) -> tuple[int, int | None, str, int, int]:
+        return (self.leaf, self.subleaf, self.register, self.clear, self.set)
+
+
+_GENERAL = frozenset(f.name for f in fields(Regs))
+_SPECIAL_SCALARS = frozenset(_CONTROL)
+
+
+class Vcpu:
+    """One vCPU of a :class:`~kvmkit.VM`. Its state can be read and written while the VM is
+    stopped; during a run those calls raise :class:`~kvmkit.errors.VmStateError`."""
+
+    def __init__(self, core: _CoreVm, index: int) -> None:
+        self._core = core
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"<Vcpu {self.index}>"
+
+    def setup(self, mode: CpuMode, entry: int, stack: int | None = None) -> None:
+        """Puts the vCPU in ``mode`` at ``entry`` so raw code can run there.
+
+        ``real``: CS:IP reaches ``entry`` (below 1 MiB); data segments have base 0.
+        ``protected``: 32-bit flat segments, paging off; GDT at 0x500.
+        ``long``: 64-bit with the first 4 GiB identity mapped (2 MiB pages, tables at
+        0x9000-0xefff); GDT at 0x500. ``stack`` sets the stack pointer; other general
+        registers are kept, so set arguments before or after.
+        """
+        self._core.enter_mode(self.index, mode, entry, stack)
+
+    @property
+    def regs(self) -> Regs:
+        """General-purpose registers, RIP and RFLAGS."""
+        return _from_dict(Regs, self._core.get_regs(self.index))  # type: ignore[no-any-return]
+
+    @regs.setter
+    def regs(self, regs: Regs) -> None:
+        self._core.set_regs(self.index, dataclasses.asdict(regs))
+
+    @property
+    def sregs(self) -> SRegs:
+        """Segment, descriptor-table and control registers."""
+        return SRegs._from_core(self._core.get_sregs(self.index))
+
+    @sregs.setter
+    def sregs(self, sregs: SRegs) -> None:
+        self._core.set_sregs(self.index, dataclasses.asdict(sregs))
+
+    @property
+    def fpu(self) -> Fpu:
+        """x87 and SSE state."""
+        return _from_dict(Fpu, self._core.get_fpu(self.index))  # type: ignore[no-any-return]
+
+    @fpu.setter
+    def fpu(self, fpu: Fpu) -> None:
+        self._core.set_fpu(self.index, dataclasses.asdict(fpu))
+
+    def reg_read(self, name: str) -> int:
+        """One register by name: a :class:`Regs` field, or cr0/cr2/cr3/cr4/cr8/efer/apic_base."""
+        if name in _GENERAL:
+            return int(self._core.get_regs(self.index)[name])
+        if name in _SPECIAL_SCALARS:
+            return int(self._core.get_sregs(self.index)[name])
+        raise _unknown_register(name)
+
+    def reg_write(self, name: str, value: int) -> None:
+        """Sets one register by name (see :meth:`reg_read`)."""
+        if name in _GENERAL:
+            self._core.set_regs(self.index, {name: value})
+        elif name in _SPECIAL_SCALARS:
+            self._core.set_sregs(self.index, {name: value})
+        else:
+            raise _unknown_register(name)
+
+    def msr_read(self, index: int) -> int:
+        """One model-specific register."""
+        return self.get_msrs([index])[index]
+
+    def msr_write(self, index: int, value: int) -> None:
+        """Sets one model-specific register."""
+        self._core.set_msrs(self.index, [(index, value)])
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """Several MSRs at once, by index."""
+        return dict(self._core.get_msrs(self.index, list(indices)))
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        """Sets several MSRs at once."""
+        self._core.set_msrs(self.index, list(values.items()))
+
+    @property
+    def cpuid(self) -> list[CpuidEntry]:
+        """The CPUID the vCPU reports."""
+        return [CpuidEntry(*entry) for entry in self._core.get_cpuid(self.index)]
+
+    def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
+        """Replaces the CPUID table (KVM accepts this only before the vCPU first runs)."""
+        self._core.set_cpuid(self.index, [dataclasses.astuple(e) for e in entries])
+
+
+def _unknown_register(name: str) -> Exception:
+    from kvmkit.errors import ConfigError
+
+    known = ", ".join(sorted(_GENERAL | _SPECIAL_SCALARS))
+    return ConfigError(f"unknown register {name!r} (known: {known})")

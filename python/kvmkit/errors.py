@@ -1,0 +1,52 @@
+"""The exceptions kvmkit raises. All derive from :class:`KvmkitError`."""
+
+from __future__ import annotations
+
+
+class KvmkitError(Exception):
+    """Base class of every kvmkit error."""
+
+
+class KvmUnavailableError(KvmkitError):
+    """``/dev/kvm`` is missing or cannot be opened by this user."""
+
+
+class KvmCapabilityError(KvmkitError):
+    """KVM is there but lacks a capability (or API version) kvmkit needs."""
+
+
+class KvmError(KvmkitError, OSError):
+    """A KVM call failed; ``errno`` holds the kernel's error number."""
+
+
+class ConfigError(KvmkitError, ValueError):
+    """A configuration value is invalid: a size, a vCPU count, a mode, a register name."""
+
+
+class IoRangeConflictError(ConfigError):
+    """A port or MMIO range overlaps one that is already mapped."""
+
+
+class GuestMemoryError(KvmkitError, IndexError):
+    """A guest memory access falls outside guest memory."""
+
+
+class VmStateError(KvmkitError):
+    """The VM is in the wrong state for the call: running, not started, or closed."""
+
+
+class WaitTimeout(KvmkitError, TimeoutError):
+    """``VM.wait`` timed out; the VM is still running."""
+
+
+__all__ = [
+    "ConfigError",
+    "GuestMemoryError",
+    "IoRangeConflictError",
+    "KvmCapabilityError",
+    "KvmError",
+    "KvmUnavailableError",
+    "KvmkitError",
+    "VmStateError",
+    "WaitTimeout",
+]

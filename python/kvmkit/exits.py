@@ -1,0 +1,63 @@
+"""How a run ends."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ExitReason(enum.Enum):
+    """Why a vCPU, or a whole run, stopped."""
+
+    HLT = "hlt"
+    """Every vCPU executed HLT (with no in-kernel irqchip to wait for interrupts)."""
+    SHUTDOWN = "shutdown"
+    """Triple fault."""
+    RESET = "reset"
+    """The guest asked for a reset."""
+    POWEROFF = "poweroff"
+    """The guest powered off."""
+    CRASH = "crash"
+    """The guest reported a crash."""
+    INTERNAL_ERROR = "internal_error"
+    """KVM could not go on; ``details`` has ``suberror``, ``data`` and ``instruction``."""
+    FAIL_ENTRY = "fail_entry"
+    """The hardware refused to enter the guest."""
+    UNHANDLED_IO = "unhandled_io"
+    """An access reached no device under ``unhandled_io="stop"``; ``details`` says where."""
+    HANDLER_ERROR = "handler_error"
+    """A device or Python handler failed (the handler's exception is raised from run/wait)."""
+    STOPPED = "stopped"
+    """``stop()`` was called, Ctrl-C was pressed, or (per vCPU) another vCPU ended the run."""
+    TIMEOUT = "timeout"
+    """The run's time limit passed."""
+    VMM_ERROR = "vmm_error"
+    """Something outside the guest failed; ``details["message"]`` says what."""
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a run ended."""
+
+    reason: ExitReason
+    vcpu: int | None
+    """The vCPU whose exit ended the run, if one did."""
+    vcpu_reasons: list[ExitReason]
+    """How each vCPU ended, by index."""
+    details: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+    @classmethod
+    def _from_core(cls, raw: dict[str, Any]) -> Exit:
+        return cls(
+            reason=ExitReason(raw["reason"]),
+            vcpu=raw["vcpu"],
+            vcpu_reasons=[ExitReason(r) for r in raw["vcpu_reasons"]],
+            details=raw["details"],
+            message=raw["message"],
+        )
+
+    def __str__(self) -> str:
+        where = f" on vCPU {self.vcpu}" if self.vcpu is not None else ""
+        return f"{self.message}{where}"

@@ -1,0 +1,205 @@
+"""The :class:`VM`: guest memory, vCPUs, I/O handlers and the run lifecycle."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Literal, Union
+
+from kvmkit import _core
+from kvmkit.cpu import CpuidEdit, Vcpu
+from kvmkit.devices import Device
+from kvmkit.errors import ConfigError, WaitTimeout
+from kvmkit.exits import Exit
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+log = logging.getLogger(__name__)
+
+Size = Union[int, str]
+"""A byte count, or a string such as ``"64M"``, ``"1G"``, ``"512K"``."""
+ReadHandler = Callable[[int, int], Union[int, bytes]]
+"""``read(addr, size)`` returns an int that fits ``size`` bytes, or exactly ``size`` bytes."""
+WriteHandler = Callable[[int, bytes], object]
+"""``write(addr, data)`` receives the bytes the guest wrote."""
+
+_live: weakref.WeakSet[VM] = weakref.WeakSet()
+
+
+def parse_size(size: Size) -> int:
+    """Bytes in ``size``: an int, or a string with an optional K/M/G/T suffix (binary units)."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ConfigError(f"a size must be an int or a string such as '64M', not {type(size).__name__}")
+    if isinstance(size, int):
+        if size < 0:
+            raise ConfigError(f"a size cannot be negative ({size})")
+        return size
+    return _core.parse_size(size)
+
+
+def _memory_layout(memory: Size | Sequence[tuple[int, Size]]) -> list[tuple[int, int]]:
+    if isinstance(memory, (int, str)):
+        return [(0, parse_size(memory))]
+    return [(int(addr), parse_size(size)) for addr, size in memory]
+
+
+class VM:
+    """A KVM virtual machine.
+
+    ``memory`` is a size for one region at guest address 0, or a list of ``(guest_addr, size)``
+    regions. ``unhandled_io`` decides what happens to I/O that reaches no handler: ``"ignore"``
+    (reads return all ones, writes are dropped, both counted in :attr:`stats`) or ``"stop"``
+    (the run ends with ``ExitReason.UNHANDLED_IO``).
+
+    Use it as a context manager, or call :meth:`close`, to free its file descriptors and memory.
+    """
+
+    def __init__(
+        self,
+        memory: Size | Sequence[tuple[int, Size]] = "64M",
+        cpus: int = 1,
+        *,
+        irqchip: bool = False,
+        pit: bool = False,
+        unhandled_io: Literal["ignore", "stop"] = "ignore",
+        cpuid: Iterable[CpuidEdit] = (),
+    ) -> None:
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+            raise ConfigError(f"cpus must be a positive int, not {cpus!r}")
+        layout = _memory_layout(memory)
+        self._core = _core.Vm(layout, cpus, irqchip, pit, unhandled_io, [e._to_core() for e in cpuid])
+        self.vcpus: list[Vcpu] = [Vcpu(self._core, i) for i in range(cpus)]
+        _live.add(self)
+        log.debug("created VM with %d vCPU(s), memory %s", cpus, [(hex(a), s) for a, s in layout])
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "running" if self.running else "stopped"
+        return f"<kvmkit.VM {len(self.vcpus)} vCPU(s), {state}>"
+
+    def close(self) -> None:
+        """Stops the VM if it runs and frees it. Further calls raise ``VmStateError``."""
+        self._core.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    # Memory
+
+    @property
+    def memory_regions(self) -> list[tuple[int, int]]:
+        """``(guest_addr, size)`` of each RAM region, in address order."""
+        return self._core.memory_regions
+
+    def mem_read(self, addr: int, size: int) -> bytes:
+        """Copies ``size`` bytes of guest memory at ``addr``."""
+        return self._core.mem_read(addr, size)
+
+    def mem_write(self, addr: int, data: Buffer) -> None:
+        """Copies ``data`` (any bytes-like object) into guest memory at ``addr``."""
+        self._core.mem_write(addr, data)
+
+    def mem_view(self, addr: int, size: int) -> memoryview:
+        """A writable zero-copy view of guest memory inside one region. It keeps the memory
+        mapped while it exists, even after :meth:`close`."""
+        return memoryview(self._core.mem_view(addr, size))
+
+    # I/O
+
+    def hook_io(
+        self, port: int, size: int = 1, read: ReadHandler | None = None, write: WriteHandler | None = None
+    ) -> None:
+        """Serves ports ``[port, port + size)`` from Python. ``addr`` passed to the handlers is
+        the port accessed. A missing handler acts like an empty bus."""
+        self._core.add_handler("pio", port, size, read, write)
+
+    def hook_mmio(
+        self, addr: int, size: int, read: ReadHandler | None = None, write: WriteHandler | None = None
+    ) -> None:
+        """Serves guest physical ``[addr, addr + size)`` (where there is no RAM) from Python."""
+        self._core.add_handler("mmio", addr, size, read, write)
+
+    def add_io_device(self, port: int, size: int, device: Device) -> None:
+        """Serves ports ``[port, port + size)`` with a Rust device from :mod:`kvmkit.devices`."""
+        self._core.add_device("pio", port, size, device)
+
+    def add_mmio_device(self, addr: int, size: int, device: Device) -> None:
+        """Serves MMIO ``[addr, addr + size)`` with a Rust device from :mod:`kvmkit.devices`."""
+        self._core.add_device("mmio", addr, size, device)
+
+    def unhook_io(self, port: int) -> None:
+        """Removes the port range that starts at ``port``."""
+        self._core.remove("pio", port)
+
+    def unhook_mmio(self, addr: int) -> None:
+        """Removes the MMIO range that starts at ``addr``."""
+        self._core.remove("mmio", addr)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counts of I/O exits: ``io_exits``, ``mmio_exits``, ``unhandled_io``, ``unhandled_mmio``."""
+        return self._core.stats
+
+    # Running
+
+    def run(self, timeout: float | None = None) -> Exit:
+        """Starts every vCPU and waits for the run to end. After ``timeout`` seconds the VM is
+        stopped and the exit's reason is ``TIMEOUT``. An exception raised by a handler during the
+        run is raised here. The VM can be run again, resuming where it stopped."""
+        self.start()
+        exit_ = self._wait(timeout)
+        if exit_ is None:
+            self._core.stop(timeout=True)
+            exit_ = self._wait(None)
+            assert exit_ is not None
+        return exit_
+
+    def start(self) -> None:
+        """Starts every vCPU on its own thread and returns at once."""
+        self._core.start()
+
+    def wait(self, timeout: float | None = None) -> Exit:
+        """Waits for the run to end. Raises :class:`~kvmkit.errors.WaitTimeout` if it has not
+        after ``timeout`` seconds (the VM keeps running)."""
+        exit_ = self._wait(timeout)
+        if exit_ is None:
+            raise WaitTimeout(f"the VM is still running after {timeout} s")
+        return exit_
+
+    def _wait(self, timeout: float | None) -> Exit | None:
+        raw = self._core.wait(timeout)
+        if raw is None:
+            return None
+        exit_ = Exit._from_core(raw)
+        log.debug("run ended: %s", exit_)
+        return exit_
+
+    def stop(self) -> bool:
+        """Ends the run from any thread, or from a handler; returns whether it was running."""
+        return self._core.stop()
+
+    @property
+    def running(self) -> bool:
+        return not self.closed and self._core.running
+
+    @property
+    def last_exit(self) -> Exit | None:
+        """How the last finished run ended."""
+        raw = self._core.last_exit
+        return None if raw is None else Exit._from_core(raw)
+
+
+@atexit.register
+def _close_all() -> None:
+    # vCPU threads must not call into an interpreter that is shutting down.
+    for vm in list(_live):
+        vm.close()

@@ -1,0 +1,23 @@
+// Low memory below 0x500 holds the real-mode IVT and BIOS data area, so tables start above it.
+
+/// Where the GDT is written for protected and long mode.
+pub const GDT_ADDR: u64 = 0x500;
+/// Where the (empty) IDT points: with limit 0 any exception triple-faults, which KVM reports as a
+/// shutdown exit instead of running off into uninitialised memory.
+pub const IDT_ADDR: u64 = 0x520;
+/// The long-mode PML4; the PDPT and the page directories follow it page by page.
+pub const PML4_ADDR: u64 = 0x9000;
+/// The PDPT for the identity map.
+pub const PDPT_ADDR: u64 = PML4_ADDR + 0x1000;
+/// The first of the page directories, one per GiB identity mapped.
+pub const PD_ADDR: u64 = PDPT_ADDR + 0x1000;
+/// How many GiB the long-mode identity map covers (2 MiB pages).
+pub const IDENTITY_MAPPED_GIB: u64 = 4;
+/// First address after the page tables.
+pub const PAGE_TABLES_END: u64 = PD_ADDR + IDENTITY_MAPPED_GIB * 0x1000;
+
+/// Three pages KVM needs for the TSS on Intel hosts (real-mode emulation), placed just below the
+/// identity-map page and far above where small guests keep memory.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+/// One page KVM needs for the identity map of real-mode guests on Intel hosts.
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;

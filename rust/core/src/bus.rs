@@ -1,0 +1,242 @@
+//! One bus type for port I/O and for MMIO: a map from non-overlapping address ranges to devices.
+//!
+//! Lookup is `O(log n)` (a `BTreeMap` keyed by range base, searched with `range(..=addr)`).
+//! An access is dispatched only when it lies entirely inside one range; anything else is
+//! unhandled and left to the caller's policy.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+/// A device failed to serve an access. The run that caused it ends with
+/// [`ExitReason::DeviceError`](crate::ExitReason::DeviceError).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub struct DeviceError(pub String);
+
+/// Something that serves reads and writes on a bus.
+///
+/// Methods take `&self` so that several vCPUs can reach one device at once; a device with
+/// mutable state keeps it behind its own lock. `base` is where the device's range starts and
+/// `offset` is the access address relative to it.
+pub trait BusDevice: Send + Sync {
+    /// Fills `data` with the value read at `base + offset` (`data.len()` is the access size).
+    fn read(&self, base: u64, offset: u64, data: &mut [u8]) -> Result<(), DeviceError>;
+    /// Accepts the bytes the guest wrote at `base + offset`.
+    fn write(&self, base: u64, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+}
+
+/// A non-empty address range `[base, base + len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BusRange {
+    base: u64,
+    len: u64,
+}
+
+impl BusRange {
+    /// A range of `len` bytes from `base`; `None` when it is empty or runs past `u64::MAX`.
+    pub fn new(base: u64, len: u64) -> Option<Self> {
+        (len > 0 && base.checked_add(len - 1).is_some()).then_some(Self { base, len })
+    }
+
+    /// First address.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Number of addresses.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Always false: a range has at least one address.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Last address (inclusive).
+    pub fn last(&self) -> u64 {
+        self.base + (self.len - 1)
+    }
+
+    /// Whether `[addr, addr + size)` lies entirely inside this range.
+    pub fn contains(&self, addr: u64, size: u64) -> bool {
+        addr >= self.base && size <= self.len && addr - self.base <= self.len - size
+    }
+
+    /// Whether the two ranges share an address.
+    pub fn overlaps(&self, other: &BusRange) -> bool {
+        self.base <= other.last() && other.base <= self.last()
+    }
+}
+
+impl fmt::Display for BusRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}..={:#x}", self.base, self.last())
+    }
+}
+
+/// Why a device could not be put on a bus.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BusError {
+    /// The new range shares addresses with one already mapped.
+    #[error("range {new} overlaps {existing}, which is already mapped")]
+    Overlap {
+        /// The range being added.
+        new: BusRange,
+        /// The range in the way.
+        existing: BusRange,
+    },
+    /// The range does not fit the address space (ports end at 0xffff).
+    #[error("range {0} is outside the address space")]
+    OutsideSpace(BusRange),
+    /// Nothing is mapped at the address given for removal.
+    #[error("nothing is mapped at {0:#x}")]
+    NotMapped(u64),
+}
+
+/// Address ranges mapped to devices. Cloning is cheap and shares the devices.
+#[derive(Clone, Default)]
+pub struct Bus {
+    devices: BTreeMap<u64, (BusRange, Arc<dyn BusDevice>)>,
+}
+
+impl Bus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Maps `device` at `range`, refusing a range that overlaps one already mapped.
+    pub fn insert(&mut self, range: BusRange, device: Arc<dyn BusDevice>) -> Result<(), BusError> {
+        let before = self.devices.range(..=range.last()).next_back();
+        if let Some((_, (existing, _))) = before.filter(|(_, (r, _))| r.overlaps(&range)) {
+            return Err(BusError::Overlap { new: range, existing: *existing });
+        }
+        self.devices.insert(range.base, (range, device));
+        Ok(())
+    }
+
+    /// Unmaps the range that starts at `base` and returns its device.
+    pub fn remove(&mut self, base: u64) -> Result<Arc<dyn BusDevice>, BusError> {
+        self.devices
+            .remove(&base)
+            .map(|(_, device)| device)
+            .ok_or(BusError::NotMapped(base))
+    }
+
+    /// The ranges mapped, in address order.
+    pub fn ranges(&self) -> impl Iterator<Item = BusRange> + '_ {
+        self.devices.values().map(|(range, _)| *range)
+    }
+
+    /// The device whose range holds all of `[addr, addr + size)`.
+    pub fn resolve(&self, addr: u64, size: u64) -> Option<(BusRange, &Arc<dyn BusDevice>)> {
+        let (_, (range, device)) = self.devices.range(..=addr).next_back()?;
+        range.contains(addr, size).then_some((*range, device))
+    }
+
+    /// Reads through the device at `addr`; `Ok(false)` when nothing is mapped there.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<bool, DeviceError> {
+        match self.resolve(addr, data.len() as u64) {
+            Some((range, device)) => device.read(range.base, addr - range.base, data).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Writes through the device at `addr`; `Ok(false)` when nothing is mapped there.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<bool, DeviceError> {
+        match self.resolve(addr, data.len() as u64) {
+            Some((range, device)) => device.write(range.base, addr - range.base, data).map(|()| true),
+            None => Ok(false),
+        }
+    }
+}
+
+impl fmt::Debug for Bus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.ranges()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::Scratchpad;
+
+    fn range(base: u64, len: u64) -> BusRange {
+        BusRange::new(base, len).unwrap()
+    }
+
+    #[test]
+    fn range_rejects_empty_and_overflow() {
+        assert!(BusRange::new(0x10, 0).is_none());
+        assert!(BusRange::new(u64::MAX, 2).is_none());
+        assert_eq!(BusRange::new(u64::MAX, 1).unwrap().last(), u64::MAX);
+        assert_eq!(BusRange::new(0, u64::MAX).unwrap().last(), u64::MAX - 1);
+    }
+
+    #[test]
+    fn range_contains_whole_accesses_only() {
+        let r = range(0x100, 0x10);
+        assert!(r.contains(0x100, 1));
+        assert!(r.contains(0x10c, 4));
+        assert!(!r.contains(0x10d, 4));
+        assert!(!r.contains(0xff, 1));
+        assert!(!r.contains(0x100, 0x11));
+        assert!(!r.contains(0x110, 1));
+    }
+
+    #[test]
+    fn insert_rejects_every_kind_of_overlap() {
+        let mut bus = Bus::new();
+        bus.insert(range(0x100, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
+        for (base, len) in [(0x100, 1), (0xf0, 0x11), (0x10f, 4), (0x104, 2), (0x0, 0x1000)] {
+            let err = bus.insert(range(base, len), Arc::new(Scratchpad::new(1))).unwrap_err();
+            assert_eq!(err, BusError::Overlap { new: range(base, len), existing: range(0x100, 0x10) });
+        }
+        // Neighbours on both sides are fine.
+        bus.insert(range(0xf0, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
+        bus.insert(range(0x110, 1), Arc::new(Scratchpad::new(1))).unwrap();
+        assert_eq!(bus.ranges().map(|r| r.base()).collect::<Vec<_>>(), [0xf0, 0x100, 0x110]);
+    }
+
+    #[test]
+    fn dispatch_reaches_the_right_device_with_its_offset() {
+        let mut bus = Bus::new();
+        let low = Arc::new(Scratchpad::new(0x10));
+        let high = Arc::new(Scratchpad::new(0x10));
+        bus.insert(range(0x1000, 0x10), low.clone()).unwrap();
+        bus.insert(range(0x2000, 0x10), high.clone()).unwrap();
+
+        assert!(bus.write(0x2004, &[1, 2, 3, 4]).unwrap());
+        assert_eq!(&high.contents()[4..8], &[1, 2, 3, 4]);
+        assert_eq!(low.contents(), vec![0; 0x10]);
+
+        let mut data = [0u8; 2];
+        assert!(bus.read(0x2005, &mut data).unwrap());
+        assert_eq!(data, [2, 3]);
+    }
+
+    #[test]
+    fn accesses_outside_or_straddling_ranges_are_unhandled() {
+        let mut bus = Bus::new();
+        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
+        let mut data = [0u8; 4];
+        assert!(!bus.read(0xfff, &mut data).unwrap());
+        assert!(!bus.read(0x100e, &mut data).unwrap());
+        assert!(!bus.write(0x1010, &data).unwrap());
+        assert!(!Bus::new().read(0, &mut data).unwrap());
+    }
+
+    #[test]
+    fn remove_unmaps_only_an_exact_base() {
+        let mut bus = Bus::new();
+        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
+        assert_eq!(bus.remove(0x1004).err(), Some(BusError::NotMapped(0x1004)));
+        assert!(bus.remove(0x1000).is_ok());
+        assert!(!bus.write(0x1000, &[0]).unwrap());
+    }
+}

@@ -1,0 +1,38 @@
+//! Devices that sit on a [`Bus`](crate::Bus).
+
+mod null;
+mod scratchpad;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use null::NullDevice;
+pub use scratchpad::Scratchpad;
+
+/// How often a device was read and written.
+#[derive(Debug, Default)]
+pub struct AccessCounters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
+impl AccessCounters {
+    /// Counts one read.
+    pub fn count_read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one write.
+    pub fn count_write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Writes so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,73 @@
+//! Errors of the core. Each variant says what went wrong in words a user can act on.
+
+use thiserror::Error;
+
+use crate::arch::x86_64::mode::ModeError;
+use crate::bus::BusError;
+use crate::size::SizeError;
+use crate::vstate::memory::MemoryError;
+
+/// The result type of the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong outside the guest.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled, the kvm module loaded, and /dev/kvm readable and writable by this user?)")]
+    KvmUnavailable(#[source] std::io::Error),
+    /// The kernel speaks another KVM API version.
+    #[error("/dev/kvm reports API version {0}, but kvmkit needs version 12")]
+    KvmApiVersion(i32),
+    /// The kernel lacks a KVM capability this VM needs.
+    #[error("KVM lacks the capability {0}, which kvmkit needs for this VM")]
+    MissingCapability(&'static str),
+    /// A KVM call failed.
+    #[error("{operation} failed: {source}")]
+    Kvm {
+        /// The ioctl or step that failed.
+        operation: &'static str,
+        /// The error the kernel returned.
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    /// A configuration value is out of range or inconsistent.
+    #[error("{0}")]
+    InvalidConfig(String),
+    /// A size string could not be parsed.
+    #[error(transparent)]
+    Size(#[from] SizeError),
+    /// A CPU mode or entry point is unusable.
+    #[error(transparent)]
+    Mode(#[from] ModeError),
+    /// Guest memory could not be set up or accessed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A device range could not be mapped or unmapped.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// There is no vCPU with this index.
+    #[error("there is no vCPU {index} (the VM has {count})")]
+    NoSuchVcpu {
+        /// The index asked for.
+        index: usize,
+        /// How many vCPUs there are.
+        count: usize,
+    },
+    /// The operation needs the VM stopped.
+    #[error("the VM is running; stop it or wait for it first")]
+    Running,
+    /// `wait` was called on a VM that was never started.
+    #[error("the VM has not been started")]
+    NotStarted,
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+impl Error {
+    /// A failed KVM call.
+    pub fn kvm(operation: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Self {
+        move |source| Self::Kvm { operation, source }
+    }
+}

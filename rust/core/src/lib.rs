@@ -1,0 +1,27 @@
+//! The VMM core of kvmkit: KVM virtual machines with guest memory, vCPUs that run on their own
+//! threads, and an I/O bus that serves the guest's port I/O and MMIO from devices.
+//!
+//! The crate has no Python in it; `kvmkit-python` is a thin binding on top. The layout follows the
+//! architecture:
+//!
+//! - [`arch`]: x86-64 boot structures (layout, GDT, page tables, CPU modes, CPUID).
+//! - [`vstate`]: the only place that talks to KVM (system handle, VM, vCPU, exit handling).
+//! - [`bus`]: one address-range bus type for port I/O and for MMIO.
+//! - [`devices`]: devices that sit on a bus.
+//! - [`machine`]: a VM assembled from a [`MachineConfig`](config::MachineConfig), with its run lifecycle.
+
+pub mod arch;
+pub mod bus;
+pub mod config;
+pub mod devices;
+pub mod error;
+pub mod io;
+pub mod machine;
+pub mod size;
+pub mod vstate;
+
+pub use bus::{Bus, BusDevice, BusRange, DeviceError};
+pub use config::{MachineConfig, MemoryRegionConfig, UnhandledIo};
+pub use error::{Error, Result};
+pub use machine::Machine;
+pub use vstate::exit::{Exit, ExitReason};

@@ -1,0 +1,361 @@
+use std::fmt;
+
+use kvm_ioctls::VcpuExit;
+use vmm_sys_util::errno;
+
+use crate::bus::DeviceError;
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+const KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+
+/// Port I/O or memory-mapped I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressSpace {
+    /// x86 I/O ports (`in`/`out`).
+    Pio,
+    /// Guest physical addresses with no RAM behind them.
+    Mmio,
+}
+
+impl fmt::Display for AddressSpace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Pio => "port",
+            Self::Mmio => "MMIO address",
+        })
+    }
+}
+
+/// `KVM_EXIT_INTERNAL_ERROR` details; for emulation failures, the instruction KVM gave up on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InternalError {
+    /// `KVM_INTERNAL_ERROR_*` code (1 is an emulation failure).
+    pub suberror: u32,
+    /// The raw `internal.data` words.
+    pub data: Vec<u64>,
+    /// The instruction bytes, when KVM reported them.
+    pub instruction: Vec<u8>,
+}
+
+impl InternalError {
+    /// Decodes the instruction bytes of an emulation failure: `data[0]` holds flags, then a byte
+    /// of length and up to 15 instruction bytes follow in `data[1..3]`.
+    pub fn new(suberror: u32, data: Vec<u64>) -> Self {
+        let has_bytes = suberror == KVM_INTERNAL_ERROR_EMULATION
+            && data.len() >= 3
+            && data[0] & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES != 0;
+        let instruction = if has_bytes {
+            let bytes: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
+            let len = usize::from(bytes[0]).min(15);
+            bytes[1..=len].to_vec()
+        } else {
+            Vec::new()
+        };
+        Self { suberror, data, instruction }
+    }
+}
+
+/// Why a vCPU, or a whole run, stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The vCPU executed HLT with no in-kernel irqchip to wait for an interrupt.
+    Hlt,
+    /// Triple fault.
+    Shutdown,
+    /// The guest asked for a reset.
+    Reset,
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reported a crash.
+    Crash,
+    /// KVM could not go on, e.g. it failed to emulate an instruction.
+    InternalError(InternalError),
+    /// The hardware refused to enter the guest.
+    FailEntry {
+        /// `hardware_entry_failure_reason`.
+        reason: u64,
+        /// The host CPU it happened on.
+        cpu: u32,
+    },
+    /// An access reached no device and the policy is to stop.
+    UnhandledIo {
+        /// Ports or MMIO.
+        space: AddressSpace,
+        /// The address accessed.
+        addr: u64,
+        /// Bytes accessed.
+        size: usize,
+        /// Whether it was a write.
+        write: bool,
+    },
+    /// A device (a Python handler, for instance) failed.
+    DeviceError {
+        /// Ports or MMIO.
+        space: AddressSpace,
+        /// The address accessed.
+        addr: u64,
+        /// What the device said.
+        message: String,
+    },
+    /// `stop()` was called, or another vCPU ended the run.
+    Stopped,
+    /// The run's time limit passed.
+    Timeout,
+    /// Something outside the guest failed: `KVM_RUN` returned an error, KVM reported an exit
+    /// kvmkit has no use for, or the vCPU thread panicked.
+    VmmError(String),
+}
+
+impl ExitReason {
+    /// Whether this vCPU's exit ends the run for every vCPU. A halted vCPU waits for the others;
+    /// a stopped one was ended by someone else.
+    pub fn ends_run(&self) -> bool {
+        !matches!(self, Self::Hlt | Self::Stopped)
+    }
+
+    /// A short lowercase name, stable for bindings.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hlt => "hlt",
+            Self::Shutdown => "shutdown",
+            Self::Reset => "reset",
+            Self::PowerOff => "poweroff",
+            Self::Crash => "crash",
+            Self::InternalError(_) => "internal_error",
+            Self::FailEntry { .. } => "fail_entry",
+            Self::UnhandledIo { .. } => "unhandled_io",
+            Self::DeviceError { .. } => "handler_error",
+            Self::Stopped => "stopped",
+            Self::Timeout => "timeout",
+            Self::VmmError(_) => "vmm_error",
+        }
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InternalError(e) => write!(f, "KVM internal error {} (instruction {:02x?})", e.suberror, e.instruction),
+            Self::FailEntry { reason, cpu } => write!(f, "entry failed with reason {reason:#x} on host CPU {cpu}"),
+            Self::UnhandledIo { space, addr, size, write } => {
+                let access = if *write { "write to" } else { "read from" };
+                write!(f, "unhandled {size}-byte {access} {space} {addr:#x}")
+            }
+            Self::DeviceError { space, addr, message } => write!(f, "device at {space} {addr:#x} failed: {message}"),
+            Self::VmmError(message) => f.write_str(message),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// How a run ended: the reason, the vCPU that caused it, and how each vCPU ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// Why the run ended: the first run-ending vCPU exit, a stop or a timeout, or `Hlt` when
+    /// every vCPU halted.
+    pub reason: ExitReason,
+    /// The vCPU whose exit ended the run, if one did.
+    pub vcpu: Option<u32>,
+    /// Each vCPU's own exit, by index.
+    pub vcpu_reasons: Vec<ExitReason>,
+}
+
+/// Why an access was not served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoError {
+    /// Nothing is mapped there and the policy is to stop.
+    Unhandled,
+    /// The device failed.
+    Device(DeviceError),
+}
+
+/// Serves the port I/O and MMIO exits of a vCPU.
+pub trait IoHandler {
+    /// A port read of `data.len()` bytes; `data` must be filled.
+    fn pio_read(&self, port: u16, data: &mut [u8]) -> Result<(), IoError>;
+    /// A port write.
+    fn pio_write(&self, port: u16, data: &[u8]) -> Result<(), IoError>;
+    /// An MMIO read of `data.len()` bytes; `data` must be filled.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) -> Result<(), IoError>;
+    /// An MMIO write.
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> Result<(), IoError>;
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Re-enter the guest.
+    Continue,
+    /// `KVM_RUN` was interrupted (a kick or a signal): check for a stop, then re-enter.
+    Interrupted,
+    /// Fetch the internal-error details from the vCPU, then stop.
+    InternalError,
+    /// This vCPU is done.
+    Stop(ExitReason),
+}
+
+/// Handles one `KVM_RUN` result: I/O is served through `io`, the rest is classified.
+pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, io: &dyn IoHandler) -> ExitAction {
+    let served = |result: Result<(), IoError>, space, addr, size, write| match result {
+        Ok(()) => ExitAction::Continue,
+        Err(IoError::Unhandled) => ExitAction::Stop(ExitReason::UnhandledIo { space, addr, size, write }),
+        Err(IoError::Device(DeviceError(message))) => ExitAction::Stop(ExitReason::DeviceError { space, addr, message }),
+    };
+    let exit = match exit {
+        Ok(exit) => exit,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return ExitAction::Interrupted,
+        Err(e) => return ExitAction::Stop(ExitReason::VmmError(format!("KVM_RUN failed: {e}"))),
+    };
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            let size = data.len();
+            served(io.pio_read(port, data), AddressSpace::Pio, u64::from(port), size, false)
+        }
+        VcpuExit::IoOut(port, data) => served(io.pio_write(port, data), AddressSpace::Pio, u64::from(port), data.len(), true),
+        VcpuExit::MmioRead(addr, data) => {
+            let size = data.len();
+            served(io.mmio_read(addr, data), AddressSpace::Mmio, addr, size, false)
+        }
+        VcpuExit::MmioWrite(addr, data) => served(io.mmio_write(addr, data), AddressSpace::Mmio, addr, data.len(), true),
+        VcpuExit::Intr => ExitAction::Interrupted,
+        VcpuExit::Hlt => ExitAction::Stop(ExitReason::Hlt),
+        VcpuExit::Shutdown => ExitAction::Stop(ExitReason::Shutdown),
+        VcpuExit::InternalError => ExitAction::InternalError,
+        VcpuExit::FailEntry(reason, cpu) => ExitAction::Stop(ExitReason::FailEntry { reason, cpu }),
+        VcpuExit::SystemEvent(kind, _) => ExitAction::Stop(match kind {
+            KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+            KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+            KVM_SYSTEM_EVENT_CRASH => ExitReason::Crash,
+            other => ExitReason::VmmError(format!("unknown KVM system event {other}")),
+        }),
+        other => ExitAction::Stop(ExitReason::VmmError(format!("unexpected vCPU exit {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// Records accesses; port 0x60 and MMIO 0x1000 fail, port 0xdead is unmapped.
+    #[derive(Default)]
+    struct Recorder(RefCell<Vec<(AddressSpace, u64, Vec<u8>)>>);
+
+    impl Recorder {
+        fn check(&self, space: AddressSpace, addr: u64, data: &[u8]) -> Result<(), IoError> {
+            self.0.borrow_mut().push((space, addr, data.to_vec()));
+            match addr {
+                0x60 | 0x1000 => Err(IoError::Device(DeviceError("broken".into()))),
+                0xdead => Err(IoError::Unhandled),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl IoHandler for Recorder {
+        fn pio_read(&self, port: u16, data: &mut [u8]) -> Result<(), IoError> {
+            data.fill(0x42);
+            self.check(AddressSpace::Pio, port.into(), data)
+        }
+        fn pio_write(&self, port: u16, data: &[u8]) -> Result<(), IoError> {
+            self.check(AddressSpace::Pio, port.into(), data)
+        }
+        fn mmio_read(&self, addr: u64, data: &mut [u8]) -> Result<(), IoError> {
+            data.fill(0x43);
+            self.check(AddressSpace::Mmio, addr, data)
+        }
+        fn mmio_write(&self, addr: u64, data: &[u8]) -> Result<(), IoError> {
+            self.check(AddressSpace::Mmio, addr, data)
+        }
+    }
+
+    #[test]
+    fn io_exits_reach_the_handler_and_fill_reads() {
+        let io = Recorder::default();
+        let mut read = [0u8; 2];
+        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x3f8, &[7])), &io), ExitAction::Continue);
+        assert_eq!(handle_exit(Ok(VcpuExit::IoIn(0x3f9, &mut read)), &io), ExitAction::Continue);
+        assert_eq!(read, [0x42; 2]);
+        let mut read = [0u8; 8];
+        assert_eq!(handle_exit(Ok(VcpuExit::MmioRead(0xd000_0000, &mut read)), &io), ExitAction::Continue);
+        assert_eq!(read, [0x43; 8]);
+        assert_eq!(handle_exit(Ok(VcpuExit::MmioWrite(0xd000_0008, &[1, 2, 3, 4])), &io), ExitAction::Continue);
+        assert_eq!(
+            *io.0.borrow(),
+            [
+                (AddressSpace::Pio, 0x3f8, vec![7]),
+                (AddressSpace::Pio, 0x3f9, vec![0x42; 2]),
+                (AddressSpace::Mmio, 0xd000_0000, vec![0x43; 8]),
+                (AddressSpace::Mmio, 0xd000_0008, vec![1, 2, 3, 4]),
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_and_unhandled_io_stop_the_vcpu_with_where_it_happened() {
+        let io = Recorder::default();
+        assert_eq!(
+            handle_exit(Ok(VcpuExit::IoOut(0x60, &[0xfe])), &io),
+            ExitAction::Stop(ExitReason::DeviceError { space: AddressSpace::Pio, addr: 0x60, message: "broken".into() })
+        );
+        assert_eq!(
+            handle_exit(Ok(VcpuExit::MmioRead(0x1000, &mut [0; 4])), &io),
+            ExitAction::Stop(ExitReason::DeviceError { space: AddressSpace::Mmio, addr: 0x1000, message: "broken".into() })
+        );
+        assert_eq!(
+            handle_exit(Ok(VcpuExit::IoIn(0xdead, &mut [0; 4])), &io),
+            ExitAction::Stop(ExitReason::UnhandledIo { space: AddressSpace::Pio, addr: 0xdead, size: 4, write: false })
+        );
+    }
+
+    #[test]
+    fn lifecycle_exits_are_classified() {
+        let io = Recorder::default();
+        let stop = |exit| match handle_exit(Ok(exit), &io) {
+            ExitAction::Stop(reason) => reason,
+            other => panic!("expected a stop, got {other:?}"),
+        };
+        assert_eq!(stop(VcpuExit::Hlt), ExitReason::Hlt);
+        assert_eq!(stop(VcpuExit::Shutdown), ExitReason::Shutdown);
+        assert_eq!(stop(VcpuExit::SystemEvent(2, &[])), ExitReason::Reset);
+        assert_eq!(stop(VcpuExit::SystemEvent(1, &[])), ExitReason::PowerOff);
+        assert_eq!(stop(VcpuExit::SystemEvent(3, &[])), ExitReason::Crash);
+        assert_eq!(stop(VcpuExit::FailEntry(0x21, 1)), ExitReason::FailEntry { reason: 0x21, cpu: 1 });
+        assert!(matches!(stop(VcpuExit::Nmi), ExitReason::VmmError(m) if m.contains("Nmi")));
+        assert_eq!(handle_exit(Ok(VcpuExit::InternalError), &io), ExitAction::InternalError);
+        assert!(io.0.borrow().is_empty());
+    }
+
+    #[test]
+    fn run_errors_interrupt_or_stop() {
+        let io = Recorder::default();
+        assert_eq!(handle_exit(Err(errno::Error::new(libc::EINTR)), &io), ExitAction::Interrupted);
+        assert_eq!(handle_exit(Err(errno::Error::new(libc::EAGAIN)), &io), ExitAction::Interrupted);
+        assert!(matches!(
+            handle_exit(Err(errno::Error::new(libc::EFAULT)), &io),
+            ExitAction::Stop(ExitReason::VmmError(m)) if m.starts_with("KVM_RUN failed")
+        ));
+    }
+
+    #[test]
+    fn run_ending_reasons() {
+        assert!(!ExitReason::Hlt.ends_run());
+        assert!(!ExitReason::Stopped.ends_run());
+        assert!(ExitReason::Shutdown.ends_run());
+        assert!(ExitReason::Timeout.ends_run());
+    }
+
+    #[test]
+    fn emulation_failures_carry_the_instruction() {
+        // `lock cmpxchg16b [rdi]`: f0 48 0f c7 0f, as KVM packs it (length byte first).
+        let packed = u64::from_le_bytes([5, 0xf0, 0x48, 0x0f, 0xc7, 0x0f, 0x90, 0x90]);
+        let error = InternalError::new(1, vec![1, packed, 0x9090_9090_9090_9090, 0]);
+        assert_eq!(error.instruction, [0xf0, 0x48, 0x0f, 0xc7, 0x0f]);
+        assert!(InternalError::new(1, vec![0, packed, 0]).instruction.is_empty());
+        assert!(InternalError::new(3, vec![1, packed, 0]).instruction.is_empty());
+        assert!(ExitReason::InternalError(error).to_string().contains("f0, 48, 0f, c7, 0f"));
+    }
+}

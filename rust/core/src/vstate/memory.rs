@@ -1,0 +1,186 @@
+use std::ops::Range;
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use crate::config::MemoryRegionConfig;
+
+pub use vm_memory::GuestMemoryMmap as GuestMemory;
+
+/// Guest RAM is mapped in pages of this size.
+pub const PAGE_SIZE: u64 = 4096;
+/// Guest-physical addresses KVM keeps for itself on Intel hosts (TSS and identity map).
+const KVM_PRIVATE_END: u64 = KVM_TSS_ADDR + 3 * PAGE_SIZE;
+const KVM_PRIVATE: Range<u64> = KVM_IDENTITY_MAP_ADDR..KVM_PRIVATE_END;
+/// x86-64 guests address at most 52 bits of physical memory.
+const PHYS_ADDR_LIMIT: u64 = 1 << 52;
+
+/// Guest memory that cannot be created or an access it cannot serve.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MemoryError {
+    /// No region was given.
+    #[error("a VM needs at least one memory region")]
+    NoRegions,
+    /// A region has no bytes.
+    #[error("memory region at {0:#x} has size 0")]
+    Empty(u64),
+    /// A region's address or size is not page aligned.
+    #[error("memory region {addr:#x}+{size:#x} is not aligned to {PAGE_SIZE:#x}-byte pages")]
+    Unaligned {
+        /// Region start.
+        addr: u64,
+        /// Region size.
+        size: u64,
+    },
+    /// A region ends beyond what a guest can address.
+    #[error("memory region {addr:#x}+{size:#x} ends beyond the 52-bit guest physical address space")]
+    TooHigh {
+        /// Region start.
+        addr: u64,
+        /// Region size.
+        size: u64,
+    },
+    /// Two regions share addresses.
+    #[error("memory regions at {0:#x} and {1:#x} overlap")]
+    Overlap(u64, u64),
+    /// A region covers the pages KVM reserves for itself.
+    #[error("memory region at {0:#x} covers {KVM_IDENTITY_MAP_ADDR:#x}..{KVM_PRIVATE_END:#x}, which KVM reserves")]
+    Reserved(u64),
+    /// More regions than KVM has slots.
+    #[error("{given} memory regions, but KVM offers {max} slots")]
+    TooMany {
+        /// Regions given.
+        given: usize,
+        /// Slots available.
+        max: usize,
+    },
+    /// The host could not map the memory.
+    #[error("cannot map {size} bytes of guest memory: {reason}")]
+    Map {
+        /// Total bytes asked for.
+        size: u64,
+        /// What the host said.
+        reason: String,
+    },
+    /// An access is not entirely inside one guest memory region.
+    #[error("guest memory access of {len} bytes at {addr:#x} is outside guest memory")]
+    OutOfRange {
+        /// First address of the access.
+        addr: u64,
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// Checks the regions and maps anonymous memory for them.
+pub fn create(regions: &[MemoryRegionConfig], max_slots: usize) -> Result<GuestMemory, MemoryError> {
+    validate(regions, max_slots)?;
+    let ranges: Vec<_> = regions.iter().map(|r| (GuestAddress(r.guest_addr), r.size as usize)).collect();
+    GuestMemory::from_ranges(&ranges).map_err(|e| MemoryError::Map {
+        size: regions.iter().map(|r| r.size).sum(),
+        reason: e.to_string(),
+    })
+}
+
+/// The checks [`create`] makes, without mapping anything.
+pub fn validate(regions: &[MemoryRegionConfig], max_slots: usize) -> Result<(), MemoryError> {
+    if regions.is_empty() {
+        return Err(MemoryError::NoRegions);
+    }
+    if regions.len() > max_slots {
+        return Err(MemoryError::TooMany { given: regions.len(), max: max_slots });
+    }
+    let mut sorted = regions.to_vec();
+    sorted.sort_by_key(|r| r.guest_addr);
+    for r in &sorted {
+        let (addr, size) = (r.guest_addr, r.size);
+        if size == 0 {
+            return Err(MemoryError::Empty(addr));
+        }
+        if addr % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+            return Err(MemoryError::Unaligned { addr, size });
+        }
+        if addr.checked_add(size).is_none_or(|end| end > PHYS_ADDR_LIMIT) {
+            return Err(MemoryError::TooHigh { addr, size });
+        }
+        if addr < KVM_PRIVATE.end && KVM_PRIVATE.start < addr + size {
+            return Err(MemoryError::Reserved(addr));
+        }
+    }
+    for pair in sorted.windows(2) {
+        if pair[0].guest_addr + pair[0].size > pair[1].guest_addr {
+            return Err(MemoryError::Overlap(pair[0].guest_addr, pair[1].guest_addr));
+        }
+    }
+    Ok(())
+}
+
+/// Copies guest memory at `addr` into `buf`.
+pub fn read(memory: &GuestMemory, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+    let out_of_range = MemoryError::OutOfRange { addr, len: buf.len() };
+    memory.read_slice(buf, GuestAddress(addr)).map_err(|_| out_of_range)
+}
+
+/// Copies `data` into guest memory at `addr`.
+pub fn write(memory: &GuestMemory, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+    let out_of_range = MemoryError::OutOfRange { addr, len: data.len() };
+    memory.write_slice(data, GuestAddress(addr)).map_err(|_| out_of_range)
+}
+
+/// The host address of `[addr, addr + len)`, which must lie inside one region (so it is one
+/// contiguous host mapping, valid as long as `memory` is).
+pub fn host_range(memory: &GuestMemory, addr: u64, len: usize) -> Result<*mut u8, MemoryError> {
+    let out_of_range = MemoryError::OutOfRange { addr, len };
+    let region = memory.find_region(GuestAddress(addr)).ok_or(out_of_range.clone())?;
+    let offset = addr - region.start_addr().0;
+    if (len as u64) > region.len() - offset {
+        return Err(out_of_range);
+    }
+    memory.get_host_address(GuestAddress(addr)).map_err(|_| out_of_range)
+}
+
+/// The regions as `(guest address, size)`, in address order.
+pub fn regions(memory: &GuestMemory) -> Vec<(u64, u64)> {
+    let mut regions: Vec<_> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    regions.sort_unstable();
+    regions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(guest_addr: u64, size: u64) -> MemoryRegionConfig {
+        MemoryRegionConfig { guest_addr, size }
+    }
+
+    #[test]
+    fn validation_explains_each_bad_layout() {
+        let check = |regions: &[MemoryRegionConfig]| validate(regions, 4);
+        assert_eq!(check(&[]), Err(MemoryError::NoRegions));
+        assert_eq!(check(&[region(0, 0)]), Err(MemoryError::Empty(0)));
+        assert_eq!(check(&[region(0x800, 0x1000)]), Err(MemoryError::Unaligned { addr: 0x800, size: 0x1000 }));
+        assert_eq!(check(&[region(0, 0x1800)]), Err(MemoryError::Unaligned { addr: 0, size: 0x1800 }));
+        assert_eq!(check(&[region(0x2000, 0x2000), region(0, 0x3000)]), Err(MemoryError::Overlap(0, 0x2000)));
+        assert_eq!(check(&[region(0, 5 << 30)]), Err(MemoryError::Reserved(0)));
+        assert!(matches!(check(&[region(!0xfff, 0x2000)]), Err(MemoryError::TooHigh { .. })));
+        assert_eq!(validate(&[region(0, 0x1000), region(0x1000, 0x1000)], 1), Err(MemoryError::TooMany { given: 2, max: 1 }));
+        assert_eq!(check(&[region(0x1_0000_0000, 0x1000), region(0, 0x1000)]), Ok(()));
+    }
+
+    #[test]
+    fn accesses_are_bounds_checked_per_region() {
+        let memory = create(&[region(0, 0x2000), region(0x10000, 0x1000)], 4).unwrap();
+        write(&memory, 0x1ffe, &[1, 2]).unwrap();
+        let mut buf = [0; 2];
+        read(&memory, 0x1ffe, &mut buf).unwrap();
+        assert_eq!(buf, [1, 2]);
+        assert_eq!(write(&memory, 0x1fff, &[1, 2]), Err(MemoryError::OutOfRange { addr: 0x1fff, len: 2 }));
+        assert!(read(&memory, 0x11000, &mut buf).is_err());
+        assert!(host_range(&memory, 0x10000, 0x1000).is_ok());
+        assert!(host_range(&memory, 0x10001, 0x1000).is_err());
+        assert!(host_range(&memory, 0x5000, 1).is_err());
+        assert_eq!(regions(&memory), [(0, 0x2000), (0x10000, 0x1000)]);
+    }
+}

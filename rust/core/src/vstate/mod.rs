@@ -1,0 +1,14 @@
+//! The only part of kvmkit that talks to KVM.
+
+/// What a vCPU exit means for the run, as a pure function of the exit.
+pub mod exit;
+/// The `/dev/kvm` system handle and the capabilities kvmkit needs.
+pub mod kvm;
+/// Guest RAM: regions, validation, bounds-checked access.
+pub mod memory;
+/// The vCPU run loop on its own thread, and how other threads kick it out of `KVM_RUN`.
+pub mod runner;
+/// One vCPU: its file descriptor and register state.
+pub mod vcpu;
+/// The VM file descriptor with its memory slots and optional in-kernel devices.
+pub mod vm;

@@ -1,0 +1,65 @@
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use crate::config::MachineConfig;
+use crate::error::{Error, Result};
+use crate::vstate::kvm::Kvm;
+use crate::vstate::memory::{self, GuestMemory};
+
+/// A KVM VM with its guest memory registered.
+pub struct Vm {
+    fd: VmFd,
+    memory: Arc<GuestMemory>,
+}
+
+impl Vm {
+    /// Creates the VM, maps and registers its memory, and creates the in-kernel irqchip and PIT
+    /// when the configuration asks for them (both must exist before the first vCPU).
+    pub fn new(kvm: &Kvm, config: &MachineConfig) -> Result<Self> {
+        if config.pit && !config.irqchip {
+            return Err(Error::InvalidConfig("the in-kernel PIT needs the in-kernel irqchip (irqchip=True)".into()));
+        }
+        let memory = Arc::new(memory::create(&config.memory, kvm.max_memslots())?);
+        let fd = kvm.create_vm()?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize).map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR).map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region.as_ptr() as u64;
+            let slot = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host,
+            };
+            // SAFETY: the slot describes a live anonymous mapping owned by `memory`, which this Vm
+            // keeps alive for at least as long as the VM fd (fields drop in declaration order,
+            // so the fd and its slots go first).
+            unsafe { fd.set_user_memory_region(slot) }.map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        if config.irqchip {
+            kvm.require(Cap::Irqchip, "KVM_CAP_IRQCHIP")?;
+            fd.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+        }
+        if config.pit {
+            kvm.require(Cap::Pit2, "KVM_CAP_PIT2")?;
+            let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+            fd.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
+        }
+        Ok(Self { fd, memory })
+    }
+
+    /// The VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Guest memory, shared with whoever needs to outlive a borrow of the VM.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+}

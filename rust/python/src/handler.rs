@@ -1,0 +1,102 @@
+//! Python callables as a bus device. The vCPU thread takes the GIL only for these exits.
+
+use std::sync::{Arc, Mutex};
+
+use kvmkit_core::{BusDevice, DeviceError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyInt};
+
+/// The first exception a handler of a VM raised, kept for the thread that waits on the VM.
+#[derive(Clone, Default)]
+pub struct ErrorSlot(Arc<Mutex<Option<PyErr>>>);
+
+impl ErrorSlot {
+    fn keep(&self, error: PyErr) {
+        self.lock().get_or_insert(error);
+    }
+
+    /// Takes the kept exception, if any.
+    pub fn take(&self) -> Option<PyErr> {
+        self.lock().take()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<PyErr>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// `read(addr, size) -> int | bytes` and `write(addr, data: bytes)`; a missing one acts like an
+/// empty bus (reads all ones, writes dropped).
+pub struct PyHandler {
+    pub read: Option<Py<PyAny>>,
+    pub write: Option<Py<PyAny>>,
+    pub errors: ErrorSlot,
+}
+
+impl PyHandler {
+    fn fail(&self, error: PyErr) -> DeviceError {
+        let message = Python::attach(|py| match error.value(py).str() {
+            Ok(text) => format!("{}: {}", error.get_type(py).name().map(|n| n.to_string()).unwrap_or_default(), text),
+            Err(_) => "a Python handler raised".to_owned(),
+        });
+        self.errors.keep(error);
+        DeviceError(message)
+    }
+}
+
+impl BusDevice for PyHandler {
+    fn read(&self, base: u64, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        let Some(read) = &self.read else {
+            data.fill(0xff);
+            return Ok(());
+        };
+        let addr = base + offset;
+        Python::attach(|py| {
+            let value = read.call1(py, (addr, data.len()))?;
+            fill(value.bind(py), addr, data)
+        })
+        .map_err(|e| self.fail(e))
+    }
+
+    fn write(&self, base: u64, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let Some(write) = &self.write else { return Ok(()) };
+        Python::attach(|py| write.call1(py, (base + offset, PyBytes::new(py, data))).map(drop)).map_err(|e| self.fail(e))
+    }
+}
+
+/// Puts a read handler's result into `data`: an int that fits the access (negative ones in two's
+/// complement), or exactly `data.len()` bytes.
+fn fill(value: &Bound<'_, PyAny>, addr: u64, data: &mut [u8]) -> PyResult<()> {
+    let size = data.len();
+    if let Ok(int) = value.cast::<PyInt>() {
+        let bits = 8 * size as u32;
+        let raw: i128 = int.extract().map_err(|_| out_of_range(value, addr, size))?;
+        let fits = if bits >= 64 { (-(1i128 << 63)..1i128 << 64).contains(&raw) } else { (-(1i128 << (bits - 1))..1i128 << bits).contains(&raw) };
+        if !fits {
+            return Err(out_of_range(value, addr, size));
+        }
+        data.copy_from_slice(&raw.to_le_bytes()[..size]);
+        return Ok(());
+    }
+    let bytes: Vec<u8> = if value.is_instance_of::<PyBytes>() || value.is_instance_of::<PyByteArray>() {
+        value.extract()?
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "read handler for {addr:#x} returned {}, expected int or bytes",
+            value.get_type().name()?
+        )));
+    };
+    if bytes.len() != size {
+        return Err(PyValueError::new_err(format!(
+            "read handler for {addr:#x} returned {} bytes for a {size}-byte access",
+            bytes.len()
+        )));
+    }
+    data.copy_from_slice(&bytes);
+    Ok(())
+}
+
+fn out_of_range(value: &Bound<'_, PyAny>, addr: u64, size: usize) -> PyErr {
+    PyValueError::new_err(format!("read handler for {addr:#x} returned {value}, which does not fit a {size}-byte access"))
+}

@@ -1,0 +1,31 @@
+//! `kvmkit._core`: the Python face of `kvmkit-core`. Wrappers only; the behaviour lives in the
+//! core crate, and the Python package `kvmkit` builds its API on these classes.
+
+mod convert;
+mod devices;
+mod error;
+mod handler;
+mod memory_view;
+mod vm;
+
+use pyo3::prelude::*;
+
+/// Parses a size such as "64M" into bytes.
+#[pyfunction]
+fn parse_size(text: &str) -> PyResult<u64> {
+    use error::IntoPyResult;
+    kvmkit_core::size::parse_size(text).map_err(kvmkit_core::Error::from).py()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Rust log records go to Python's `logging`, under the `kvmkit` logger names.
+    let _ = pyo3_log::try_init();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_class::<vm::Vm>()?;
+    m.add_class::<devices::NullDevice>()?;
+    m.add_class::<devices::Scratchpad>()?;
+    m.add_class::<memory_view::GuestMemoryView>()?;
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! `_core.Vm`: a [`Machine`] with Python handlers, waiting that lets Ctrl-C through, and state as
+//! dicts. Methods that may wait or join vCPU threads release the GIL, since those threads may need
+//! it to call handlers.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvmkit_core::arch::x86_64::cpuid::{CpuidEdit, CpuidRegister};
+use kvmkit_core::arch::x86_64::mode::CpuMode;
+use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
+use kvmkit_core::vstate::memory;
+use kvmkit_core::vstate::vcpu::Vcpu;
+use kvmkit_core::{Machine, MachineConfig, MemoryRegionConfig, UnhandledIo};
+use kvm_bindings::kvm_cpuid_entry2;
+use pyo3::buffer::PyBuffer;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::convert;
+use crate::devices::bus_device;
+use crate::error::{config_error, IntoPyResult, VmStateError};
+use crate::handler::{ErrorSlot, PyHandler};
+use crate::memory_view::GuestMemoryView;
+
+/// How often a waiting caller checks for signals such as Ctrl-C.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// A CPUID entry as Python sees it: (function, index, flags, eax, ebx, ecx, edx).
+type CpuidTuple = (u32, u32, u32, u32, u32, u32, u32);
+
+#[pyclass(frozen, module = "kvmkit._core")]
+pub struct Vm {
+    machine: Mutex<Option<Arc<Machine>>>,
+    handler_errors: ErrorSlot,
+}
+
+fn space(name: &str) -> PyResult<AddressSpace> {
+    match name {
+        "pio" => Ok(AddressSpace::Pio),
+        "mmio" => Ok(AddressSpace::Mmio),
+        other => Err(config_error(format!("unknown address space {other:?} (expected \"pio\" or \"mmio\")"))),
+    }
+}
+
+impl Vm {
+    fn machine(&self) -> PyResult<Arc<Machine>> {
+        self.lock().clone().ok_or_else(|| VmStateError::new_err("the VM is closed"))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Machine>>> {
+        self.machine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&Vcpu) -> kvmkit_core::Result<R>) -> PyResult<R> {
+        self.machine()?.with_vcpu(index, f).py()
+    }
+
+    /// The exit as a dict, or the exception a handler raised during the run.
+    fn report(&self, py: Python<'_>, exit: &Exit) -> PyResult<Py<PyAny>> {
+        if let Some(error) = self.handler_errors.take() {
+            return Err(error);
+        }
+        Ok(convert::exit_to_dict(py, exit)?.into_any().unbind())
+    }
+}
+
+/// Drops a machine handle without the GIL: the last handle joins vCPU threads, which may be
+/// waiting for the GIL to call a handler.
+fn release(py: Python<'_>, machine: Option<Arc<Machine>>) {
+    py.detach(move || drop(machine));
+}
+
+#[pymethods]
+impl Vm {
+    #[new]
+    #[pyo3(signature = (memory, vcpus, irqchip, pit, unhandled_io, cpuid_edits))]
+    fn new(
+        py: Python<'_>,
+        memory: Vec<(u64, u64)>,
+        vcpus: u32,
+        irqchip: bool,
+        pit: bool,
+        unhandled_io: &str,
+        cpuid_edits: Vec<(u32, Option<u32>, String, u32, u32)>,
+    ) -> PyResult<Self> {
+        let unhandled_io = match unhandled_io {
+            "ignore" => UnhandledIo::Ignore,
+            "stop" => UnhandledIo::Stop,
+            other => return Err(config_error(format!("unknown unhandled_io policy {other:?} (expected \"ignore\" or \"stop\")"))),
+        };
+        let cpuid_edits = cpuid_edits
+            .into_iter()
+            .map(|(leaf, subleaf, register, clear, set)| {
+                let register: CpuidRegister = register.parse().map_err(|e: kvmkit_core::arch::x86_64::cpuid::UnknownRegister| config_error(e.to_string()))?;
+                Ok(CpuidEdit { leaf, subleaf, register, clear, set })
+            })
+            .collect::<PyResult<_>>()?;
+        let config = MachineConfig {
+            memory: memory.into_iter().map(|(guest_addr, size)| MemoryRegionConfig { guest_addr, size }).collect(),
+            vcpus,
+            irqchip,
+            pit,
+            unhandled_io,
+            cpuid_edits,
+        };
+        let machine = py.detach(|| Machine::new(&config)).py()?;
+        Ok(Self { machine: Mutex::new(Some(Arc::new(machine))), handler_errors: ErrorSlot::default() })
+    }
+
+    /// Stops the VM if it runs and frees its file descriptors and memory (memory views keep their
+    /// memory until they go).
+    fn close(&self, py: Python<'_>) {
+        let machine = self.lock().take();
+        release(py, machine);
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.lock().is_none()
+    }
+
+    #[getter]
+    fn vcpu_count(&self) -> PyResult<usize> {
+        Ok(self.machine()?.vcpu_count())
+    }
+
+    #[getter]
+    fn memory_regions(&self) -> PyResult<Vec<(u64, u64)>> {
+        Ok(memory::regions(self.machine()?.memory()))
+    }
+
+    fn mem_read<'py>(&self, py: Python<'py>, addr: u64, size: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let machine = self.machine()?;
+        PyBytes::new_with(py, size, |buf| machine.read_memory(addr, buf).py())
+    }
+
+    fn mem_write(&self, py: Python<'_>, addr: u64, data: PyBuffer<u8>) -> PyResult<()> {
+        let bytes = data.to_vec(py)?;
+        self.machine()?.write_memory(addr, &bytes).py()
+    }
+
+    fn mem_view(&self, addr: u64, size: usize) -> PyResult<GuestMemoryView> {
+        let machine = self.machine()?;
+        let host = memory::host_range(machine.memory(), addr, size).map_err(kvmkit_core::Error::from).py()?;
+        Ok(GuestMemoryView::new(machine.memory().clone(), host, size))
+    }
+
+    fn get_regs<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
+        convert::regs_to_dict(py, &self.with_vcpu(vcpu, Vcpu::regs)?)
+    }
+
+    fn set_regs(&self, vcpu: usize, regs: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut value = self.with_vcpu(vcpu, Vcpu::regs)?;
+        convert::update_regs(&mut value, regs)?;
+        self.with_vcpu(vcpu, |v| v.set_regs(&value))
+    }
+
+    fn get_sregs<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
+        convert::sregs_to_dict(py, &self.with_vcpu(vcpu, Vcpu::sregs)?)
+    }
+
+    fn set_sregs(&self, vcpu: usize, sregs: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut value = self.with_vcpu(vcpu, Vcpu::sregs)?;
+        convert::update_sregs(&mut value, sregs)?;
+        self.with_vcpu(vcpu, |v| v.set_sregs(&value))
+    }
+
+    fn get_fpu<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
+        convert::fpu_to_dict(py, &self.with_vcpu(vcpu, Vcpu::fpu)?)
+    }
+
+    fn set_fpu(&self, vcpu: usize, fpu: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut value = self.with_vcpu(vcpu, Vcpu::fpu)?;
+        convert::update_fpu(&mut value, fpu)?;
+        self.with_vcpu(vcpu, |v| v.set_fpu(&value))
+    }
+
+    fn get_msrs(&self, vcpu: usize, indices: Vec<u32>) -> PyResult<Vec<(u32, u64)>> {
+        self.with_vcpu(vcpu, |v| v.msrs(&indices))
+    }
+
+    fn set_msrs(&self, vcpu: usize, values: Vec<(u32, u64)>) -> PyResult<()> {
+        self.with_vcpu(vcpu, |v| v.set_msrs(&values))
+    }
+
+    fn get_cpuid(&self, vcpu: usize) -> PyResult<Vec<CpuidTuple>> {
+        let entries = self.with_vcpu(vcpu, Vcpu::cpuid)?;
+        Ok(entries.iter().map(|e| (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)).collect())
+    }
+
+    fn set_cpuid(&self, vcpu: usize, entries: Vec<CpuidTuple>) -> PyResult<()> {
+        let entries: Vec<_> = entries
+            .into_iter()
+            .map(|(function, index, flags, eax, ebx, ecx, edx)| kvm_cpuid_entry2 { function, index, flags, eax, ebx, ecx, edx, ..Default::default() })
+            .collect();
+        self.with_vcpu(vcpu, |v| v.set_cpuid(&entries))
+    }
+
+    #[pyo3(signature = (vcpu, mode, entry, stack=None))]
+    fn enter_mode(&self, vcpu: usize, mode: &str, entry: u64, stack: Option<u64>) -> PyResult<()> {
+        let mode: CpuMode = mode.parse().map_err(kvmkit_core::Error::from).py()?;
+        self.machine()?.enter_mode(vcpu, mode, entry, stack).py()
+    }
+
+    #[pyo3(signature = (space, base, size, read=None, write=None))]
+    fn add_handler(&self, space: &str, base: u64, size: u64, read: Option<Py<PyAny>>, write: Option<Py<PyAny>>) -> PyResult<()> {
+        let handler = PyHandler { read, write, errors: self.handler_errors.clone() };
+        self.machine()?.add_device(self::space(space)?, base, size, Arc::new(handler)).py()
+    }
+
+    fn add_device(&self, space: &str, base: u64, size: u64, device: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.machine()?.add_device(self::space(space)?, base, size, bus_device(device)?).py()
+    }
+
+    fn remove(&self, py: Python<'_>, space: &str, base: u64) -> PyResult<()> {
+        let device = self.machine()?.remove_device(self::space(space)?, base).py()?;
+        // A removed Python handler releases its callables here, with the GIL held.
+        drop(device);
+        let _ = py;
+        Ok(())
+    }
+
+    fn start(&self) -> PyResult<()> {
+        self.handler_errors.take();
+        self.machine()?.start().py()
+    }
+
+    /// Waits for the run to end; `None` if `timeout` passed first. Ctrl-C stops the VM and raises.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
+        let deadline = match timeout {
+            Some(t) if !(t.is_finite() && t >= 0.0) => return Err(config_error(format!("timeout must be a non-negative number of seconds, not {t}"))),
+            Some(t) => Some(Instant::now() + Duration::from_secs_f64(t)),
+            None => None,
+        };
+        let machine = self.machine()?;
+        let result = loop {
+            let slice = deadline.map_or(SIGNAL_POLL, |d| d.saturating_duration_since(Instant::now()).min(SIGNAL_POLL));
+            match py.detach(|| machine.wait(Some(slice))) {
+                Err(e) => break Err(crate::error::to_py(e)),
+                Ok(Some(exit)) => break self.report(py, &exit).map(Some),
+                Ok(None) => {}
+            }
+            if let Err(interrupt) = py.check_signals() {
+                machine.stop(ExitReason::Stopped);
+                let _ = py.detach(|| machine.wait(None));
+                self.handler_errors.take();
+                break Err(interrupt);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break Ok(None);
+            }
+        };
+        release(py, Some(machine));
+        result
+    }
+
+    /// Asks the run to end; `timeout=True` records it as a timeout. Returns whether it was running.
+    #[pyo3(signature = (timeout=false))]
+    fn stop(&self, timeout: bool) -> PyResult<bool> {
+        Ok(self.machine()?.stop(if timeout { ExitReason::Timeout } else { ExitReason::Stopped }))
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.lock().as_ref().is_some_and(|m| m.is_running())
+    }
+
+    #[getter]
+    fn last_exit<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.machine()?.last_exit().map(|exit| convert::exit_to_dict(py, &exit)).transpose()
+    }
+
+    #[getter]
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dict = PyDict::new(py);
+        self.machine()?.io_stats(|stats| -> PyResult<()> {
+            dict.set_item("io_exits", stats.pio_exits.load(Relaxed))?;
+            dict.set_item("mmio_exits", stats.mmio_exits.load(Relaxed))?;
+            dict.set_item("unhandled_io", stats.unhandled_pio.load(Relaxed))?;
+            dict.set_item("unhandled_mmio", stats.unhandled_mmio.load(Relaxed))
+        })?;
+        Ok(dict)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let machine = self.lock().take();
+        Python::attach(|py| release(py, machine));
+    }
+}
