@@ -152,15 +152,13 @@ class VM:
     # Running
 
     def run(self, timeout: float | None = None) -> Exit:
-        """Starts every vCPU and waits for the run to end. After ``timeout`` seconds the VM is
-        stopped and the exit's reason is ``TIMEOUT``. An exception raised by a handler during the
-        run is raised here. The VM can be run again, resuming where it stopped."""
-        self.start()
-        exit_ = self._wait(timeout)
-        if exit_ is None:
-            self._core.stop(timeout=True)
-            exit_ = self._wait(None)
-            assert exit_ is not None
+        """Runs every vCPU until the run ends and returns how it ended. vCPU 0 runs on the calling
+        thread, the others on their own threads. After ``timeout`` seconds the VM is stopped and the
+        reason is ``TIMEOUT``. An exception raised by a handler during the run is raised here; Ctrl-C
+        stops the VM and raises ``KeyboardInterrupt``. The VM can be run again, resuming where it
+        stopped."""
+        exit_ = Exit._from_core(self._core.run(timeout))
+        log.debug("run ended: %s", exit_)
         return exit_
 
     def start(self) -> None:

@@ -9,8 +9,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
-use std::os::unix::thread::JoinHandleExt;
+use std::time::{Duration, Instant};
 
 use crate::arch::x86_64::mode::CpuMode;
 use crate::bus::{BusDevice, BusRange};
@@ -20,9 +19,14 @@ use crate::io::{IoSpaces, IoStats};
 use crate::vstate::exit::{AddressSpace, Exit, ExitReason};
 use crate::vstate::kvm::Kvm;
 use crate::vstate::memory::{self, GuestMemory};
-use crate::vstate::runner::{install_kick_handler, run_vcpu, Kicker, RunControl};
+use crate::vstate::runner::{install_kick_handler, run_vcpu, Kicker, RunControl, Ticker};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
+
+/// Wraps the body of every vCPU thread: it must call the closure it is given exactly once. Lets an
+/// embedder set up per-thread context that outlives single exits (a language runtime's thread
+/// state, for instance).
+pub type VcpuThreadHook = Arc<dyn Fn(&mut dyn FnMut()) + Send + Sync>;
 
 /// A VM ready to run.
 pub struct Machine {
@@ -38,11 +42,29 @@ struct State {
     io: IoSpaces,
     run: Option<ActiveRun>,
     last_exit: Option<Exit>,
+    thread_hook: Option<VcpuThreadHook>,
 }
 
 struct ActiveRun {
     control: Arc<RunControl>,
     threads: Vec<JoinHandle<(Vcpu, ExitReason)>>,
+    /// vCPUs given back without a thread to join (run on the caller's thread, or never started).
+    returned: Vec<(Vcpu, ExitReason)>,
+}
+
+/// How often a waiting or running caller checks its deadline and interrupt callback.
+const POLL_PERIOD: Duration = Duration::from_millis(20);
+
+/// Runs the vCPU loop, turning a panic into an exit reason.
+fn run_guarded(
+    vcpu: &mut Vcpu,
+    io: &IoSpaces,
+    control: &RunControl,
+    interrupted: &mut dyn FnMut() -> Option<ExitReason>,
+) -> ExitReason {
+    let index = vcpu.index();
+    catch_unwind(AssertUnwindSafe(|| run_vcpu(vcpu, io, control, interrupted)))
+        .unwrap_or_else(|panic| ExitReason::VmmError(format!("vCPU {index} panicked: {}", panic_message(&panic))))
 }
 
 impl Machine {
@@ -57,7 +79,7 @@ impl Machine {
         let vcpus = (0..config.vcpus)
             .map(|index| Vcpu::new(vm.fd(), index, config.vcpus, kvm.supported_cpuid(), &config.cpuid_edits))
             .collect::<Result<Vec<_>>>()?;
-        let state = State { vcpus, io: IoSpaces::new(config.unhandled_io), run: None, last_exit: None };
+        let state = State { vcpus, io: IoSpaces::new(config.unhandled_io), run: None, last_exit: None, thread_hook: None };
         Ok(Self { state: Mutex::new(state), vm, vcpu_count: config.vcpus as usize })
     }
 
@@ -136,39 +158,90 @@ impl Machine {
         state.last_exit.clone()
     }
 
-    /// Starts every vCPU on its own thread.
+    /// Sets the hook every vCPU thread runs inside, from the next start on.
+    pub fn set_thread_hook(&self, hook: VcpuThreadHook) -> Result<()> {
+        self.stopped_state()?.thread_hook = Some(hook);
+        Ok(())
+    }
+
+    /// Starts every vCPU on its own thread and returns; [`wait`](Self::wait) collects the end.
     pub fn start(&self) -> Result<()> {
+        self.launch(false).map(drop)
+    }
+
+    /// Runs the VM until the run ends: vCPU 0 on the calling thread (no thread handoff, which is
+    /// what makes short runs cheap), the others on their own threads. The run ends with
+    /// [`ExitReason::Timeout`] after `timeout`, and with [`ExitReason::Stopped`] as soon as
+    /// `interrupted` (asked every few milliseconds) returns true.
+    pub fn run(&self, timeout: Option<Duration>, interrupted: &mut dyn FnMut() -> bool) -> Result<Exit> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut should_stop = || {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(ExitReason::Timeout)
+            } else {
+                interrupted().then_some(ExitReason::Stopped)
+            }
+        };
+        let (control, vcpu) = self.launch(true)?;
+        if let Some(mut vcpu) = vcpu {
+            let io = self.lock().io.clone();
+            let reason = match Ticker::start(POLL_PERIOD) {
+                Ok(_ticker) => run_guarded(&mut vcpu, &io, &control, &mut should_stop),
+                Err(e) => ExitReason::VmmError(format!("cannot start the run's timer: {e}")),
+            };
+            control.end_run_if(vcpu.index(), &reason);
+            if let Some(run) = self.lock().run.as_mut() {
+                run.returned.push((vcpu, reason));
+            }
+            control.finish();
+        }
+        while !control.wait(Some(POLL_PERIOD)) {
+            if let Some(reason) = should_stop() {
+                control.request_stop(None, reason);
+            }
+        }
+        let mut state = self.lock();
+        Self::reap(&mut state);
+        state.last_exit.clone().ok_or(Error::NotStarted)
+    }
+
+    /// Starts the vCPU threads of a new run; with `keep_first`, vCPU 0 is returned for the caller
+    /// to run instead.
+    fn launch(&self, keep_first: bool) -> Result<(Arc<RunControl>, Option<Vcpu>)> {
         let mut state = self.stopped_state()?;
         install_kick_handler().map_err(Error::Thread)?;
         let mut vcpus = std::mem::take(&mut state.vcpus);
         let control = Arc::new(RunControl::new(vcpus.iter_mut().map(Kicker::new).collect()));
-        let mut threads = Vec::with_capacity(vcpus.len());
-        let mut unstarted = vcpus.into_iter();
-        for vcpu in unstarted.by_ref() {
-            match Self::spawn(vcpu, &state.io, &control) {
-                Ok(thread) => threads.push(thread),
+        let mut vcpus = vcpus.into_iter();
+        let first = if keep_first { vcpus.next() } else { None };
+        state.run = Some(ActiveRun { control: control.clone(), threads: Vec::new(), returned: Vec::new() });
+        while let Some(vcpu) = vcpus.next() {
+            match Self::spawn(vcpu, &state.io, &control, state.thread_hook.clone()) {
+                Ok(thread) => state.run.as_mut().map_or((), |run| run.threads.push(thread)),
                 Err((vcpu, e)) => {
                     // Stop what started, take every vCPU back, and report.
-                    let vcpus: Vec<_> = std::iter::once(vcpu).chain(unstarted).collect();
-                    for vcpu in &vcpus {
-                        control.finish(vcpu.index(), &ExitReason::Stopped);
+                    let unstarted: Vec<_> = first.into_iter().chain(std::iter::once(vcpu)).chain(vcpus).collect();
+                    for vcpu in unstarted {
+                        control.finish();
+                        if let Some(run) = state.run.as_mut() {
+                            run.returned.push((vcpu, ExitReason::Stopped));
+                        }
                     }
                     control.request_stop(None, ExitReason::VmmError(format!("cannot start a vCPU thread: {e}")));
-                    state.vcpus = vcpus;
-                    state.run = Some(ActiveRun { control, threads });
+                    control.wait(None);
                     Self::join(&mut state);
                     return Err(Error::Thread(e));
                 }
             }
         }
-        state.run = Some(ActiveRun { control, threads });
-        Ok(())
+        Ok((control, first))
     }
 
     fn spawn(
         vcpu: Vcpu,
         io: &IoSpaces,
         control: &Arc<RunControl>,
+        hook: Option<VcpuThreadHook>,
     ) -> std::result::Result<JoinHandle<(Vcpu, ExitReason)>, (Vcpu, std::io::Error)> {
         let index = vcpu.index();
         let (io, control_for_thread) = (io.clone(), control.clone());
@@ -177,14 +250,24 @@ impl Machine {
         let thread = thread::Builder::new().name(format!("kvmkit-vcpu{index}")).spawn(move || {
             let control = control_for_thread;
             let Ok(mut vcpu) = receive.recv() else { unreachable!("the spawner sends the vCPU before dropping the channel") };
-            let reason = catch_unwind(AssertUnwindSafe(|| run_vcpu(&mut vcpu, &io, &control)))
-                .unwrap_or_else(|panic| ExitReason::VmmError(format!("vCPU {index} thread panicked: {}", panic_message(&panic))));
-            control.finish(index, &reason);
+            let mut reason = None;
+            let mut body = || {
+                let exit = run_guarded(&mut vcpu, &io, &control, &mut || None);
+                control.end_run_if(index, &exit);
+                reason = Some(exit);
+            };
+            match &hook {
+                Some(hook) => hook(&mut body),
+                None => body(),
+            }
+            // Counted as finished only after the hook has returned, so that whoever joins finished
+            // threads never waits on a hook's teardown.
+            let reason = reason.unwrap_or_else(|| ExitReason::VmmError("the vCPU thread hook did not run the vCPU".into()));
+            control.finish();
             (vcpu, reason)
         });
         match thread {
             Ok(thread) => {
-                control.kicker(index as usize).attach(thread.as_pthread_t());
                 handover.send(vcpu).map_err(|mpsc::SendError(vcpu)| (vcpu, std::io::Error::other("vCPU thread exited early")))?;
                 Ok(thread)
             }
@@ -249,21 +332,17 @@ impl Machine {
     /// records how the run ended.
     fn join(state: &mut State) {
         let Some(run) = state.run.take() else { return };
-        let mut reasons: Vec<(u32, ExitReason)> = Vec::new();
+        let mut finished = run.returned;
         for thread in run.threads {
-            let index = state.vcpus.len();
-            run.control.kicker(index).detach();
             match thread.join() {
-                Ok((vcpu, reason)) => {
-                    reasons.push((vcpu.index(), reason));
-                    state.vcpus.push(vcpu);
-                }
-                Err(panic) => reasons.push((index as u32, ExitReason::VmmError(format!("vCPU {index} lost: {}", panic_message(&panic))))),
+                Ok(finished_vcpu) => finished.push(finished_vcpu),
+                // Unreachable: the thread body catches panics. Its vCPU is lost with it.
+                Err(panic) => log::error!("a vCPU thread was lost: {}", panic_message(&panic)),
             }
         }
-        state.vcpus.sort_by_key(Vcpu::index);
-        reasons.sort_by_key(|(index, _)| *index);
-        let vcpu_reasons: Vec<ExitReason> = reasons.into_iter().map(|(_, reason)| reason).collect();
+        finished.sort_by_key(|(vcpu, _)| vcpu.index());
+        let (vcpus, vcpu_reasons): (Vec<_>, Vec<_>) = finished.into_iter().unzip();
+        state.vcpus = vcpus;
         let (vcpu, reason) = run.control.cause().unwrap_or((None, ExitReason::Hlt));
         state.last_exit = Some(Exit { reason, vcpu, vcpu_reasons });
     }

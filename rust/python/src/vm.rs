@@ -64,6 +64,28 @@ impl Vm {
     }
 }
 
+/// The body of each vCPU thread runs attached to the interpreter but with the GIL released, so the
+/// thread keeps one Python thread state for its whole life and a handler call only takes the GIL,
+/// instead of creating and destroying a thread state per exit.
+fn attach_for_life(body: &mut dyn FnMut()) {
+    struct OnThisThread<'a>(&'a mut dyn FnMut());
+    // SAFETY: `detach` runs the closure synchronously on this same thread; the Send bound guards
+    // against moving Python references across threads, and `body` holds none.
+    unsafe impl Send for OnThisThread<'_> {}
+    impl OnThisThread<'_> {
+        fn run(self) {
+            (self.0)()
+        }
+    }
+    let body = OnThisThread(body);
+    Python::attach(|py| py.detach(move || body.run()));
+}
+
+fn seconds(timeout: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(timeout)
+        .map_err(|_| config_error(format!("timeout must be a non-negative number of seconds, not {timeout}")))
+}
+
 /// Drops a machine handle without the GIL: the last handle joins vCPU threads, which may be
 /// waiting for the GIL to call a handler.
 fn release(py: Python<'_>, machine: Option<Arc<Machine>>) {
@@ -104,6 +126,7 @@ impl Vm {
             cpuid_edits,
         };
         let machine = py.detach(|| Machine::new(&config)).py()?;
+        machine.set_thread_hook(Arc::new(attach_for_life)).py()?;
         Ok(Self { machine: Mutex::new(Some(Arc::new(machine))), handler_errors: ErrorSlot::default() })
     }
 
@@ -220,19 +243,40 @@ impl Vm {
         Ok(())
     }
 
-    fn start(&self) -> PyResult<()> {
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
         self.handler_errors.take();
-        self.machine()?.start().py()
+        let machine = self.machine()?;
+        // A failed start joins the threads it began, which need the GIL to end (see attach_for_life).
+        let started = py.detach(|| machine.start());
+        release(py, Some(machine));
+        started.py()
+    }
+
+    /// Runs the VM to the end of the run (vCPU 0 on this thread). After `timeout` seconds the run
+    /// ends as a timeout; Ctrl-C stops it and raises.
+    #[pyo3(signature = (timeout=None))]
+    fn run(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        let timeout = timeout.map(seconds).transpose()?;
+        self.handler_errors.take();
+        let machine = self.machine()?;
+        let mut signal = None;
+        let mut interrupted = || {
+            signal = Python::attach(|py| py.check_signals().err());
+            signal.is_some()
+        };
+        let exit = py.detach(|| machine.run(timeout, &mut interrupted));
+        release(py, Some(machine));
+        if let Some(signal) = signal {
+            self.handler_errors.take();
+            return Err(signal);
+        }
+        self.report(py, &exit.py()?)
     }
 
     /// Waits for the run to end; `None` if `timeout` passed first. Ctrl-C stops the VM and raises.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
-        let deadline = match timeout {
-            Some(t) if !(t.is_finite() && t >= 0.0) => return Err(config_error(format!("timeout must be a non-negative number of seconds, not {t}"))),
-            Some(t) => Some(Instant::now() + Duration::from_secs_f64(t)),
-            None => None,
-        };
+        let deadline = timeout.map(seconds).transpose()?.map(|t| Instant::now() + t);
         let machine = self.machine()?;
         let result = loop {
             let slice = deadline.map_or(SIGNAL_POLL, |d| d.saturating_duration_since(Instant::now()).min(SIGNAL_POLL));

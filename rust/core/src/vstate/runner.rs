@@ -1,23 +1,38 @@
+use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use vmm_sys_util::signal::{register_signal_handler, unblock_signal, SIGRTMIN};
 
 use crate::vstate::exit::{handle_exit, ExitAction, ExitReason, IoHandler};
 use crate::vstate::vcpu::Vcpu;
 
-/// The signal that interrupts `KVM_RUN`. Its handler does nothing: delivery alone makes the
-/// ioctl return `EINTR`.
+/// The signal that gets a thread out of `KVM_RUN`.
 fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// `immediate_exit` of the vCPU this thread runs, or null.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Sets `immediate_exit` of the thread's vCPU, so that a signal arriving while the thread is
+/// between two `KVM_RUN`s still makes the next one return at once.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let immediate_exit = IMMEDIATE_EXIT.with(Cell::get);
+    if !immediate_exit.is_null() {
+        // SAFETY: the pointer is set only while this thread runs its vCPU, whose `kvm_run`
+        // mapping outlives that; an atomic store is async-signal-safe.
+        unsafe { AtomicU8::from_ptr(immediate_exit) }.store(1, Ordering::SeqCst);
+    }
+}
 
 /// Installs the kick signal's handler, once per process.
 pub fn install_kick_handler() -> std::io::Result<()> {
     static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
-    let installed = INSTALLED.get_or_init(|| register_signal_handler(kick_signal(), ignore_kick).map_err(|e| e.errno()));
+    let installed = INSTALLED.get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()));
     installed.map_err(std::io::Error::from_raw_os_error)
 }
 
@@ -27,16 +42,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Gets one vCPU thread out of `KVM_RUN`: set `immediate_exit` (so an entry that has not happened
-/// yet returns at once), then signal the thread (so a guest already running exits).
+/// Gets one vCPU out of `KVM_RUN`: set `immediate_exit` (so an entry that has not happened yet
+/// returns at once), then signal the thread running it (so a guest already running exits).
 pub struct Kicker {
     immediate_exit: *mut u8,
     thread: Mutex<Option<libc::pthread_t>>,
 }
 
 // SAFETY: `immediate_exit` points into the vCPU's `kvm_run` mapping, which lives as long as the
-// vCPU; the owner of a Kicker keeps the vCPU alive and joins its thread before dropping either.
-// All access through the pointer is atomic.
+// vCPU; the owner of a Kicker keeps the vCPU alive as long as the Kicker. All access through the
+// pointer is atomic.
 unsafe impl Send for Kicker {}
 // SAFETY: as for Send; the thread id is behind a mutex.
 unsafe impl Sync for Kicker {}
@@ -53,18 +68,8 @@ impl Kicker {
 
     fn immediate_exit(&self) -> &AtomicU8 {
         // SAFETY: the pointer is valid and aligned (see `unsafe impl Send`), and every access to
-        // the byte from Rust goes through this atomic.
+        // the byte from Rust goes through an atomic.
         unsafe { AtomicU8::from_ptr(self.immediate_exit) }
-    }
-
-    /// Records the thread to signal.
-    pub fn attach(&self, thread: libc::pthread_t) {
-        *lock(&self.thread) = Some(thread);
-    }
-
-    /// Forgets the thread; called before it is joined, after which its id is invalid.
-    pub fn detach(&self) {
-        *lock(&self.thread) = None;
     }
 
     /// Makes the vCPU leave `KVM_RUN` soon.
@@ -72,21 +77,75 @@ impl Kicker {
         self.immediate_exit().store(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         if let Some(thread) = *lock(&self.thread) {
-            // SAFETY: the id belongs to a thread that has not been joined yet (detach runs under
-            // the same lock before join), so it is valid; the signal's handler does nothing.
+            // SAFETY: the id is that of a live thread: it is registered by the thread itself and
+            // removed (under this lock) before that thread stops running the vCPU.
             unsafe { libc::pthread_kill(thread, kick_signal()) };
         }
     }
 
-    /// Called by the vCPU thread after an interrupted `KVM_RUN`, before it checks for a stop.
+    /// Registers the calling thread as the one running the vCPU, until the guard drops.
+    fn bind_current_thread(&self) -> std::io::Result<BoundThread<'_>> {
+        unblock_signal(kick_signal()).map_err(|e| std::io::Error::other(e.to_string()))?;
+        IMMEDIATE_EXIT.with(|cell| cell.set(self.immediate_exit));
+        // SAFETY: pthread_self has no preconditions.
+        *lock(&self.thread) = Some(unsafe { libc::pthread_self() });
+        Ok(BoundThread(self))
+    }
+
+    /// Called after an interrupted `KVM_RUN`, before looking for a reason to stop.
     fn rearm(&self) {
         self.immediate_exit().store(0, Ordering::SeqCst);
         fence(Ordering::SeqCst);
     }
 }
 
+struct BoundThread<'a>(&'a Kicker);
+
+impl Drop for BoundThread<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.thread) = None;
+        IMMEDIATE_EXIT.with(|cell| cell.set(std::ptr::null_mut()));
+    }
+}
+
+/// A timer that kicks the calling thread every `period`, so a vCPU running there notices
+/// deadlines and pending signals even when the guest makes no exits.
+pub struct Ticker(libc::timer_t);
+
+impl Ticker {
+    /// Starts ticking the calling thread.
+    pub fn start(period: Duration) -> std::io::Result<Self> {
+        // SAFETY: an all-zero sigevent is valid; the fields that matter are set below.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: both pointers are valid for the call.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ticker = Self(timer);
+        let interval = libc::timespec { tv_sec: period.as_secs() as libc::time_t, tv_nsec: period.subsec_nanos().into() };
+        let spec = libc::itimerspec { it_interval: interval, it_value: interval };
+        // SAFETY: the timer exists (it is deleted only on drop) and `spec` is valid.
+        if unsafe { libc::timer_settime(ticker.0, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ticker)
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        // SAFETY: the timer was created by `start` and is deleted only here.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
+
 /// What the vCPU threads of one run share: the stop flag, the reason the run ended, and a count
-/// of threads still running.
+/// of vCPUs still running.
 pub struct RunControl {
     stop: AtomicBool,
     cause: Mutex<Option<(Option<u32>, ExitReason)>>,
@@ -107,11 +166,6 @@ impl RunControl {
         }
     }
 
-    /// The kicker of vCPU `index`.
-    pub fn kicker(&self, index: usize) -> &Kicker {
-        &self.kickers[index]
-    }
-
     /// Ends the run for every vCPU. The first cause recorded is the run's reason.
     pub fn request_stop(&self, vcpu: Option<u32>, reason: ExitReason) {
         lock(&self.cause).get_or_insert((vcpu, reason));
@@ -127,11 +181,15 @@ impl RunControl {
         self.stop.load(Ordering::SeqCst)
     }
 
-    /// Records that vCPU `index` ended with `reason`.
-    pub fn finish(&self, index: u32, reason: &ExitReason) {
+    /// Ends the run for all if vCPU `index`'s exit `reason` is one that does.
+    pub fn end_run_if(&self, index: u32, reason: &ExitReason) {
         if reason.ends_run() {
             self.request_stop(Some(index), reason.clone());
         }
+    }
+
+    /// Records that one vCPU is done.
+    pub fn finish(&self) {
         let mut running = lock(&self.running);
         *running -= 1;
         if *running == 0 {
@@ -139,14 +197,14 @@ impl RunControl {
         }
     }
 
-    /// Waits until every vCPU thread has finished or `timeout` passes; true when all finished.
-    pub fn wait(&self, timeout: Option<std::time::Duration>) -> bool {
+    /// Waits until every vCPU has finished or `timeout` passes; true when all finished.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
         let running = lock(&self.running);
-        let done = |running: &mut usize| *running > 0;
+        let busy = |running: &mut usize| *running > 0;
         match timeout {
-            None => *self.finished.wait_while(running, done).unwrap_or_else(|p| p.into_inner()) == 0,
+            None => *self.finished.wait_while(running, busy).unwrap_or_else(|p| p.into_inner()) == 0,
             Some(timeout) => {
-                let (running, _) = self.finished.wait_timeout_while(running, timeout, done).unwrap_or_else(|p| p.into_inner());
+                let (running, _) = self.finished.wait_timeout_while(running, timeout, busy).unwrap_or_else(|p| p.into_inner());
                 *running == 0
             }
         }
@@ -158,21 +216,32 @@ impl RunControl {
     }
 }
 
-/// Runs `vcpu` until it exits for good: serves its I/O through `io` and returns why it stopped.
-/// Call it on the vCPU's own thread.
-pub fn run_vcpu(vcpu: &mut Vcpu, io: &dyn IoHandler, control: &RunControl) -> ExitReason {
-    // Threads inherit the creator's signal mask; the kick must get through.
-    if let Err(e) = unblock_signal(kick_signal()) {
-        return ExitReason::VmmError(format!("cannot unblock the vCPU kick signal: {e}"));
-    }
-    let kicker = control.kicker(vcpu.index() as usize);
+/// Runs `vcpu` on the calling thread until it exits for good, serving its I/O through `io`, and
+/// returns why it stopped. `interrupted` is asked after every interrupted `KVM_RUN` whether the
+/// whole run should end (a deadline, a pending signal); its answer becomes the run's reason.
+pub fn run_vcpu(
+    vcpu: &mut Vcpu,
+    io: &dyn IoHandler,
+    control: &RunControl,
+    interrupted: &mut dyn FnMut() -> Option<ExitReason>,
+) -> ExitReason {
+    let kicker = &control.kickers[vcpu.index() as usize];
+    let _bound = match kicker.bind_current_thread() {
+        Ok(bound) => bound,
+        Err(e) => return ExitReason::VmmError(format!("cannot receive vCPU kicks on this thread: {e}")),
+    };
     loop {
         if control.stop_requested() {
             return ExitReason::Stopped;
         }
         match handle_exit(vcpu.fd_mut().run(), io) {
             ExitAction::Continue => {}
-            ExitAction::Interrupted => kicker.rearm(),
+            ExitAction::Interrupted => {
+                kicker.rearm();
+                if let Some(reason) = interrupted() {
+                    control.request_stop(None, reason);
+                }
+            }
             ExitAction::InternalError => return ExitReason::InternalError(vcpu.internal_error()),
             ExitAction::Stop(reason) => return reason,
         }
