@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what building and testing kvmkit needs, then builds the extension into .venv.
+# Idempotent: a second run only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1m[kvmkit]\033[0m %s\n' "$*"; }
+
+# Debian packages: an assembler and objcopy for the test guests, a C compiler for the
+# benchmark baseline, and venv support for the system Python.
+missing=()
+command -v as >/dev/null && command -v objcopy >/dev/null || missing+=(binutils)
+command -v cc >/dev/null || missing+=(gcc)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if ((${#missing[@]})); then
+    say "installing Debian packages: ${missing[*]}"
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    echo "kvmkit: cargo (Rust 1.85 or newer) is needed to build the extension; install it with rustup" >&2
+    exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv"
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import maturin, pytest, ruff, mypy' 2>/dev/null; then
+    say "installing build and test tools into .venv"
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q "maturin>=1.5,<2" "pytest>=7" "ruff>=0.4" "mypy>=1.8"
+fi
+
+say "building kvmkit (release)"
+VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" .venv/bin/maturin develop --release --quiet
