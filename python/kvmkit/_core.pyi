@@ -1,20 +1,25 @@
-# Type stubs of the native module kvmkit._core. Kept by hand; checked by mypy.stubtest in the tests.
+# Type stubs of the native module kvmkit._core, kept by hand and checked against it by
+# mypy.stubtest (tests/test_stubs.py).
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
+
+__all__ = ["GuestMemoryView", "NullDevice", "Scratchpad", "Vm", "__version__", "parse_size"]
 
 __version__: str
 
 def parse_size(text: str) -> int: ...
 
+@final
 class NullDevice:
-    def __init__(self) -> None: ...
+    def __new__(cls) -> NullDevice: ...
     @property
     def reads(self) -> int: ...
     @property
     def writes(self) -> int: ...
 
+@final
 class Scratchpad:
-    def __init__(self, size: int) -> None: ...
+    def __new__(cls, size: int) -> Scratchpad: ...
     @property
     def data(self) -> bytes: ...
     def fill(self, offset: int, data: bytes) -> None: ...
@@ -23,21 +28,23 @@ class Scratchpad:
     @property
     def writes(self) -> int: ...
 
+@final
 class GuestMemoryView:
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
     def __release_buffer__(self, buffer: memoryview, /) -> None: ...
 
+@final
 class Vm:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         memory: list[tuple[int, int]],
         vcpus: int,
         irqchip: bool,
         pit: bool,
         unhandled_io: str,
         cpuid_edits: list[tuple[int, int | None, str, int, int]],
-    ) -> None: ...
+    ) -> Vm: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...
