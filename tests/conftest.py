@@ -1,0 +1,281 @@
+"""Shared fixtures for the kvmkit test suite.
+
+* ``assemble(name)`` turns ``tests/guests/<name>.S`` into a flat binary (GNU as + objcopy).
+* Tests marked ``kvm`` are skipped with the exact reason ``"no /dev/kvm"`` when /dev/kvm
+  does not exist; the ``make_vm``/``boot`` fixtures apply the same gate.
+* ``--strict-skips`` makes the session fail when any test was skipped for another reason
+  (or for "no /dev/kvm" although /dev/kvm exists), so CI cannot go green by skipping.
+
+* ``--hang-watchdog SECONDS`` (default 120) aborts the run with every thread's traceback
+  when a single test hangs, e.g. on a VM that cannot be stopped.
+
+Register/port conventions of each guest are on the first line of its .S file. kvmkit is
+imported lazily (inside fixtures) so that this file also works in test_strict_skips.py's
+subprocess runs, which need neither KVM nor the package. The options are registered here,
+so run the suite as ``pytest tests/ [--strict-skips]`` (this conftest must be an initial one).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GUEST_DIR = Path(__file__).parent / "guests"
+KVM_DEVICE = "/dev/kvm"
+KVM_SKIP_REASON = "no /dev/kvm"
+LOAD_ADDR = 0x1000  # every guest is loaded and entered here
+HANG_GUARD = 10.0  # generous bound for runs that should end by themselves
+DEFAULT_WATCHDOG = 120.0  # seconds one test may take before the whole run is aborted
+
+
+def have_kvm() -> bool:
+    return os.path.exists(KVM_DEVICE)
+
+
+# --------------------------------------------------------------------------- options/markers
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--strict-skips",
+        action="store_true",
+        default=False,
+        help="fail the session if any test is skipped for a reason other than "
+        f"'{KVM_SKIP_REASON}' (or for that reason while {KVM_DEVICE} exists)",
+    )
+    parser.addoption(
+        "--hang-watchdog",
+        type=float,
+        default=DEFAULT_WATCHDOG,
+        metavar="SECONDS",
+        help="abort the whole run (with every thread's traceback) when one test takes longer "
+        f"than this, e.g. a VM that cannot be stopped; 0 disables (default {DEFAULT_WATCHDOG:g})",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"kvm: needs {KVM_DEVICE}; skipped with reason '{KVM_SKIP_REASON}' when it is absent"
+    )
+    if config.getoption("--strict-skips"):
+        config.pluginmanager.register(StrictSkips(), "kvmkit-strict-skips")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("kvm") is not None and not have_kvm():
+        pytest.skip(KVM_SKIP_REASON)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # A kvmkit bug that leaves a vCPU unstoppable would hang the run until CI's own limit;
+    # the watchdog turns that into a prompt failure that shows where every thread was stuck.
+    seconds = item.config.getoption("--hang-watchdog")
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, exit=True, file=_real_stderr_fd(item.config))
+    try:
+        return (yield)
+    finally:
+        if seconds > 0:
+            faulthandler.cancel_dump_traceback_later()
+
+
+def _real_stderr_fd(config) -> int:
+    """The terminal's stderr even while pytest captures fd 2 (else the dump would be lost)."""
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    saved = getattr(getattr(getattr(capman, "_global_capturing", None), "err", None), "targetfd_save", None)
+    return saved if isinstance(saved, int) else sys.__stderr__.fileno()
+
+
+# --------------------------------------------------------------------------- strict skips
+
+
+class StrictSkips:
+    """Records every skip (and xfail) and fails the session on the forbidden ones."""
+
+    def __init__(self):
+        self.skips: list[tuple[str, str]] = []
+        self.violations: list[tuple[str, str]] = []
+
+    @staticmethod
+    def reason(report) -> str:
+        if hasattr(report, "wasxfail"):
+            return f"xfail: {report.wasxfail}"
+        longrepr = report.longrepr
+        reason = str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        prefix = "Skipped: "
+        return reason[len(prefix) :] if reason.startswith(prefix) else reason
+
+    def pytest_runtest_logreport(self, report):
+        if report.skipped:
+            self.skips.append((report.nodeid, self.reason(report)))
+
+    def pytest_collectreport(self, report):
+        # module-level pytest.skip(..., allow_module_level=True) / pytest.importorskip
+        if report.skipped:
+            self.skips.append((report.nodeid, self.reason(report)))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session, exitstatus):
+        kvm_present = have_kvm()
+        self.violations = [
+            (nodeid, reason) for nodeid, reason in self.skips if reason != KVM_SKIP_REASON or kvm_present
+        ]
+        if not self.violations:
+            return
+        if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if session.config.pluginmanager.get_plugin("terminalreporter") is None:
+            for line in self.lines():
+                print(line, file=sys.stderr)
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.violations:
+            terminalreporter.write_sep("=", "--strict-skips: forbidden skips", red=True, bold=True)
+            for line in self.lines():
+                terminalreporter.write_line(line)
+
+    def lines(self):
+        kvm_present = have_kvm()
+        for nodeid, reason in self.violations:
+            why = f" ({KVM_DEVICE} exists)" if reason == KVM_SKIP_REASON and kvm_present else ""
+            yield f"SKIPPED {nodeid}: {reason}{why}"
+        yield f"--strict-skips: {len(self.violations)} forbidden skip(s); the session fails"
+
+
+# --------------------------------------------------------------------------- guests
+
+
+@pytest.fixture(scope="session")
+def assemble(tmp_path_factory):
+    """assemble(name) -> bytes: flat binary of tests/guests/<name>.S (cached per session)."""
+    tools = {tool: shutil.which(tool) for tool in ("as", "objcopy")}
+    missing = [tool for tool, path in tools.items() if path is None]
+    outdir = tmp_path_factory.mktemp("guests")
+    cache: dict[str, bytes] = {}
+
+    def _assemble(name: str) -> bytes:
+        if name in cache:
+            return cache[name]
+        if missing:
+            raise RuntimeError(
+                f"cannot assemble guest {name!r}: {', '.join(missing)} not found on PATH; "
+                "install GNU binutils (e.g. apt-get install binutils)"
+            )
+        src = GUEST_DIR / f"{name}.S"
+        if not src.is_file():
+            raise FileNotFoundError(f"no guest source {src}")
+        obj, binary = outdir / f"{name}.o", outdir / f"{name}.bin"
+        # `.code16` / `.code32` inside the source select the instruction encoding; --64 only
+        # chooses the ELF container, which objcopy strips.
+        for cmd in (
+            [tools["as"], "--64", "-o", str(obj), str(src)],
+            [tools["objcopy"], "-O", "binary", "-j", ".text", str(obj), str(binary)],
+        ):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
+        code = binary.read_bytes()
+        if not code:
+            raise RuntimeError(f"guest {name!r} assembled to an empty binary")
+        cache[name] = code
+        return code
+
+    return _assemble
+
+
+# --------------------------------------------------------------------------- VMs
+
+
+@pytest.fixture
+def kvm_available():
+    if not have_kvm():
+        pytest.skip(KVM_SKIP_REASON)
+
+
+@pytest.fixture
+def make_vm(kvm_available):
+    """make_vm(**VM kwargs) -> VM (memory defaults to "2M"); every VM is closed at teardown."""
+    import kvmkit
+
+    vms = []
+
+    def _make(**kwargs):
+        kwargs.setdefault("memory", "2M")
+        vm = kvmkit.VM(**kwargs)
+        vms.append(vm)
+        return vm
+
+    yield _make
+
+    for vm in vms:
+        vm.close()  # stops a VM still running; closing twice is harmless
+
+
+@pytest.fixture
+def boot(make_vm, assemble):
+    """boot(guest, mode, cpus=1, regs=None, **VM kwargs) -> VM.
+
+    Writes guest <guest> at LOAD_ADDR, runs setup(mode, entry=LOAD_ADDR) on every vCPU and
+    then writes `regs` ({name: value}) into every vCPU. The VM is not started.
+    """
+
+    def _boot(guest, mode, *, cpus=1, regs=None, **vm_kwargs):
+        vm = make_vm(cpus=cpus, **vm_kwargs)
+        vm.mem_write(LOAD_ADDR, assemble(guest))
+        for cpu in vm.vcpus:
+            cpu.setup(mode, entry=LOAD_ADDR)
+            for name, value in (regs or {}).items():
+                cpu.reg_write(name, value)
+        return vm
+
+    return _boot
+
+
+@pytest.fixture
+def run_halt(kvm_available):
+    """run_halt(vm) -> Exit: vm.run() with a hang guard; asserts that the run ended with HLT."""
+    from kvmkit import ExitReason
+
+    def _run(vm, timeout=HANG_GUARD):
+        exit = vm.run(timeout=timeout)
+        assert exit.reason == ExitReason.HLT, f"run ended with {exit.reason} {exit.details}, want HLT"
+        return exit
+
+    return _run
+
+
+class IoLog:
+    """Python I/O handler pair that records every access.
+
+    read(addr, size) returns values[size] (or its little-endian bytes when as_bytes);
+    write(addr, data) checks that data is bytes and records it.
+    """
+
+    def __init__(self, values=None, as_bytes=False):
+        self.values = values or {}
+        self.as_bytes = as_bytes
+        self.reads: list[tuple[int, int]] = []
+        self.writes: list[tuple[int, bytes]] = []
+
+    def read(self, addr, size):
+        self.reads.append((addr, size))
+        value = self.values[size]
+        return value.to_bytes(size, "little") if self.as_bytes else value
+
+    def write(self, addr, data):
+        if not isinstance(data, bytes):
+            raise AssertionError(f"write handler got {type(data).__name__}, want bytes")
+        self.writes.append((addr, bytes(data)))
+
+
+@pytest.fixture
+def io_log():
+    """io_log(values=None, as_bytes=False) -> IoLog."""
+    return IoLog

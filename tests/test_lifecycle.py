@@ -1,0 +1,309 @@
+"""Running, stopping, resuming and closing VMs; several vCPUs and several VMs at once."""
+
+import signal
+import threading
+import time
+
+import kvmkit
+import pytest
+from kvmkit import ExitReason
+from kvmkit.errors import VmStateError, WaitTimeout
+
+pytestmark = pytest.mark.kvm
+
+LOAD_ADDR = 0x1000
+HANG_GUARD = 10.0  # a run that should end by itself gets this long before we call it a hang
+PROMPT = 5.0  # "returns promptly": a hang guard, not a performance bound
+PORT = 0xE9
+M32 = 0xFFFF_FFFF
+
+
+def percpu_result(index):
+    """What percpu.S computes for vCPU `index`: EAX, sent to the port and stored at 0x2100 + 4 * index."""
+    return 0xC0DE_0000 + (index + 1) * 0x111
+
+
+def timed(fn, *args, **kwargs):
+    start = time.monotonic()
+    result = fn(*args, **kwargs)
+    return result, time.monotonic() - start
+
+
+class Boom(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- halting and resuming
+
+
+def test_resume_after_hlt(boot, assemble, run_halt):
+    code = assemble("halt_twice")
+    first_hlt, second_hlt = code.index(0xF4), code.rindex(0xF4)
+    assert first_hlt != second_hlt
+    vm = boot("halt_twice", "protected")
+    cpu = vm.vcpus[0]
+
+    run_halt(vm)
+    assert (cpu.regs.rax & M32, cpu.regs.rip) == (1, LOAD_ADDR + first_hlt + 1)
+
+    exit = run_halt(vm)
+    assert (cpu.regs.rax & M32, cpu.regs.rip) == (2, LOAD_ADDR + second_hlt + 1)
+    assert (list(exit.vcpu_reasons), vm.last_exit.reason) == ([ExitReason.HLT], ExitReason.HLT)
+
+
+def test_triple_fault_is_shutdown(boot):
+    vm = boot("triple_fault", "protected")
+
+    exit = vm.run(timeout=HANG_GUARD)
+
+    assert exit.reason == ExitReason.SHUTDOWN
+    assert (exit.vcpu, list(exit.vcpu_reasons)) == (0, [ExitReason.SHUTDOWN])
+
+
+def test_one_vcpu_ending_the_run_stops_the_others(make_vm, assemble):
+    vm = make_vm(cpus=2)
+    vm.mem_write(LOAD_ADDR, assemble("triple_fault"))
+    vm.mem_write(0x3000, assemble("loop"))  # position independent
+    vm.vcpus[0].setup("protected", entry=0x3000)
+    vm.vcpus[1].setup("protected", entry=LOAD_ADDR)
+
+    exit = vm.run(timeout=HANG_GUARD)
+
+    assert (exit.reason, exit.vcpu) == (ExitReason.SHUTDOWN, 1)
+    assert list(exit.vcpu_reasons) == [ExitReason.STOPPED, ExitReason.SHUTDOWN]
+    assert not vm.running
+
+
+# --------------------------------------------------------------------------- timeouts and stopping
+
+
+def test_run_timeout_on_infinite_loop(boot):
+    vm = boot("loop", "protected")
+
+    for _ in range(2):  # and the VM can be run again after a timeout
+        exit, elapsed = timed(vm.run, timeout=0.2)
+        assert exit.reason == ExitReason.TIMEOUT
+        assert 0.15 <= elapsed < PROMPT
+        assert not vm.running
+        assert vm.last_exit.reason == ExitReason.TIMEOUT
+        assert vm.vcpus[0].regs.rip == LOAD_ADDR  # still spinning on `jmp .`
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+@pytest.mark.parametrize("how", ["run", "start-wait"])
+def test_stop_from_another_thread(boot, how, cpus):
+    vm = boot("loop", "protected", cpus=cpus)
+    timer = threading.Timer(0.3, vm.stop)
+    try:
+        if how == "run":
+            timer.start()
+            exit = vm.run(timeout=HANG_GUARD)
+        else:
+            vm.start()
+            assert vm.running
+            timer.start()
+            exit = vm.wait(timeout=HANG_GUARD)
+    finally:
+        timer.cancel()
+        timer.join()
+
+    assert exit.reason == ExitReason.STOPPED
+    assert list(exit.vcpu_reasons) == [ExitReason.STOPPED] * cpus
+    assert not vm.running
+
+
+def test_wait_timeout_keeps_the_vm_running(boot):
+    vm = boot("loop", "protected")
+    vm.start()
+
+    start = time.monotonic()
+    with pytest.raises(WaitTimeout):
+        vm.wait(timeout=0.1)
+    assert time.monotonic() - start < PROMPT
+    assert vm.running
+
+    vm.stop()
+    assert vm.wait(timeout=HANG_GUARD).reason == ExitReason.STOPPED
+    assert not vm.running
+
+
+def test_stop_from_a_handler(boot):
+    vm = boot("pio_read_loop", "protected", regs={"rdx": PORT})
+    calls = []
+
+    def read(port, size):
+        calls.append((port, size))
+        if len(calls) == 3:
+            vm.stop()
+        return len(calls)
+
+    vm.hook_io(PORT, size=4, read=read)
+
+    exit = vm.run(timeout=HANG_GUARD)
+
+    assert exit.reason == ExitReason.STOPPED
+    assert calls[:3] == [(PORT, 4)] * 3
+    assert len(calls) <= 4  # the guest reads forever: the run ended because of stop()
+
+
+@pytest.mark.parametrize("what", ["start", "run"])
+def test_starting_a_running_vm_is_rejected(boot, what):
+    vm = boot("loop", "protected")
+    vm.start()
+
+    with pytest.raises(VmStateError):
+        if what == "start":
+            vm.start()
+        else:
+            vm.run(timeout=0.1)
+    assert vm.running
+
+
+@pytest.mark.parametrize("how", ["run", "start-wait"])
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_ctrl_c_stops_the_vm(boot, how, cpus):
+    assert threading.current_thread() is threading.main_thread(), "signals are delivered to the main thread"
+    vm = boot("loop", "protected", cpus=cpus)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    try:
+        start = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            if how == "run":
+                vm.run(timeout=HANG_GUARD)
+            else:
+                vm.start()
+                vm.wait(timeout=HANG_GUARD)
+        assert time.monotonic() - start < PROMPT  # not just raised after the run timed out
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
+    assert not vm.running
+
+
+# --------------------------------------------------------------------------- handler errors
+
+
+@pytest.mark.parametrize("how", ["run", "start-wait"])
+@pytest.mark.parametrize("side", ["read", "write"])
+def test_handler_exception_propagates(boot, assemble, side, how):
+    code = assemble("pio_prot")
+    vm = boot("pio_prot", "protected", regs={"rdx": PORT})
+    raised = []
+
+    def boom(*args):
+        raised.append(Boom("boom"))
+        raise raised[-1]
+
+    handlers = {"read": lambda port, size: 0, "write": lambda port, data: None}
+    handlers[side] = boom
+    vm.hook_io(PORT, size=4, **handlers)
+
+    with pytest.raises(Boom, match=r"^boom$") as info:
+        if how == "run":
+            vm.run(timeout=HANG_GUARD)
+        else:
+            vm.start()
+            vm.wait(timeout=HANG_GUARD)
+
+    assert info.value is raised[0]
+    assert len(raised) == 1  # the VM stopped at the first failure
+    assert (vm.last_exit.reason, vm.last_exit.vcpu) == (ExitReason.HANDLER_ERROR, 0)
+    assert not vm.running
+    regs = vm.vcpus[0].regs
+    assert regs.rdx & 0xFFFF == PORT
+    assert LOAD_ADDR <= regs.rip < LOAD_ADDR + len(code)
+    vm.close()
+    assert not vm.running
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+@pytest.mark.parametrize("cpus", [2, 4])
+def test_vcpus_run_at_once(boot, run_halt, cpus):
+    # percpu.S spins until every vCPU has arrived, so vCPUs run one after the other would time out.
+    vm = boot("percpu", "protected", cpus=cpus, regs={"rcx": cpus, "rdx": PORT})
+    for cpu in vm.vcpus:
+        cpu.reg_write("rsi", cpu.index)
+    reports = []
+    vm.hook_io(PORT, size=4, write=lambda port, data: reports.append(int.from_bytes(data, "little")))
+
+    exit = run_halt(vm)
+
+    expected = [percpu_result(i) for i in range(cpus)]
+    assert sorted(reports) == expected
+    assert [cpu.regs.rax & M32 for cpu in vm.vcpus] == expected
+    assert vm.mem_read(0x2100, 4 * cpus) == b"".join(value.to_bytes(4, "little") for value in expected)
+    assert vm.mem_read(0x2000, 4) == cpus.to_bytes(4, "little")
+    assert list(exit.vcpu_reasons) == [ExitReason.HLT] * cpus
+
+
+def test_vms_run_concurrently_in_threads(boot):
+    count = 3
+    # Every VM's handler waits until all VMs are inside their handlers at the same time.
+    barrier = threading.Barrier(count, timeout=HANG_GUARD / 2)
+    vms = [boot("percpu", "protected", regs={"rsi": k, "rcx": 1, "rdx": PORT}) for k in range(count)]
+    reports = [[] for _ in range(count)]
+    for k, vm in enumerate(vms):
+
+        def write(port, data, k=k):
+            reports[k].append(int.from_bytes(data, "little"))
+            barrier.wait()
+
+        vm.hook_io(PORT, size=4, write=write)
+
+    exits, errors = [None] * count, []
+
+    def run(k):
+        try:
+            exits[k] = vms[k].run(timeout=HANG_GUARD)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(2 * HANG_GUARD)
+
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    assert [exit.reason for exit in exits] == [ExitReason.HLT] * count
+    assert reports == [[percpu_result(k)] for k in range(count)]
+    assert [vm.mem_read(0x2100 + 4 * k, 4) for k, vm in enumerate(vms)] == [
+        percpu_result(k).to_bytes(4, "little") for k in range(count)
+    ]
+
+
+# --------------------------------------------------------------------------- closing
+
+
+@pytest.mark.parametrize("state", ["halted", "running"])
+def test_context_manager_closes_the_vm(kvm_available, assemble, state):
+    reads = []
+    with kvmkit.VM(memory="2M") as vm:
+        assert isinstance(vm, kvmkit.VM)
+        cpu = vm.vcpus[0]
+        if state == "halted":
+            vm.mem_write(LOAD_ADDR, assemble("halt_twice"))
+            cpu.setup("protected", entry=LOAD_ADDR)
+            assert vm.run(timeout=HANG_GUARD).reason == ExitReason.HLT
+        else:  # leave the block while the guest is still reading a port in a loop
+            vm.mem_write(LOAD_ADDR, assemble("pio_read_loop"))
+            cpu.setup("protected", entry=LOAD_ADDR)
+            cpu.reg_write("rdx", PORT)
+            vm.hook_io(PORT, size=4, read=lambda port, size: reads.append(port) or 0)
+            vm.start()
+            assert vm.running
+
+    assert not vm.running
+    seen = len(reads)
+    time.sleep(0.2)
+    assert len(reads) == seen  # the guest no longer runs after close
+    with pytest.raises(VmStateError):
+        vm.mem_read(0, 1)
+    with pytest.raises(VmStateError):
+        _ = cpu.regs
