@@ -7,7 +7,8 @@ scripts/bootstrap.sh
 
 say() { printf '\033[1m[kvmkit]\033[0m %s\n' "$*"; }
 
-say "lint: cargo clippy, ruff, mypy"
+say "lint: rustfmt, clippy, ruff, mypy"
+cargo fmt --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 .venv/bin/ruff check python tests benchmarks
 .venv/bin/ruff format --check python tests benchmarks

@@ -121,10 +121,7 @@ impl Bus {
 
     /// Unmaps the range that starts at `base` and returns its device.
     pub fn remove(&mut self, base: u64) -> Result<Arc<dyn BusDevice>, BusError> {
-        self.devices
-            .remove(&base)
-            .map(|(_, device)| device)
-            .ok_or(BusError::NotMapped(base))
+        self.devices.remove(&base).map(|(_, device)| device).ok_or(BusError::NotMapped(base))
     }
 
     /// The ranges mapped, in address order.

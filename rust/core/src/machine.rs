@@ -79,7 +79,8 @@ impl Machine {
         let vcpus = (0..config.vcpus)
             .map(|index| Vcpu::new(vm.fd(), index, config.vcpus, kvm.supported_cpuid(), &config.cpuid_edits))
             .collect::<Result<Vec<_>>>()?;
-        let state = State { vcpus, io: IoSpaces::new(config.unhandled_io), run: None, last_exit: None, thread_hook: None };
+        let state =
+            State { vcpus, io: IoSpaces::new(config.unhandled_io), run: None, last_exit: None, thread_hook: None };
         Ok(Self { state: Mutex::new(state), vm, vcpu_count: config.vcpus as usize })
     }
 
@@ -131,8 +132,9 @@ impl Machine {
 
     /// Maps `device` at `[base, base + len)` in `space`; fails while the VM runs.
     pub fn add_device(&self, space: AddressSpace, base: u64, len: u64, device: Arc<dyn BusDevice>) -> Result<()> {
-        let range = BusRange::new(base, len)
-            .ok_or_else(|| Error::InvalidConfig(format!("{space} range {base:#x}+{len:#x} is empty or wraps around")))?;
+        let range = BusRange::new(base, len).ok_or_else(|| {
+            Error::InvalidConfig(format!("{space} range {base:#x}+{len:#x} is empty or wraps around"))
+        })?;
         Ok(self.stopped_state()?.io.insert(space, range, device)?)
     }
 
@@ -249,7 +251,9 @@ impl Machine {
         let (handover, receive) = mpsc::channel::<Vcpu>();
         let thread = thread::Builder::new().name(format!("kvmkit-vcpu{index}")).spawn(move || {
             let control = control_for_thread;
-            let Ok(mut vcpu) = receive.recv() else { unreachable!("the spawner sends the vCPU before dropping the channel") };
+            let Ok(mut vcpu) = receive.recv() else {
+                unreachable!("the spawner sends the vCPU before dropping the channel")
+            };
             let mut reason = None;
             let mut body = || {
                 let exit = run_guarded(&mut vcpu, &io, &control, &mut || None);
@@ -262,13 +266,16 @@ impl Machine {
             }
             // Counted as finished only after the hook has returned, so that whoever joins finished
             // threads never waits on a hook's teardown.
-            let reason = reason.unwrap_or_else(|| ExitReason::VmmError("the vCPU thread hook did not run the vCPU".into()));
+            let reason =
+                reason.unwrap_or_else(|| ExitReason::VmmError("the vCPU thread hook did not run the vCPU".into()));
             control.finish();
             (vcpu, reason)
         });
         match thread {
             Ok(thread) => {
-                handover.send(vcpu).map_err(|mpsc::SendError(vcpu)| (vcpu, std::io::Error::other("vCPU thread exited early")))?;
+                handover
+                    .send(vcpu)
+                    .map_err(|mpsc::SendError(vcpu)| (vcpu, std::io::Error::other("vCPU thread exited early")))?;
                 Ok(thread)
             }
             Err(e) => Err((vcpu, e)),

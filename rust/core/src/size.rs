@@ -31,9 +31,7 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
         _ => return Err(error("unknown suffix")),
     };
     let value: u64 = digits.parse().map_err(|_| error("number too large"))?;
-    value
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| error("number too large"))
+    value.checked_mul(1u64 << shift).ok_or_else(|| error("number too large"))
 }
 
 #[cfg(test)]

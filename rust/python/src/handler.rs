@@ -61,7 +61,8 @@ impl BusDevice for PyHandler {
 
     fn write(&self, base: u64, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         let Some(write) = &self.write else { return Ok(()) };
-        Python::attach(|py| write.call1(py, (base + offset, PyBytes::new(py, data))).map(drop)).map_err(|e| self.fail(e))
+        Python::attach(|py| write.call1(py, (base + offset, PyBytes::new(py, data))).map(drop))
+            .map_err(|e| self.fail(e))
     }
 }
 
@@ -72,7 +73,11 @@ fn fill(value: &Bound<'_, PyAny>, addr: u64, data: &mut [u8]) -> PyResult<()> {
     if let Ok(int) = value.cast::<PyInt>() {
         let bits = 8 * size as u32;
         let raw: i128 = int.extract().map_err(|_| out_of_range(value, addr, size))?;
-        let fits = if bits >= 64 { (-(1i128 << 63)..1i128 << 64).contains(&raw) } else { (-(1i128 << (bits - 1))..1i128 << bits).contains(&raw) };
+        let fits = if bits >= 64 {
+            (-(1i128 << 63)..1i128 << 64).contains(&raw)
+        } else {
+            (-(1i128 << (bits - 1))..1i128 << bits).contains(&raw)
+        };
         if !fits {
             return Err(out_of_range(value, addr, size));
         }
@@ -98,5 +103,7 @@ fn fill(value: &Bound<'_, PyAny>, addr: u64, data: &mut [u8]) -> PyResult<()> {
 }
 
 fn out_of_range(value: &Bound<'_, PyAny>, addr: u64, size: usize) -> PyErr {
-    PyValueError::new_err(format!("read handler for {addr:#x} returned {value}, which does not fit a {size}-byte access"))
+    PyValueError::new_err(format!(
+        "read handler for {addr:#x} returned {value}, which does not fit a {size}-byte access"
+    ))
 }

@@ -36,7 +36,14 @@ impl GuestMemoryView {
         // mapped for as long as this object lives, and the buffer holds a reference to this object
         // (`obj`). The memory is shared with the guest, so it is writable and may change.
         let status = unsafe {
-            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), this.host as *mut std::ffi::c_void, this.len as ffi::Py_ssize_t, 0, flags)
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                this.host as *mut std::ffi::c_void,
+                this.len as ffi::Py_ssize_t,
+                0,
+                flags,
+            )
         };
         if status == 0 {
             Ok(())

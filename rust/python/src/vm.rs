@@ -5,13 +5,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kvm_bindings::kvm_cpuid_entry2;
 use kvmkit_core::arch::x86_64::cpuid::{CpuidEdit, CpuidRegister};
 use kvmkit_core::arch::x86_64::mode::CpuMode;
 use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
 use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
 use kvmkit_core::{Machine, MachineConfig, MemoryRegionConfig, UnhandledIo};
-use kvm_bindings::kvm_cpuid_entry2;
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -108,12 +108,18 @@ impl Vm {
         let unhandled_io = match unhandled_io {
             "ignore" => UnhandledIo::Ignore,
             "stop" => UnhandledIo::Stop,
-            other => return Err(config_error(format!("unknown unhandled_io policy {other:?} (expected \"ignore\" or \"stop\")"))),
+            other => {
+                return Err(config_error(format!(
+                    "unknown unhandled_io policy {other:?} (expected \"ignore\" or \"stop\")"
+                )))
+            }
         };
         let cpuid_edits = cpuid_edits
             .into_iter()
             .map(|(leaf, subleaf, register, clear, set)| {
-                let register: CpuidRegister = register.parse().map_err(|e: kvmkit_core::arch::x86_64::cpuid::UnknownRegister| config_error(e.to_string()))?;
+                let register: CpuidRegister = register
+                    .parse()
+                    .map_err(|e: kvmkit_core::arch::x86_64::cpuid::UnknownRegister| config_error(e.to_string()))?;
                 Ok(CpuidEdit { leaf, subleaf, register, clear, set })
             })
             .collect::<PyResult<_>>()?;
@@ -214,7 +220,16 @@ impl Vm {
     fn set_cpuid(&self, vcpu: usize, entries: Vec<CpuidTuple>) -> PyResult<()> {
         let entries: Vec<_> = entries
             .into_iter()
-            .map(|(function, index, flags, eax, ebx, ecx, edx)| kvm_cpuid_entry2 { function, index, flags, eax, ebx, ecx, edx, ..Default::default() })
+            .map(|(function, index, flags, eax, ebx, ecx, edx)| kvm_cpuid_entry2 {
+                function,
+                index,
+                flags,
+                eax,
+                ebx,
+                ecx,
+                edx,
+                ..Default::default()
+            })
             .collect();
         self.with_vcpu(vcpu, |v| v.set_cpuid(&entries))
     }
@@ -226,7 +241,14 @@ impl Vm {
     }
 
     #[pyo3(signature = (space, base, size, read=None, write=None))]
-    fn add_handler(&self, space: &str, base: u64, size: u64, read: Option<Py<PyAny>>, write: Option<Py<PyAny>>) -> PyResult<()> {
+    fn add_handler(
+        &self,
+        space: &str,
+        base: u64,
+        size: u64,
+        read: Option<Py<PyAny>>,
+        write: Option<Py<PyAny>>,
+    ) -> PyResult<()> {
         let handler = PyHandler { read, write, errors: self.handler_errors.clone() };
         self.machine()?.add_device(self::space(space)?, base, size, Arc::new(handler)).py()
     }
@@ -235,12 +257,8 @@ impl Vm {
         self.machine()?.add_device(self::space(space)?, base, size, bus_device(device)?).py()
     }
 
-    fn remove(&self, py: Python<'_>, space: &str, base: u64) -> PyResult<()> {
-        let device = self.machine()?.remove_device(self::space(space)?, base).py()?;
-        // A removed Python handler releases its callables here, with the GIL held.
-        drop(device);
-        let _ = py;
-        Ok(())
+    fn remove(&self, space: &str, base: u64) -> PyResult<()> {
+        self.machine()?.remove_device(self::space(space)?, base).py().map(drop)
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {

@@ -138,7 +138,9 @@ impl ExitReason {
 impl fmt::Display for ExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::InternalError(e) => write!(f, "KVM internal error {} (instruction {:02x?})", e.suberror, e.instruction),
+            Self::InternalError(e) => {
+                write!(f, "KVM internal error {} (instruction {:02x?})", e.suberror, e.instruction)
+            }
             Self::FailEntry { reason, cpu } => write!(f, "entry failed with reason {reason:#x} on host CPU {cpu}"),
             Self::UnhandledIo { space, addr, size, write } => {
                 let access = if *write { "write to" } else { "read from" };
@@ -202,7 +204,9 @@ pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, io: &dyn IoHandler)
     let served = |result: Result<(), IoError>, space, addr, size, write| match result {
         Ok(()) => ExitAction::Continue,
         Err(IoError::Unhandled) => ExitAction::Stop(ExitReason::UnhandledIo { space, addr, size, write }),
-        Err(IoError::Device(DeviceError(message))) => ExitAction::Stop(ExitReason::DeviceError { space, addr, message }),
+        Err(IoError::Device(DeviceError(message))) => {
+            ExitAction::Stop(ExitReason::DeviceError { space, addr, message })
+        }
     };
     let exit = match exit {
         Ok(exit) => exit,
@@ -214,12 +218,16 @@ pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, io: &dyn IoHandler)
             let size = data.len();
             served(io.pio_read(port, data), AddressSpace::Pio, u64::from(port), size, false)
         }
-        VcpuExit::IoOut(port, data) => served(io.pio_write(port, data), AddressSpace::Pio, u64::from(port), data.len(), true),
+        VcpuExit::IoOut(port, data) => {
+            served(io.pio_write(port, data), AddressSpace::Pio, u64::from(port), data.len(), true)
+        }
         VcpuExit::MmioRead(addr, data) => {
             let size = data.len();
             served(io.mmio_read(addr, data), AddressSpace::Mmio, addr, size, false)
         }
-        VcpuExit::MmioWrite(addr, data) => served(io.mmio_write(addr, data), AddressSpace::Mmio, addr, data.len(), true),
+        VcpuExit::MmioWrite(addr, data) => {
+            served(io.mmio_write(addr, data), AddressSpace::Mmio, addr, data.len(), true)
+        }
         VcpuExit::Intr => ExitAction::Interrupted,
         VcpuExit::Hlt => ExitAction::Stop(ExitReason::Hlt),
         VcpuExit::Shutdown => ExitAction::Stop(ExitReason::Shutdown),
@@ -299,11 +307,19 @@ mod tests {
         let io = Recorder::default();
         assert_eq!(
             handle_exit(Ok(VcpuExit::IoOut(0x60, &[0xfe])), &io),
-            ExitAction::Stop(ExitReason::DeviceError { space: AddressSpace::Pio, addr: 0x60, message: "broken".into() })
+            ExitAction::Stop(ExitReason::DeviceError {
+                space: AddressSpace::Pio,
+                addr: 0x60,
+                message: "broken".into()
+            })
         );
         assert_eq!(
             handle_exit(Ok(VcpuExit::MmioRead(0x1000, &mut [0; 4])), &io),
-            ExitAction::Stop(ExitReason::DeviceError { space: AddressSpace::Mmio, addr: 0x1000, message: "broken".into() })
+            ExitAction::Stop(ExitReason::DeviceError {
+                space: AddressSpace::Mmio,
+                addr: 0x1000,
+                message: "broken".into()
+            })
         );
         assert_eq!(
             handle_exit(Ok(VcpuExit::IoIn(0xdead, &mut [0; 4])), &io),

@@ -77,10 +77,8 @@ pub enum MemoryError {
 pub fn create(regions: &[MemoryRegionConfig], max_slots: usize) -> Result<GuestMemory, MemoryError> {
     validate(regions, max_slots)?;
     let ranges: Vec<_> = regions.iter().map(|r| (GuestAddress(r.guest_addr), r.size as usize)).collect();
-    GuestMemory::from_ranges(&ranges).map_err(|e| MemoryError::Map {
-        size: regions.iter().map(|r| r.size).sum(),
-        reason: e.to_string(),
-    })
+    GuestMemory::from_ranges(&ranges)
+        .map_err(|e| MemoryError::Map { size: regions.iter().map(|r| r.size).sum(), reason: e.to_string() })
 }
 
 /// The checks [`create`] makes, without mapping anything.
@@ -165,7 +163,10 @@ mod tests {
         assert_eq!(check(&[region(0x2000, 0x2000), region(0, 0x3000)]), Err(MemoryError::Overlap(0, 0x2000)));
         assert_eq!(check(&[region(0, 5 << 30)]), Err(MemoryError::Reserved(0)));
         assert!(matches!(check(&[region(!0xfff, 0x2000)]), Err(MemoryError::TooHigh { .. })));
-        assert_eq!(validate(&[region(0, 0x1000), region(0x1000, 0x1000)], 1), Err(MemoryError::TooMany { given: 2, max: 1 }));
+        assert_eq!(
+            validate(&[region(0, 0x1000), region(0x1000, 0x1000)], 1),
+            Err(MemoryError::TooMany { given: 2, max: 1 })
+        );
         assert_eq!(check(&[region(0x1_0000_0000, 0x1000), region(0, 0x1000)]), Ok(()));
     }
 

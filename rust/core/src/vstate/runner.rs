@@ -3,7 +3,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use vmm_sys_util::signal::{register_signal_handler, unblock_signal, SIGRTMIN};
+use vmm_sys_util::signal::{unblock_signal, SIGRTMIN};
 
 use crate::vstate::exit::{handle_exit, ExitAction, ExitReason, IoHandler};
 use crate::vstate::vcpu::Vcpu;
@@ -29,10 +29,27 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     }
 }
 
-/// Installs the kick signal's handler, once per process.
+/// Installs the kick signal's handler, once per process. `SA_RESTART` keeps a late kick from
+/// failing some other system call of the thread with `EINTR`; `KVM_RUN` is never restarted.
 pub fn install_kick_handler() -> std::io::Result<()> {
     static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
-    let installed = INSTALLED.get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()));
+    let installed = INSTALLED.get_or_init(|| {
+        // SAFETY: an all-zero sigaction is valid; the fields that matter are set below.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_kick as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        // SAFETY: the mask is a valid sigset_t owned by `action`; the handler is async-signal-safe
+        // and the previous action is not asked for.
+        let status = unsafe {
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(kick_signal(), &action, std::ptr::null_mut())
+        };
+        if status == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL))
+        }
+    });
     installed.map_err(std::io::Error::from_raw_os_error)
 }
 
@@ -127,7 +144,8 @@ impl Ticker {
             return Err(std::io::Error::last_os_error());
         }
         let ticker = Self(timer);
-        let interval = libc::timespec { tv_sec: period.as_secs() as libc::time_t, tv_nsec: period.subsec_nanos().into() };
+        let interval =
+            libc::timespec { tv_sec: period.as_secs() as libc::time_t, tv_nsec: period.subsec_nanos().into() };
         let spec = libc::itimerspec { it_interval: interval, it_value: interval };
         // SAFETY: the timer exists (it is deleted only on drop) and `spec` is valid.
         if unsafe { libc::timer_settime(ticker.0, 0, &spec, std::ptr::null_mut()) } != 0 {
@@ -204,7 +222,8 @@ impl RunControl {
         match timeout {
             None => *self.finished.wait_while(running, busy).unwrap_or_else(|p| p.into_inner()) == 0,
             Some(timeout) => {
-                let (running, _) = self.finished.wait_timeout_while(running, timeout, busy).unwrap_or_else(|p| p.into_inner());
+                let (running, _) =
+                    self.finished.wait_timeout_while(running, timeout, busy).unwrap_or_else(|p| p.into_inner());
                 *running == 0
             }
         }

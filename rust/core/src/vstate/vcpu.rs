@@ -1,4 +1,6 @@
-use kvm_bindings::{kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 
 use crate::arch::x86_64::cpuid::{self, CpuidEdit};
@@ -109,7 +111,8 @@ impl Vcpu {
 
     /// Writes MSRs, failing on the first one KVM refuses.
     pub fn set_msrs(&self, values: &[(u32, u64)]) -> Result<()> {
-        let entries: Vec<_> = values.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let entries: Vec<_> =
+            values.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
         let msrs = Msrs::from_entries(&entries).map_err(|_| too_many_msrs(values.len()))?;
         let written = self.fd.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
         match values.get(written) {
@@ -126,8 +129,12 @@ impl Vcpu {
 
     /// Replaces the CPUID the vCPU reports (KVM accepts this only before the vCPU first runs).
     pub fn set_cpuid(&self, entries: &[kvm_cpuid_entry2]) -> Result<()> {
-        let cpuid = CpuId::from_entries(entries)
-            .map_err(|_| Error::InvalidConfig(format!("{} CPUID entries are more than KVM takes ({KVM_MAX_CPUID_ENTRIES})", entries.len())))?;
+        let cpuid = CpuId::from_entries(entries).map_err(|_| {
+            Error::InvalidConfig(format!(
+                "{} CPUID entries are more than KVM takes ({KVM_MAX_CPUID_ENTRIES})",
+                entries.len()
+            ))
+        })?;
         self.fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))
     }
 
@@ -176,7 +183,16 @@ mod tests {
     fn legacy_area_has_the_fxsave_layout() {
         let mut xsave = kvm_xsave::default();
         xsave.region[200] = 0xdead_beef;
-        let mut fpu = kvm_fpu { fcw: 0x37f, fsw: 0x1234, ftwx: 0x81, last_opcode: 0x7ff, last_ip: 0x1122_3344_5566_7788, last_dp: 0x99, mxcsr: 0x1f80, ..Default::default() };
+        let mut fpu = kvm_fpu {
+            fcw: 0x37f,
+            fsw: 0x1234,
+            ftwx: 0x81,
+            last_opcode: 0x7ff,
+            last_ip: 0x1122_3344_5566_7788,
+            last_dp: 0x99,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
         fpu.fpr[7] = [0xaa; 16];
         fpu.xmm[15] = [0xbb; 16];
         write_legacy_area(&mut xsave, &fpu);

@@ -63,9 +63,8 @@ pub struct CpuidEdit {
 impl CpuidEdit {
     /// Applies the edit to every matching entry.
     pub fn apply(&self, entries: &mut [kvm_cpuid_entry2]) {
-        let matching = entries
-            .iter_mut()
-            .filter(|e| e.function == self.leaf && self.subleaf.is_none_or(|s| s == e.index));
+        let matching =
+            entries.iter_mut().filter(|e| e.function == self.leaf && self.subleaf.is_none_or(|s| s == e.index));
         for entry in matching {
             let register = match self.register {
                 CpuidRegister::Eax => &mut entry.eax,
@@ -121,7 +120,15 @@ mod tests {
     use super::*;
 
     fn leaf(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, eax: 0xffff_ffff, ebx: 0xffff_ffff, ecx: 0xffff_ffff, edx: 0xffff_ffff, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: 0xffff_ffff,
+            ebx: 0xffff_ffff,
+            ecx: 0xffff_ffff,
+            edx: 0xffff_ffff,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -80,7 +80,13 @@ impl CpuMode {
     /// Rewrites `sregs` and `regs` so the vCPU starts at `entry` in this mode. Registers the
     /// mode does not concern (general registers other than RIP, RSP and RFLAGS, CR2, APIC base)
     /// keep their values.
-    pub fn enter(self, entry: u64, stack: Option<u64>, sregs: &mut kvm_sregs, regs: &mut kvm_regs) -> Result<(), ModeError> {
+    pub fn enter(
+        self,
+        entry: u64,
+        stack: Option<u64>,
+        sregs: &mut kvm_sregs,
+        regs: &mut kvm_regs,
+    ) -> Result<(), ModeError> {
         match self {
             Self::Real => enter_real(entry, sregs, regs)?,
             Self::Protected | Self::Long => {

@@ -1,4 +1,4 @@
-use super::layout::{IDENTITY_MAPPED_GIB, PD_ADDR, PDPT_ADDR, PML4_ADDR};
+use super::layout::{IDENTITY_MAPPED_GIB, PDPT_ADDR, PD_ADDR, PML4_ADDR};
 
 const PRESENT_WRITABLE: u64 = 0x3;
 const HUGE_PAGE: u64 = 0x80;
