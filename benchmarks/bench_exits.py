@@ -107,7 +107,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer exits and rounds (a smoke run)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "exits.json")
     args = parser.parse_args()
-    iterations, rounds, churn = (8192, 2, 200) if args.quick else (65536, 5, 1000)
+    iterations, rounds, churn = (8192, 2, 200) if args.quick else (65536, 9, 1000)
 
     def null_on(space: str) -> Callable[[kvmkit.VM], None]:
         def attach(vm: kvmkit.VM) -> None:

@@ -127,14 +127,15 @@ def test_wait_timeout_keeps_the_vm_running(boot):
     assert not vm.running
 
 
-def test_stop_from_a_handler(boot):
+@pytest.mark.parametrize("verb", ["stop", "close"])
+def test_stop_from_a_handler(boot, verb):
     vm = boot("pio_read_loop", "protected", regs={"rdx": PORT})
     calls = []
 
     def read(port, size):
         calls.append((port, size))
         if len(calls) == 3:
-            vm.stop()
+            getattr(vm, verb)()
         return len(calls)
 
     vm.hook_io(PORT, size=4, read=read)
@@ -142,6 +143,7 @@ def test_stop_from_a_handler(boot):
     exit = vm.run(timeout=HANG_GUARD)
 
     assert exit.reason == ExitReason.STOPPED
+    assert vm.closed == (verb == "close")
     assert calls[:3] == [(PORT, 4)] * 3
     assert len(calls) <= 4  # the guest reads forever: the run ended because of stop()
 

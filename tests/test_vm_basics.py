@@ -2,6 +2,7 @@
 
 import pytest
 from kvmkit import CpuidEdit
+from kvmkit.errors import GuestMemoryError
 
 pytestmark = pytest.mark.kvm
 
@@ -50,6 +51,16 @@ def test_memory_sizes(make_vm, memory, size):
     assert regions(vm) == [(0, size)]
     vm.mem_write(size - 4, b"\x01\x02\x03\x04")
     assert vm.mem_read(size - 4, 4) == b"\x01\x02\x03\x04"
+
+
+def test_memory_beyond_the_mmio_gap_moves_above_4g(make_vm):
+    vm = make_vm(memory="4G")
+
+    assert regions(vm) == [(0, 0xD000_0000), (1 << 32, (4 << 30) - 0xD000_0000)]
+    vm.mem_write((1 << 32) + 8, b"high")
+    assert vm.mem_read((1 << 32) + 8, 4) == b"high"
+    with pytest.raises(GuestMemoryError):
+        vm.mem_read(0xD000_0000, 1)
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 4])

@@ -3,11 +3,12 @@
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["GuestMemoryView", "NullDevice", "Scratchpad", "Vm", "__version__", "parse_size"]
+__all__ = ["GuestMemoryView", "NullDevice", "Scratchpad", "Vm", "__version__", "parse_size", "ram_regions"]
 
 __version__: str
 
 def parse_size(text: str) -> int: ...
+def ram_regions(size: int) -> list[tuple[int, int]]: ...
 
 @final
 class NullDevice:

@@ -42,17 +42,18 @@ def parse_size(size: Size) -> int:
 
 def _memory_layout(memory: Size | Sequence[tuple[int, Size]]) -> list[tuple[int, int]]:
     if isinstance(memory, (int, str)):
-        return [(0, parse_size(memory))]
+        return _core.ram_regions(parse_size(memory))
     return [(int(addr), parse_size(size)) for addr, size in memory]
 
 
 class VM:
     """A KVM virtual machine.
 
-    ``memory`` is a size for one region at guest address 0, or a list of ``(guest_addr, size)``
-    regions. ``unhandled_io`` decides what happens to I/O that reaches no handler: ``"ignore"``
-    (reads return all ones, writes are dropped, both counted in :attr:`stats`) or ``"stop"``
-    (the run ends with ``ExitReason.UNHANDLED_IO``).
+    ``memory`` is a size, laid out from guest address 0 up to the MMIO gap at 0xD000_0000 and
+    from 4 GiB on beyond that, or an explicit list of ``(guest_addr, size)`` regions.
+    ``unhandled_io`` decides what happens to I/O that reaches no handler: ``"ignore"`` (reads
+    return all ones, writes are dropped, both counted in :attr:`stats`) or ``"stop"`` (the run
+    ends with ``ExitReason.UNHANDLED_IO``).
 
     Use it as a context manager, or call :meth:`close`, to free its file descriptors and memory.
     """
@@ -86,7 +87,8 @@ class VM:
         return f"<kvmkit.VM {len(self.vcpus)} vCPU(s), {state}>"
 
     def close(self) -> None:
-        """Stops the VM if it runs and frees it. Further calls raise ``VmStateError``."""
+        """Stops the VM if it runs and frees it. Further calls raise ``VmStateError``; closing
+        again does nothing."""
         self._core.close()
 
     @property

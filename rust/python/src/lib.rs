@@ -17,12 +17,19 @@ fn parse_size(text: &str) -> PyResult<u64> {
     kvmkit_core::size::parse_size(text).map_err(kvmkit_core::Error::from).py()
 }
 
+/// The RAM regions of a guest with `size` bytes: below the MMIO gap, then from 4 GiB on.
+#[pyfunction]
+fn ram_regions(size: u64) -> Vec<(u64, u64)> {
+    kvmkit_core::arch::x86_64::layout::ram_regions(size)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust log records go to Python's `logging`, under the `kvmkit` logger names.
     let _ = pyo3_log::try_init();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(ram_regions, m)?)?;
     m.add_class::<vm::Vm>()?;
     m.add_class::<devices::NullDevice>()?;
     m.add_class::<devices::Scratchpad>()?;

@@ -140,6 +140,10 @@ impl Vm {
     /// memory until they go).
     fn close(&self, py: Python<'_>) {
         let machine = self.lock().take();
+        // A run in progress (perhaps the one calling this from a handler) holds the machine too.
+        if let Some(machine) = &machine {
+            machine.stop(ExitReason::Stopped);
+        }
         release(py, machine);
     }
 

@@ -16,8 +16,38 @@ pub const IDENTITY_MAPPED_GIB: u64 = 4;
 /// First address after the page tables.
 pub const PAGE_TABLES_END: u64 = PD_ADDR + IDENTITY_MAPPED_GIB * 0x1000;
 
+/// Start of the hole below 4 GiB kept free of RAM for MMIO devices (and KVM's private pages).
+pub const MMIO_GAP_START: u64 = 0xd000_0000;
+/// End of that hole: RAM beyond what fits below the gap continues here.
+pub const MMIO_GAP_END: u64 = 1 << 32;
+
+// KVM's private pages must sit in the gap, away from RAM.
+const _: () = assert!(KVM_IDENTITY_MAP_ADDR >= MMIO_GAP_START && KVM_TSS_ADDR + 3 * 4096 <= MMIO_GAP_END);
+
+/// The RAM regions, as `(guest address, size)`, of a guest with `size` bytes of memory: from 0 up
+/// to the MMIO gap, and the rest from 4 GiB on.
+pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(0, size)]
+    } else {
+        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]
+    }
+}
+
 /// Three pages KVM needs for the TSS on Intel hosts (real-mode emulation), placed just below the
 /// identity-map page and far above where small guests keep memory.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// One page KVM needs for the identity map of real-mode guests on Intel hosts.
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_skips_the_mmio_gap() {
+        assert_eq!(ram_regions(64 << 20), [(0, 64 << 20)]);
+        assert_eq!(ram_regions(MMIO_GAP_START), [(0, MMIO_GAP_START)]);
+        assert_eq!(ram_regions(8 << 30), [(0, MMIO_GAP_START), (1 << 32, (8 << 30) - MMIO_GAP_START)]);
+    }
+}
