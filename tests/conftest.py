@@ -1,6 +1,7 @@
 """Shared fixtures for the kvmkit test suite.
 
-* ``assemble(name)`` turns ``tests/guests/<name>.S`` into a flat binary (GNU as + objcopy).
+* ``assemble(name, bits=32)`` turns ``tests/guests/<name>.S`` into a flat binary (GNU as +
+  objcopy); a guest that includes ``bits.inc`` is assembled for the given mode.
 * Tests marked ``kvm`` are skipped with the exact reason ``"no /dev/kvm"`` when /dev/kvm
   does not exist; the ``make_vm``/``boot`` fixtures apply the same gate.
 * ``--strict-skips`` makes the session fail when any test was skipped for another reason
@@ -30,6 +31,7 @@ GUEST_DIR = Path(__file__).parent / "guests"
 KVM_DEVICE = "/dev/kvm"
 KVM_SKIP_REASON = "no /dev/kvm"
 LOAD_ADDR = 0x1000  # every guest is loaded and entered here
+MODE_BITS = {"real": 16, "protected": 32, "long": 64}
 HANG_GUARD = 10.0  # generous bound for runs that should end by themselves
 DEFAULT_WATCHDOG = 120.0  # seconds one test may take before the whole run is aborted
 
@@ -154,15 +156,15 @@ class StrictSkips:
 
 @pytest.fixture(scope="session")
 def assemble(tmp_path_factory):
-    """assemble(name) -> bytes: flat binary of tests/guests/<name>.S (cached per session)."""
+    """assemble(name, bits=32) -> bytes: flat binary of tests/guests/<name>.S (cached per session)."""
     tools = {tool: shutil.which(tool) for tool in ("as", "objcopy")}
     missing = [tool for tool, path in tools.items() if path is None]
     outdir = tmp_path_factory.mktemp("guests")
-    cache: dict[str, bytes] = {}
+    cache: dict[tuple[str, int], bytes] = {}
 
-    def _assemble(name: str) -> bytes:
-        if name in cache:
-            return cache[name]
+    def _assemble(name: str, bits: int = 32) -> bytes:
+        if (name, bits) in cache:
+            return cache[name, bits]
         if missing:
             raise RuntimeError(
                 f"cannot assemble guest {name!r}: {', '.join(missing)} not found on PATH; "
@@ -171,11 +173,11 @@ def assemble(tmp_path_factory):
         src = GUEST_DIR / f"{name}.S"
         if not src.is_file():
             raise FileNotFoundError(f"no guest source {src}")
-        obj, binary = outdir / f"{name}.o", outdir / f"{name}.bin"
-        # `.code16` / `.code32` inside the source select the instruction encoding; --64 only
-        # chooses the ELF container, which objcopy strips.
+        obj, binary = outdir / f"{name}-{bits}.o", outdir / f"{name}-{bits}.bin"
+        # `.code16` / `.code32` in the source (directly or through bits.inc) select the
+        # instruction encoding; --64 only chooses the ELF container, which objcopy strips.
         for cmd in (
-            [tools["as"], "--64", "-o", str(obj), str(src)],
+            [tools["as"], "--64", f"--defsym=BITS={bits}", "-I", str(GUEST_DIR), "-o", str(obj), str(src)],
             [tools["objcopy"], "-O", "binary", "-j", ".text", str(obj), str(binary)],
         ):
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -184,7 +186,7 @@ def assemble(tmp_path_factory):
         code = binary.read_bytes()
         if not code:
             raise RuntimeError(f"guest {name!r} assembled to an empty binary")
-        cache[name] = code
+        cache[name, bits] = code
         return code
 
     return _assemble
@@ -228,7 +230,7 @@ def boot(make_vm, assemble):
 
     def _boot(guest, mode, *, cpus=1, regs=None, **vm_kwargs):
         vm = make_vm(cpus=cpus, **vm_kwargs)
-        vm.mem_write(LOAD_ADDR, assemble(guest))
+        vm.mem_write(LOAD_ADDR, assemble(guest, MODE_BITS[mode]))
         for cpu in vm.vcpus:
             cpu.setup(mode, entry=LOAD_ADDR)
             for name, value in (regs or {}).items():

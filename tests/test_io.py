@@ -18,7 +18,7 @@ READ_VALUES = {1: 0xA5, 2: 0xBEEF, 4: 0xDEAD_BEEF, 8: 0x1122_3344_5566_7788}
 SENTINEL = 0x5A5A_5A5A  # preloaded into result registers so that a 0 result means something
 
 MODES = ["real", "protected", "long"]
-PIO_GUEST = {"real": "pio_real", "protected": "pio_prot", "long": "pio_long"}
+PIO_GUEST = "pio"
 PIO_RESULT_REG = {1: "rbx", 2: "rcx", 4: "rsi"}
 
 MMIO_GUEST = {"real": "mmio_real", "protected": "mmio_prot", "long": "mmio_long"}
@@ -45,7 +45,7 @@ def reg(cpu, name, mode):
 
 def boot_pio(boot, mode, **vm_kwargs):
     sentinels = {r: SENTINEL for r in PIO_RESULT_REG.values()}
-    return boot(PIO_GUEST[mode], mode, regs={"rdx": PORT, "rax": OUT_VALUE, **sentinels}, **vm_kwargs)
+    return boot(PIO_GUEST, mode, regs={"rdx": PORT, "rax": OUT_VALUE, **sentinels}, **vm_kwargs)
 
 
 def boot_mmio(boot, mode, **vm_kwargs):
@@ -178,7 +178,7 @@ def test_unhandled_mmio_ignore_reads_all_ones(boot, run_halt):
 MMIO_STOP_BASE = MMIO_LAYOUT["protected"][1]
 STOP_CASES = {
     # guest, registers, expected details (address, size, write) of the first access
-    "pio-write": ("pio_prot", {"rdx": PORT}, (PORT, 1, True)),
+    "pio-write": ("pio", {"rdx": PORT}, (PORT, 1, True)),
     "pio-read": ("pio_read_loop", {"rdx": PORT}, (PORT, 4, False)),
     "mmio-write": ("mmio_prot", {"rbx": MMIO_STOP_BASE}, (MMIO_STOP_BASE, 1, True)),
 }
@@ -203,7 +203,7 @@ def test_unhandled_stop_ends_the_run(boot, case):
 def test_unhooked_range_is_unhandled_again(boot, io_log, kind):
     log = io_log(READ_VALUES)
     if kind == "io":
-        vm = boot("pio_prot", "protected", unhandled_io="stop", regs={"rdx": PORT})
+        vm = boot("pio", "protected", unhandled_io="stop", regs={"rdx": PORT})
         vm.hook_io(PORT, size=4, read=log.read, write=log.write)
         vm.unhook_io(PORT)
         address = PORT

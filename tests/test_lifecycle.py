@@ -191,8 +191,8 @@ def test_ctrl_c_stops_the_vm(boot, how, cpus):
 @pytest.mark.parametrize("how", ["run", "start-wait"])
 @pytest.mark.parametrize("side", ["read", "write"])
 def test_handler_exception_propagates(boot, assemble, side, how):
-    code = assemble("pio_prot")
-    vm = boot("pio_prot", "protected", regs={"rdx": PORT})
+    code = assemble("pio")
+    vm = boot("pio", "protected", regs={"rdx": PORT})
     raised = []
 
     def boom(*args):

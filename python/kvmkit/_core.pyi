@@ -3,31 +3,41 @@
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["GuestMemoryView", "NullDevice", "Scratchpad", "Vm", "__version__", "parse_size", "ram_regions"]
+from typing_extensions import disjoint_base
+
+__all__ = [
+    "Device",
+    "GuestMemoryView",
+    "NullDevice",
+    "Scratchpad",
+    "Vm",
+    "__version__",
+    "parse_size",
+    "ram_regions",
+]
 
 __version__: str
 
 def parse_size(text: str) -> int: ...
 def ram_regions(size: int) -> list[tuple[int, int]]: ...
 
-@final
-class NullDevice:
-    def __new__(cls) -> NullDevice: ...
+@disjoint_base
+class Device:
     @property
     def reads(self) -> int: ...
     @property
     def writes(self) -> int: ...
 
 @final
-class Scratchpad:
+class NullDevice(Device):
+    def __new__(cls) -> NullDevice: ...
+
+@final
+class Scratchpad(Device):
     def __new__(cls, size: int) -> Scratchpad: ...
     @property
     def data(self) -> bytes: ...
     def fill(self, offset: int, data: bytes) -> None: ...
-    @property
-    def reads(self) -> int: ...
-    @property
-    def writes(self) -> int: ...
 
 @final
 class GuestMemoryView:
@@ -75,7 +85,7 @@ class Vm:
         read: Callable[[int, int], int | bytes] | None = None,
         write: Callable[[int, bytes], object] | None = None,
     ) -> None: ...
-    def add_device(self, space: str, base: int, size: int, device: NullDevice | Scratchpad) -> None: ...
+    def add_device(self, space: str, base: int, size: int, device: Device) -> None: ...
     def remove(self, space: str, base: int) -> None: ...
     def start(self) -> None: ...
     def wait(self, timeout: float | None = None) -> dict[str, Any] | None: ...

@@ -5,11 +5,7 @@ Map them with :meth:`kvmkit.VM.add_io_device` or :meth:`kvmkit.VM.add_mmio_devic
 
 from __future__ import annotations
 
-from typing import Union
-
+from kvmkit._core import Device, Scratchpad
 from kvmkit._core import NullDevice as Null
-from kvmkit._core import Scratchpad
-
-Device = Union[Null, Scratchpad]
 
 __all__ = ["Device", "Null", "Scratchpad"]

@@ -2,47 +2,55 @@
 
 use std::sync::Arc;
 
-use kvmkit_core::devices;
+use kvmkit_core::devices::{self, CountedDevice};
 use kvmkit_core::BusDevice;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::error::config_error;
 
-/// Reads as zero, drops writes, counts both.
-#[pyclass(frozen, module = "kvmkit._core")]
-pub struct NullDevice(Arc<devices::NullDevice>);
+/// A Rust device that can be mapped on a bus; counts its accesses.
+#[pyclass(frozen, subclass, module = "kvmkit._core")]
+pub struct Device(Arc<dyn CountedDevice>);
 
 #[pymethods]
-impl NullDevice {
-    #[new]
-    fn new() -> Self {
-        Self(Arc::default())
-    }
-
+impl Device {
     #[getter]
     fn reads(&self) -> u64 {
-        self.0.counters.reads()
+        self.0.counters().reads()
     }
 
     #[getter]
     fn writes(&self) -> u64 {
-        self.0.counters.writes()
+        self.0.counters().writes()
+    }
+}
+
+/// Reads as zero, drops writes.
+#[pyclass(frozen, extends = Device, module = "kvmkit._core")]
+pub struct NullDevice;
+
+#[pymethods]
+impl NullDevice {
+    #[new]
+    fn new() -> PyClassInitializer<Self> {
+        PyClassInitializer::from(Device(Arc::new(devices::NullDevice::default()))).add_subclass(Self)
     }
 }
 
 /// Byte registers that read back what was written.
-#[pyclass(frozen, module = "kvmkit._core")]
+#[pyclass(frozen, extends = Device, module = "kvmkit._core")]
 pub struct Scratchpad(Arc<devices::Scratchpad>);
 
 #[pymethods]
 impl Scratchpad {
     #[new]
-    fn new(size: usize) -> PyResult<Self> {
+    fn new(size: usize) -> PyResult<PyClassInitializer<Self>> {
         if size == 0 {
             return Err(config_error("a scratchpad needs at least one byte"));
         }
-        Ok(Self(Arc::new(devices::Scratchpad::new(size))))
+        let pad = Arc::new(devices::Scratchpad::new(size));
+        Ok(PyClassInitializer::from(Device(pad.clone())).add_subclass(Self(pad)))
     }
 
     #[getter]
@@ -53,28 +61,15 @@ impl Scratchpad {
     fn fill(&self, offset: usize, data: Vec<u8>) -> PyResult<()> {
         self.0.fill(offset, &data).map_err(|e| config_error(e.0))
     }
-
-    #[getter]
-    fn reads(&self) -> u64 {
-        self.0.counters.reads()
-    }
-
-    #[getter]
-    fn writes(&self) -> u64 {
-        self.0.counters.writes()
-    }
 }
 
 /// The bus device behind a Python device object.
 pub fn bus_device(device: &Bound<'_, PyAny>) -> PyResult<Arc<dyn BusDevice>> {
-    if let Ok(null) = device.cast::<NullDevice>() {
-        return Ok(null.get().0.clone());
+    match device.cast::<Device>() {
+        Ok(device) => Ok(device.get().0.clone()),
+        Err(_) => Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "expected a device from kvmkit.devices, got {}",
+            device.get_type().name()?
+        ))),
     }
-    if let Ok(pad) = device.cast::<Scratchpad>() {
-        return Ok(pad.get().0.clone());
-    }
-    Err(pyo3::exceptions::PyTypeError::new_err(format!(
-        "expected a kvmkit device (NullDevice or Scratchpad), got {}",
-        device.get_type().name()?
-    )))
 }

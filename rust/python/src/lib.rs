@@ -31,6 +31,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(ram_regions, m)?)?;
     m.add_class::<vm::Vm>()?;
+    m.add_class::<devices::Device>()?;
     m.add_class::<devices::NullDevice>()?;
     m.add_class::<devices::Scratchpad>()?;
     m.add_class::<memory_view::GuestMemoryView>()?;

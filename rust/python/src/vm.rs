@@ -55,6 +55,21 @@ impl Vm {
         self.machine()?.with_vcpu(index, f).py()
     }
 
+    /// Reads a piece of vCPU state, changes the fields named in `changes`, and writes it back.
+    /// The dict is read outside the VM's lock, since reading it may run Python code.
+    fn update<T>(
+        &self,
+        vcpu: usize,
+        changes: &Bound<'_, PyDict>,
+        get: impl FnOnce(&Vcpu) -> kvmkit_core::Result<T>,
+        change: impl FnOnce(&mut T, &Bound<'_, PyDict>) -> PyResult<()>,
+        set: impl FnOnce(&Vcpu, &T) -> kvmkit_core::Result<()>,
+    ) -> PyResult<()> {
+        let mut value = self.with_vcpu(vcpu, get)?;
+        change(&mut value, changes)?;
+        self.with_vcpu(vcpu, |v| set(v, &value))
+    }
+
     /// The exit as a dict, or the exception a handler raised during the run.
     fn report(&self, py: Python<'_>, exit: &Exit) -> PyResult<Py<PyAny>> {
         if let Some(error) = self.handler_errors.take() {
@@ -183,9 +198,7 @@ impl Vm {
     }
 
     fn set_regs(&self, vcpu: usize, regs: &Bound<'_, PyDict>) -> PyResult<()> {
-        let mut value = self.with_vcpu(vcpu, Vcpu::regs)?;
-        convert::update_regs(&mut value, regs)?;
-        self.with_vcpu(vcpu, |v| v.set_regs(&value))
+        self.update(vcpu, regs, Vcpu::regs, convert::update_regs, Vcpu::set_regs)
     }
 
     fn get_sregs<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
@@ -193,9 +206,7 @@ impl Vm {
     }
 
     fn set_sregs(&self, vcpu: usize, sregs: &Bound<'_, PyDict>) -> PyResult<()> {
-        let mut value = self.with_vcpu(vcpu, Vcpu::sregs)?;
-        convert::update_sregs(&mut value, sregs)?;
-        self.with_vcpu(vcpu, |v| v.set_sregs(&value))
+        self.update(vcpu, sregs, Vcpu::sregs, convert::update_sregs, Vcpu::set_sregs)
     }
 
     fn get_fpu<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
@@ -203,9 +214,7 @@ impl Vm {
     }
 
     fn set_fpu(&self, vcpu: usize, fpu: &Bound<'_, PyDict>) -> PyResult<()> {
-        let mut value = self.with_vcpu(vcpu, Vcpu::fpu)?;
-        convert::update_fpu(&mut value, fpu)?;
-        self.with_vcpu(vcpu, |v| v.set_fpu(&value))
+        self.update(vcpu, fpu, Vcpu::fpu, convert::update_fpu, Vcpu::set_fpu)
     }
 
     fn get_msrs(&self, vcpu: usize, indices: Vec<u32>) -> PyResult<Vec<(u32, u64)>> {

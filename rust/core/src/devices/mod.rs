@@ -8,6 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use null::NullDevice;
 pub use scratchpad::Scratchpad;
 
+use crate::bus::BusDevice;
+
+/// A bus device that counts the accesses it serves.
+pub trait CountedDevice: BusDevice {
+    /// Its counters.
+    fn counters(&self) -> &AccessCounters;
+}
+
 /// How often a device was read and written.
 #[derive(Debug, Default)]
 pub struct AccessCounters {

@@ -1,7 +1,7 @@
 //! A device that reads as zero and drops writes: the cheapest thing an exit can reach.
 
 use crate::bus::{BusDevice, DeviceError};
-use crate::devices::AccessCounters;
+use crate::devices::{AccessCounters, CountedDevice};
 
 /// Reads return zeros, writes are dropped; both are counted.
 #[derive(Debug, Default)]
@@ -20,6 +20,12 @@ impl BusDevice for NullDevice {
     fn write(&self, _base: u64, _offset: u64, _data: &[u8]) -> Result<(), DeviceError> {
         self.counters.count_write();
         Ok(())
+    }
+}
+
+impl CountedDevice for NullDevice {
+    fn counters(&self) -> &AccessCounters {
+        &self.counters
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use crate::bus::{BusDevice, DeviceError};
-use crate::devices::AccessCounters;
+use crate::devices::{AccessCounters, CountedDevice};
 
 /// `size` bytes of register space, zero at start.
 #[derive(Debug)]
@@ -57,6 +57,12 @@ impl BusDevice for Scratchpad {
         self.counters.count_write();
         window(&mut self.lock(), offset, data.len())?.copy_from_slice(data);
         Ok(())
+    }
+}
+
+impl CountedDevice for Scratchpad {
+    fn counters(&self) -> &AccessCounters {
+        &self.counters
     }
 }
 
