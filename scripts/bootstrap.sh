@@ -7,10 +7,12 @@ cd "$(dirname "$0")/.."
 say() { printf '\033[1m[kvmkit]\033[0m %s\n' "$*"; }
 
 # Debian packages: an assembler and objcopy for the test guests, a C compiler for the
-# benchmark baseline, and venv support for the system Python.
+# benchmark baseline, cpio to read initramfs archives back in tests, and venv support for
+# the system Python.
 missing=()
 command -v as >/dev/null && command -v objcopy >/dev/null || missing+=(binutils)
 command -v cc >/dev/null || missing+=(gcc)
+command -v cpio >/dev/null || missing+=(cpio)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if ((${#missing[@]})); then
@@ -28,10 +30,10 @@ if [ ! -x .venv/bin/python ]; then
     say "creating .venv"
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import maturin, pytest, ruff, mypy' 2>/dev/null; then
+if ! .venv/bin/python -c 'import maturin, pytest, ruff, mypy, lz4, zstandard' 2>/dev/null; then
     say "installing build and test tools into .venv"
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q "maturin>=1.5,<2" "pytest>=7" "ruff>=0.4" "mypy>=1.8"
+    .venv/bin/pip install -q "maturin>=1.5,<2" "pytest>=7" "ruff>=0.4" "mypy>=1.8" "lz4>=4" "zstandard>=0.22"
 fi
 
 say "building kvmkit (release)"

@@ -62,6 +62,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "watchdog(seconds): let this test run longer than the default")
     config.addinivalue_line(
         "markers", f"kvm: needs {KVM_DEVICE}; skipped with reason '{KVM_SKIP_REASON}' when it is absent"
     )
@@ -79,6 +80,9 @@ def pytest_runtest_protocol(item, nextitem):
     # A kvmkit bug that leaves a vCPU unstoppable would hang the run until CI's own limit;
     # the watchdog turns that into a prompt failure that shows where every thread was stuck.
     seconds = item.config.getoption("--hang-watchdog")
+    longer = item.get_closest_marker("watchdog")
+    if seconds > 0 and longer is not None:
+        seconds = max(seconds, float(longer.args[0]))
     if seconds > 0:
         faulthandler.dump_traceback_later(seconds, exit=True, file=_real_stderr_fd(item.config))
     try:

@@ -14,12 +14,14 @@ Rust devices, and run it at KVM speed::
 
 from kvmkit import devices, errors
 from kvmkit._core import __version__
+from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, CpuidEntry, CpuMode, DescriptorTable, Fpu, Regs, Segment, SRegs, Vcpu
 from kvmkit.exits import Exit, ExitReason
 from kvmkit.vm import VM, parse_size
 
 __all__ = [
     "VM",
+    "Console",
     "CpuMode",
     "CpuidEdit",
     "CpuidEntry",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +26,38 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result.exit.reason is ExitReason.HLT else 1
 
 
+# What `kvmkit run` exits with, by how the guest ended.
+_RUN_STATUS = {ExitReason.POWEROFF: 0, ExitReason.RESET: 0, ExitReason.STOPPED: 0, ExitReason.HLT: 0}
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kvmkit.terminal import HELP, InputPump, raw_terminal, stdin_fd
+
+    kernel, initrd, cmdline = args.kernel, args.initrd, args.cmdline
+    if kernel is None:
+        from kvmkit.images import default_guest
+
+        guest = default_guest()
+        kernel, initrd = guest.vmlinux, initrd or guest.initrd
+        cmdline = cmdline or guest.cmdline
+    vm = kvmkit.VM(memory=args.memory, cpus=args.cpus, irqchip=True, pit=True)
+    with vm:
+        console = vm.boot_linux(kernel, initrd=initrd, cmdline=cmdline or kvmkit.vm.DEFAULT_CMDLINE)
+        if args.console_log:
+            console.log_to(args.console_log)
+        console.log_to("/dev/stdout")
+        fd = stdin_fd()
+        with raw_terminal(fd), InputPump(fd, console.write, vm.stop):
+            if os.isatty(fd):
+                sys.stdout.write(HELP)
+                sys.stdout.flush()
+            exit_ = vm.run()
+    print(f"\r\n[kvmkit] guest stopped: {exit_}", file=sys.stderr)
+    if vm.boot_time is not None:
+        print(f"[kvmkit] boot time (init's boot-timer write): {vm.boot_time * 1e3:.0f} ms", file=sys.stderr)
+    return _RUN_STATUS.get(exit_.reason, 1)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmkit", description="KVM virtual machines from Python.")
     parser.add_argument("--version", action="version", version=f"kvmkit {kvmkit.__version__}")
@@ -33,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the bundled greeting guest")
     demo.add_argument("--name", default=_user(), help="the name the host tells the guest")
     demo.set_defaults(func=_demo)
+    run = commands.add_parser("run", help="boot a Linux kernel with its console on this terminal")
+    run.add_argument("--kernel", help="bzImage or vmlinux (default: the default guest's kernel)")
+    run.add_argument("--initrd", help="initramfs (default: the default guest's, with --kernel: none)")
+    run.add_argument("--cmdline", help="kernel command line")
+    run.add_argument("--memory", default="256M", help="guest memory, e.g. 256M or 1G (default 256M)")
+    run.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
+    run.add_argument("--console-log", help="also append the console output to this file")
+    run.set_defaults(func=_run)
     return parser
 
 

@@ -35,13 +35,28 @@ class VmStateError(KvmkitError):
     """The VM is in the wrong state for the call: running, not started, or closed."""
 
 
+class BootError(ConfigError):
+    """A kernel, initrd or command line cannot be booted: not a kernel, truncated, too large."""
+
+
+class ConsoleTimeout(KvmkitError, TimeoutError):
+    """The console did not show what was expected in time (or the VM stopped first)."""
+
+
 class WaitTimeout(KvmkitError, TimeoutError):
     """``VM.wait`` timed out; the VM is still running."""
 
 
+class ImageError(KvmkitError):
+    """A guest image cannot be read or built: not a bzImage, a failed download, no apt."""
+
+
 __all__ = [
+    "BootError",
     "ConfigError",
+    "ConsoleTimeout",
     "GuestMemoryError",
+    "ImageError",
     "IoRangeConflictError",
     "KvmCapabilityError",
     "KvmError",

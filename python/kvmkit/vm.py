@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal, Union
 
 from kvmkit import _core
+from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, Vcpu
 from kvmkit.devices import Device
-from kvmkit.errors import ConfigError, WaitTimeout
+from kvmkit.errors import BootError, ConfigError, VmStateError, WaitTimeout
 from kvmkit.exits import Exit
 
 if TYPE_CHECKING:
@@ -27,6 +29,21 @@ WriteHandler = Callable[[int, bytes], object]
 """``write(addr, data)`` receives the bytes the guest wrote."""
 
 _live: weakref.WeakSet[VM] = weakref.WeakSet()
+
+DEFAULT_CMDLINE = (
+    "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd"
+)
+"""A command line for a guest on kvmkit's platform: COM1 console, reset through the i8042."""
+
+
+def _read(image: str | os.PathLike[str] | bytes) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    try:
+        with open(image, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise BootError(f"cannot read {os.fspath(image)}: {error.strerror}") from error
 
 
 def parse_size(size: Size) -> int:
@@ -73,6 +90,7 @@ class VM:
         layout = _memory_layout(memory)
         self._core = _core.Vm(layout, cpus, irqchip, pit, unhandled_io, [e._to_core() for e in cpuid])
         self.vcpus: list[Vcpu] = [Vcpu(self._core, i) for i in range(cpus)]
+        self._console: Console | None = None
         _live.add(self)
         log.debug("created VM with %d vCPU(s), memory %s", cpus, [(hex(a), s) for a, s in layout])
 
@@ -150,6 +168,35 @@ class VM:
     def stats(self) -> dict[str, int]:
         """Counts of I/O exits: ``io_exits``, ``mmio_exits``, ``unhandled_io``, ``unhandled_mmio``."""
         return self._core.stats
+
+    # Linux
+
+    def boot_linux(
+        self,
+        kernel: str | os.PathLike[str] | bytes,
+        initrd: str | os.PathLike[str] | bytes | None = None,
+        cmdline: str = DEFAULT_CMDLINE,
+    ) -> Console:
+        """Loads a Linux kernel (bzImage, or ELF ``vmlinux`` entered through PVH when it has the
+        note for it) with its initrd and command line, sets up the PC platform around it (MP
+        table, COM1 console, i8042, CMOS RTC, boot timer) and points vCPU 0 at its entry. Needs
+        ``irqchip=True``. Returns the console, also at :attr:`console`; :meth:`run` or
+        :meth:`start` boots."""
+        self._core.boot_linux(_read(kernel), None if initrd is None else _read(initrd), cmdline)
+        self._console = Console(self._core)
+        return self._console
+
+    @property
+    def console(self) -> Console:
+        """The Linux guest's serial console (after :meth:`boot_linux`)."""
+        if self._console is None:
+            raise VmStateError("no Linux kernel was loaded into this VM (see boot_linux)")
+        return self._console
+
+    @property
+    def boot_time(self) -> float | None:
+        """Seconds from the first start until the guest's init wrote to the boot timer."""
+        return self._core.boot_time
 
     # Running
 

@@ -10,11 +10,18 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-/// A device failed to serve an access. The run that caused it ends with
-/// [`ExitReason::DeviceError`](crate::ExitReason::DeviceError).
+/// Why a device access ends the run.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{0}")]
-pub struct DeviceError(pub String);
+pub enum DeviceError {
+    /// The device could not serve the access; the run ends with
+    /// [`ExitReason::DeviceError`](crate::ExitReason::DeviceError).
+    #[error("{0}")]
+    Failed(String),
+    /// The access is how the guest asks for a reset (the i8042 reset command, for instance); the
+    /// run ends with [`ExitReason::Reset`](crate::ExitReason::Reset).
+    #[error("the guest asked for a reset")]
+    Reset,
+}
 
 /// Something that serves reads and writes on a bus.
 ///

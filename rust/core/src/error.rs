@@ -3,6 +3,7 @@
 use thiserror::Error;
 
 use crate::arch::x86_64::mode::ModeError;
+use crate::boot::BootError;
 use crate::bus::BusError;
 use crate::size::SizeError;
 use crate::vstate::memory::MemoryError;
@@ -60,6 +61,9 @@ pub enum Error {
     /// `wait` was called on a VM that was never started.
     #[error("the VM has not been started")]
     NotStarted,
+    /// A kernel, initrd or command line cannot be booted.
+    #[error(transparent)]
+    Boot(#[from] BootError),
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),

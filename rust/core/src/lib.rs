@@ -5,17 +5,22 @@
 //! architecture:
 //!
 //! - [`arch`]: x86-64 boot structures (layout, GDT, page tables, CPU modes, CPUID).
+//! - [`boot`]: loading a Linux kernel, its boot parameters and initramfs.
 //! - [`vstate`]: the only place that talks to KVM (system handle, VM, vCPU, exit handling).
 //! - [`bus`]: one address-range bus type for port I/O and for MMIO.
 //! - [`devices`]: devices that sit on a bus.
+//! - [`linux`]: the PC platform a Linux guest boots on.
 //! - [`machine`]: a VM assembled from a [`MachineConfig`](config::MachineConfig), with its run lifecycle.
 
 pub mod arch;
+pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod error;
 pub mod io;
+pub mod irq;
+pub mod linux;
 pub mod machine;
 pub mod size;
 pub mod vstate;

@@ -16,6 +16,7 @@ use crate::bus::{BusDevice, BusRange};
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
 use crate::io::{IoSpaces, IoStats};
+use crate::irq::IrqLine;
 use crate::vstate::exit::{AddressSpace, Exit, ExitReason};
 use crate::vstate::kvm::Kvm;
 use crate::vstate::memory::{self, GuestMemory};
@@ -34,6 +35,7 @@ pub struct Machine {
     state: Mutex<State>,
     vm: Vm,
     vcpu_count: usize,
+    irqchip: bool,
 }
 
 struct State {
@@ -43,6 +45,8 @@ struct State {
     run: Option<ActiveRun>,
     last_exit: Option<Exit>,
     thread_hook: Option<VcpuThreadHook>,
+    /// Called when the first run starts (then dropped).
+    on_first_start: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 struct ActiveRun {
@@ -79,9 +83,15 @@ impl Machine {
         let vcpus = (0..config.vcpus)
             .map(|index| Vcpu::new(vm.fd(), index, config.vcpus, kvm.supported_cpuid(), &config.cpuid_edits))
             .collect::<Result<Vec<_>>>()?;
-        let state =
-            State { vcpus, io: IoSpaces::new(config.unhandled_io), run: None, last_exit: None, thread_hook: None };
-        Ok(Self { state: Mutex::new(state), vm, vcpu_count: config.vcpus as usize })
+        let state = State {
+            vcpus,
+            io: IoSpaces::new(config.unhandled_io),
+            run: None,
+            last_exit: None,
+            thread_hook: None,
+            on_first_start: Vec::new(),
+        };
+        Ok(Self { state: Mutex::new(state), vm, vcpu_count: config.vcpus as usize, irqchip: config.irqchip })
     }
 
     /// Guest memory; usable while the VM runs.
@@ -102,6 +112,21 @@ impl Machine {
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.vcpu_count
+    }
+
+    /// Whether KVM emulates the interrupt controllers.
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+
+    /// An interrupt line into the in-kernel irqchip for `gsi`.
+    pub fn irq_line(&self, gsi: u32) -> Result<IrqLine> {
+        self.vm.irq_line(gsi)
+    }
+
+    /// Runs `f` when the first run starts (a boot timer starts counting there, for instance).
+    pub fn on_first_start(&self, f: Box<dyn FnOnce() + Send>) {
+        self.lock().on_first_start.push(f);
     }
 
     /// Runs `f` on vCPU `index`; fails while the VM runs.
@@ -212,6 +237,9 @@ impl Machine {
     fn launch(&self, keep_first: bool) -> Result<(Arc<RunControl>, Option<Vcpu>)> {
         let mut state = self.stopped_state()?;
         install_kick_handler().map_err(Error::Thread)?;
+        for first_start in std::mem::take(&mut state.on_first_start) {
+            first_start();
+        }
         let mut vcpus = std::mem::take(&mut state.vcpus);
         let control = Arc::new(RunControl::new(vcpus.iter_mut().map(Kicker::new).collect()));
         let mut vcpus = vcpus.into_iter();

@@ -59,7 +59,7 @@ impl Scratchpad {
     }
 
     fn fill(&self, offset: usize, data: Vec<u8>) -> PyResult<()> {
-        self.0.fill(offset, &data).map_err(|e| config_error(e.0))
+        self.0.fill(offset, &data).map_err(|e| config_error(e.to_string()))
     }
 }
 

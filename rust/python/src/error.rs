@@ -13,6 +13,7 @@ pyo3::import_exception!(kvmkit.errors, ConfigError);
 pyo3::import_exception!(kvmkit.errors, IoRangeConflictError);
 pyo3::import_exception!(kvmkit.errors, GuestMemoryError);
 pyo3::import_exception!(kvmkit.errors, VmStateError);
+pyo3::import_exception!(kvmkit.errors, BootError);
 
 /// The exception for a core error.
 pub fn to_py(error: Error) -> PyErr {
@@ -29,6 +30,7 @@ pub fn to_py(error: Error) -> PyErr {
         | Error::Memory(_)
         | Error::Bus(_)
         | Error::NoSuchVcpu { .. } => ConfigError::new_err(message),
+        Error::Boot(_) => BootError::new_err(message),
         Error::Running | Error::NotStarted => VmStateError::new_err(message),
         Error::Thread(_) => KvmkitError::new_err(message),
     }

@@ -41,7 +41,7 @@ impl PyHandler {
             Err(_) => "a Python handler raised".to_owned(),
         });
         self.errors.keep(error);
-        DeviceError(message)
+        DeviceError::Failed(message)
     }
 }
 

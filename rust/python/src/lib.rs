@@ -5,6 +5,7 @@ mod convert;
 mod devices;
 mod error;
 mod handler;
+mod initramfs;
 mod memory_view;
 mod vm;
 
@@ -35,5 +36,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<devices::NullDevice>()?;
     m.add_class::<devices::Scratchpad>()?;
     m.add_class::<memory_view::GuestMemoryView>()?;
+    m.add_class::<initramfs::Initramfs>()?;
     Ok(())
 }

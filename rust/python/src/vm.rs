@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_cpuid_entry2;
 use kvmkit_core::arch::x86_64::cpuid::{CpuidEdit, CpuidRegister};
 use kvmkit_core::arch::x86_64::mode::CpuMode;
+use kvmkit_core::boot::LinuxBoot;
+use kvmkit_core::linux::{self, LinuxPlatform};
 use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
 use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
@@ -32,6 +34,7 @@ type CpuidTuple = (u32, u32, u32, u32, u32, u32, u32);
 pub struct Vm {
     machine: Mutex<Option<Arc<Machine>>>,
     handler_errors: ErrorSlot,
+    linux: Mutex<Option<Arc<LinuxPlatform>>>,
 }
 
 fn space(name: &str) -> PyResult<AddressSpace> {
@@ -49,6 +52,11 @@ impl Vm {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Machine>>> {
         self.machine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn linux(&self) -> PyResult<Arc<LinuxPlatform>> {
+        let linux = self.linux.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        linux.clone().ok_or_else(|| VmStateError::new_err("no Linux kernel was loaded into this VM"))
     }
 
     fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&Vcpu) -> kvmkit_core::Result<R>) -> PyResult<R> {
@@ -148,7 +156,11 @@ impl Vm {
         };
         let machine = py.detach(|| Machine::new(&config)).py()?;
         machine.set_thread_hook(Arc::new(attach_for_life)).py()?;
-        Ok(Self { machine: Mutex::new(Some(Arc::new(machine))), handler_errors: ErrorSlot::default() })
+        Ok(Self {
+            machine: Mutex::new(Some(Arc::new(machine))),
+            handler_errors: ErrorSlot::default(),
+            linux: Mutex::new(None),
+        })
     }
 
     /// Stops the VM if it runs and frees its file descriptors and memory (memory views keep their
@@ -272,6 +284,43 @@ impl Vm {
 
     fn remove(&self, space: &str, base: u64) -> PyResult<()> {
         self.machine()?.remove_device(self::space(space)?, base).py().map(drop)
+    }
+
+    /// Loads a Linux kernel with its platform devices; the console then collects COM1's output.
+    #[pyo3(signature = (kernel, initrd, cmdline))]
+    fn boot_linux(&self, py: Python<'_>, kernel: Vec<u8>, initrd: Option<Vec<u8>>, cmdline: String) -> PyResult<()> {
+        let machine = self.machine()?;
+        let boot = LinuxBoot { kernel, initrd, cmdline };
+        let platform = py.detach(|| linux::boot_linux(&machine, &boot)).py()?;
+        *self.linux.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(platform));
+        Ok(())
+    }
+
+    /// Console output from `offset` on, waiting up to `timeout` seconds for some: `(start, bytes)`.
+    fn console_read<'py>(&self, py: Python<'py>, offset: u64, timeout: f64) -> PyResult<(u64, Bound<'py, PyBytes>)> {
+        let (linux, wait) = (self.linux()?, seconds(timeout)?);
+        let (start, bytes) = py.detach(|| linux.console.read_from(offset, wait));
+        Ok((start, PyBytes::new(py, &bytes)))
+    }
+
+    /// Sends bytes to the guest's console input.
+    fn console_write(&self, data: Vec<u8>) -> PyResult<()> {
+        self.linux()?.serial.send_input(&data);
+        Ok(())
+    }
+
+    /// Appends all further console output to the file at `path` (created if missing).
+    fn console_log(&self, path: std::path::PathBuf) -> PyResult<()> {
+        let linux = self.linux()?;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        linux.console.add_copy(Box::new(file));
+        Ok(())
+    }
+
+    /// Seconds from the first start to the guest's boot-timer write, if it has happened.
+    #[getter]
+    fn boot_time(&self) -> PyResult<Option<f64>> {
+        Ok(self.linux()?.boot_timer.boot_time().map(|t| t.as_secs_f64()))
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {

@@ -1,12 +1,21 @@
 //! Devices that sit on a [`Bus`](crate::Bus).
 
+mod boot_timer;
+mod cmos;
+pub mod console;
+mod i8042;
 mod null;
 mod scratchpad;
+mod serial;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use boot_timer::{BootTimer, BOOT_COMPLETE_SIGNAL};
+pub use cmos::{Cmos, CMOS_PORT_BASE, CMOS_PORT_SIZE};
+pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
 pub use null::NullDevice;
 pub use scratchpad::Scratchpad;
+pub use serial::{SerialPort, SERIAL_PORT_SIZE};
 
 use crate::bus::BusDevice;
 

@@ -42,7 +42,9 @@ impl Scratchpad {
 fn window(bytes: &mut [u8], offset: u64, len: usize) -> Result<&mut [u8], DeviceError> {
     let size = bytes.len();
     usize::try_from(offset).ok().and_then(|start| bytes.get_mut(start..start.checked_add(len)?)).ok_or_else(|| {
-        DeviceError(format!("access of {len} bytes at offset {offset:#x} is outside the {size}-byte scratchpad"))
+        DeviceError::Failed(format!(
+            "access of {len} bytes at offset {offset:#x} is outside the {size}-byte scratchpad"
+        ))
     })
 }
 

@@ -204,9 +204,10 @@ pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, io: &dyn IoHandler)
     let served = |result: Result<(), IoError>, space, addr, size, write| match result {
         Ok(()) => ExitAction::Continue,
         Err(IoError::Unhandled) => ExitAction::Stop(ExitReason::UnhandledIo { space, addr, size, write }),
-        Err(IoError::Device(DeviceError(message))) => {
+        Err(IoError::Device(DeviceError::Failed(message))) => {
             ExitAction::Stop(ExitReason::DeviceError { space, addr, message })
         }
+        Err(IoError::Device(DeviceError::Reset)) => ExitAction::Stop(ExitReason::Reset),
     };
     let exit = match exit {
         Ok(exit) => exit,
@@ -256,7 +257,8 @@ mod tests {
         fn check(&self, space: AddressSpace, addr: u64, data: &[u8]) -> Result<(), IoError> {
             self.0.borrow_mut().push((space, addr, data.to_vec()));
             match addr {
-                0x60 | 0x1000 => Err(IoError::Device(DeviceError("broken".into()))),
+                0x60 | 0x1000 => Err(IoError::Device(DeviceError::Failed("broken".into()))),
+                0x64 => Err(IoError::Device(DeviceError::Reset)),
                 0xdead => Err(IoError::Unhandled),
                 _ => Ok(()),
             }
@@ -325,6 +327,7 @@ mod tests {
             handle_exit(Ok(VcpuExit::IoIn(0xdead, &mut [0; 4])), &io),
             ExitAction::Stop(ExitReason::UnhandledIo { space: AddressSpace::Pio, addr: 0xdead, size: 4, write: false })
         );
+        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x64, &[0xfe])), &io), ExitAction::Stop(ExitReason::Reset));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 
 use crate::arch::x86_64::cpuid::{self, CpuidEdit};
+use crate::arch::x86_64::lapic;
 use crate::error::{Error, Result};
 use crate::vstate::exit::InternalError;
 
@@ -119,6 +120,13 @@ impl Vcpu {
             Some((index, data)) => Err(Error::InvalidConfig(format!("KVM refused to set MSR {index:#x} to {data:#x}"))),
             None => Ok(()),
         }
+    }
+
+    /// Wires the local APIC's LINT0 to ExtINT and LINT1 to NMI (needs the in-kernel irqchip).
+    pub fn wire_lapic_lint_pins(&self) -> Result<()> {
+        let mut lapic = self.fd.get_lapic().map_err(Error::kvm("KVM_GET_LAPIC"))?;
+        lapic::wire_lint_pins(&mut lapic.regs);
+        self.fd.set_lapic(&lapic).map_err(Error::kvm("KVM_SET_LAPIC"))
     }
 
     /// The CPUID the vCPU reports.

@@ -3,10 +3,12 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use crate::config::MachineConfig;
 use crate::error::{Error, Result};
+use crate::irq::IrqLine;
 use crate::vstate::kvm::Kvm;
 use crate::vstate::memory::{self, GuestMemory};
 
@@ -51,6 +53,15 @@ impl Vm {
             fd.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
         }
         Ok(Self { fd, memory })
+    }
+
+    /// An interrupt line into the in-kernel irqchip for `gsi`: writing to it injects the interrupt.
+    pub fn irq_line(&self, gsi: u32) -> Result<IrqLine> {
+        let event = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+            Error::kvm("eventfd")(vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)))
+        })?;
+        self.fd.register_irqfd(&event, gsi).map_err(Error::kvm("KVM_IRQFD"))?;
+        Ok(IrqLine(event))
     }
 
     /// The VM file descriptor.

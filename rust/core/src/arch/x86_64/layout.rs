@@ -16,6 +16,25 @@ pub const IDENTITY_MAPPED_GIB: u64 = 4;
 /// First address after the page tables.
 pub const PAGE_TABLES_END: u64 = PD_ADDR + IDENTITY_MAPPED_GIB * 0x1000;
 
+/// Where the PVH `hvm_start_info` goes.
+pub const PVH_INFO_ADDR: u64 = 0x6000;
+/// Where the PVH module list (the initrd) goes.
+pub const PVH_MODULES_ADDR: u64 = 0x6040;
+/// Where the PVH memory map goes.
+pub const PVH_MEMMAP_ADDR: u64 = 0x6080;
+/// Where the Linux zero page (`boot_params`) goes.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// The boot stack grows down from here, below the page tables.
+pub const BOOT_STACK_TOP: u64 = 0x8ff0;
+/// Where the kernel command line goes.
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+/// The largest command line an x86 Linux kernel accepts, with its terminating NUL.
+pub const CMDLINE_MAX: usize = 2048;
+/// The extended BIOS data area: low RAM ends here (the MP table lives in it).
+pub const EBDA_START: u64 = 0x9_fc00;
+/// Kernels load at or above 1 MiB.
+pub const HIGH_MEMORY_START: u64 = 0x10_0000;
+
 /// Start of the hole below 4 GiB kept free of RAM for MMIO devices (and KVM's private pages).
 pub const MMIO_GAP_START: u64 = 0xd000_0000;
 /// End of that hole: RAM beyond what fits below the gap continues here.

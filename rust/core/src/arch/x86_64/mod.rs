@@ -1,12 +1,20 @@
 //! x86-64: where boot structures live, how to build them, and how to put a vCPU in a CPU mode.
 
+/// ACPI tables that tell a guest about its CPUs and I/O APIC.
+pub mod acpi;
 /// CPUID normalization per vCPU and caller edits.
 pub mod cpuid;
 /// Global descriptor table entries and the segments they describe.
 pub mod gdt;
+/// Local APIC set-up Linux expects from firmware.
+pub mod lapic;
 /// Guest-physical addresses of the structures kvmkit writes.
 pub mod layout;
 /// Real, protected and long mode: the register state that enters each.
 pub mod mode;
+/// MultiProcessor Specification tables that tell a guest without ACPI about its CPUs and I/O APIC.
+pub mod mptable;
+/// Model-specific registers a Linux guest starts with.
+pub mod msr;
 /// Identity-mapped page tables for long mode.
 pub mod paging;

@@ -1,0 +1,86 @@
+"""The serial console of a Linux guest: its output, input to it, and waiting for text."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import TYPE_CHECKING, Union
+
+from kvmkit.errors import ConsoleTimeout
+
+if TYPE_CHECKING:
+    from kvmkit._core import Vm as _CoreVm
+
+Pattern = Union[str, bytes, "re.Pattern[bytes]"]
+"""A regular expression; text patterns are matched against the UTF-8 output."""
+
+_WAIT_SLICE = 0.2  # how often a waiting expect() checks whether the VM still runs
+_TAIL = 2000  # how much output a timeout error shows
+
+
+class Console:
+    """COM1 of a Linux guest. Output is kept from the start of the VM; :meth:`read` and
+    :meth:`expect` consume it from a cursor, as pexpect does."""
+
+    def __init__(self, core: _CoreVm) -> None:
+        self._core = core
+        self._cursor = 0
+
+    @property
+    def output(self) -> bytes:
+        """Everything the guest printed (the most recent 16 MiB)."""
+        return self._core.console_read(0, 0.0)[1]
+
+    def read(self, timeout: float = 0.0) -> bytes:
+        """Output not yet read, waiting up to ``timeout`` seconds for some."""
+        start, data = self._core.console_read(self._cursor, timeout)
+        self._cursor = start + len(data)
+        return data
+
+    def write(self, data: str | bytes) -> None:
+        """Sends input to the guest, as if typed."""
+        self._core.console_write(data.encode() if isinstance(data, str) else bytes(data))
+
+    def sendline(self, line: str | bytes = "") -> None:
+        """Sends ``line`` and a newline."""
+        self.write((line.encode() if isinstance(line, str) else line) + b"\n")
+
+    def expect(self, pattern: Pattern, timeout: float = 30.0) -> re.Match[bytes]:
+        """Waits until unread output matches ``pattern`` and returns the match; the cursor moves
+        past it. Raises :class:`~kvmkit.errors.ConsoleTimeout` (with the output's tail) when
+        ``timeout`` passes or the VM stops first."""
+        regex = _compile(pattern)
+        deadline = time.monotonic() + timeout
+        start, seen = self._core.console_read(self._cursor, 0.0)
+        while True:
+            match = regex.search(seen)
+            if match is not None:
+                self._cursor = start + match.end()
+                return match
+            left = deadline - time.monotonic()
+            stopped = not self._core.running
+            if left <= 0 or (stopped and not self._has_more(start + len(seen))):
+                why = "the VM stopped" if stopped else f"{timeout} s passed"
+                raise ConsoleTimeout(
+                    f"{why} before the console showed {regex.pattern!r}; last output:\n"
+                    + seen[-_TAIL:].decode(errors="replace")
+                )
+            more_start, more = self._core.console_read(start + len(seen), min(left, _WAIT_SLICE))
+            if more_start > start + len(seen):  # old output was dropped meanwhile
+                start, seen = more_start, more
+            else:
+                seen += more
+
+    def _has_more(self, offset: int) -> bool:
+        return bool(self._core.console_read(offset, 0.0)[1])
+
+    def log_to(self, path: str | os.PathLike[str]) -> None:
+        """Appends all further output to the file at ``path``."""
+        self._core.console_log(os.fspath(path))
+
+
+def _compile(pattern: Pattern) -> re.Pattern[bytes]:
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    return re.compile(pattern.encode() if isinstance(pattern, str) else pattern)

@@ -1,0 +1,548 @@
+"""Linux guest images: the kernel inside a bzImage, and kvmkit's default guest.
+
+The default guest is built from parts any Debian machine can get with apt: the kernel that the
+``linux-image-cloud-amd64`` metapackage points to (small, and made for VMs) and ``busybox-static``.
+Its initramfs holds busybox, the kernel's virtio modules and an ``/init`` that signals kvmkit's
+boot timer, prints :data:`READY_MARKER` and runs a shell on the console. The result is cached per
+kernel package version, so only the first call downloads and builds anything.
+"""
+
+from __future__ import annotations
+
+import bz2
+import logging
+import lzma
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from kvmkit._core import Initramfs
+from kvmkit.errors import ImageError
+from kvmkit.vm import DEFAULT_CMDLINE
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_CMDLINE", "READY_MARKER", "GuestImage", "default_guest", "extract_vmlinux"]
+
+#: The line the default guest prints on its console once it is up.
+READY_MARKER = "kvmkit-guest-ready"
+#: kvmkit's boot timer: the guest writes BOOT_TIMER_VALUE (one byte) here when it is up.
+BOOT_TIMER_ADDR = 0xD000_0000
+BOOT_TIMER_VALUE = 123
+
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+#: The virtio drivers of the default guest. The cloud kernel builds all of them as modules, and
+#: the transports (PCI, and MMIO for devices described by ACPI) are not dependencies of the
+#: device drivers, so they are listed too.
+GUEST_MODULES = (
+    "virtio_pci",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_rng",
+    "vmw_vsock_virtio_transport",
+)
+#: The busybox applets /init runs before ``busybox --install`` has made the others.
+INIT_APPLETS = ("sh", "mount", "insmod", "devmem", "setsid", "cttyhack", "reboot")
+#: Empty directories of the guest's root: mount points, and the targets of ``busybox --install``.
+ROOT_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "etc", "root")
+TOOLS = ("apt-get", "apt-cache", "dpkg-deb")
+INSTEAD = "pass --kernel and --initrd to boot a kernel and initramfs of your own instead"
+
+ELF_MAGIC = b"\x7fELF"
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A bootable guest: the kernel as bzImage and as ELF, an initramfs, and a command line."""
+
+    kernel: Path
+    vmlinux: Path
+    initrd: Path
+    kernel_version: str
+    cmdline: str
+
+
+# --------------------------------------------------------------------------- bzImage
+
+
+# Offsets in the real-mode setup header (Documentation/arch/x86/boot.rst).
+SETUP_SECTS = 0x1F1
+BOOT_FLAG = 0x1FE
+HEADER_MAGIC = 0x202
+PROTOCOL_VERSION = 0x206
+PAYLOAD_OFFSET = 0x248
+PAYLOAD_LENGTH = 0x24C
+PAYLOAD_PROTOCOL = 0x0208  # the first protocol version with payload_offset/payload_length
+SECTOR = 512
+#: At most this many hits of each magic number are tried when the header gives no payload.
+MAX_SCAN_HITS = 16
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """The uncompressed ELF kernel inside ``bzimage``, whichever compression the kernel used.
+
+    A PVH or ELF loader needs this ``vmlinux`` rather than the bzImage's self-decompressing stub.
+    Raises :class:`ImageError` when no compressed ELF kernel is found.
+    """
+    payload = _header_payload(bzimage)
+    if payload is not None:
+        kernel = _decompress_any(payload)
+        if kernel is not None:
+            return kernel
+        log.debug("the payload the setup header names is not a known compressed ELF; scanning")
+    for offset in _scan_offsets(bzimage):
+        kernel = _decompress_any(bzimage[offset:])
+        if kernel is not None:
+            log.debug("found the compressed kernel at %#x by its magic number", offset)
+            return kernel
+    raise ImageError(
+        "no compressed ELF kernel found in the image: it is not a bzImage, or it uses a compression "
+        "kvmkit cannot read (gzip, xz, lzma, bzip2, lz4 and zstd are supported)"
+    )
+
+
+def _header_payload(bzimage: bytes) -> bytes | None:
+    """The compressed payload that a boot protocol 2.08+ setup header points to, if any."""
+    if len(bzimage) < PAYLOAD_LENGTH + 4 or bzimage[HEADER_MAGIC : HEADER_MAGIC + 4] != b"HdrS":
+        return None
+    (boot_flag,) = struct.unpack_from("<H", bzimage, BOOT_FLAG)
+    (version,) = struct.unpack_from("<H", bzimage, PROTOCOL_VERSION)
+    if boot_flag != 0xAA55 or version < PAYLOAD_PROTOCOL:
+        return None
+    setup_sects = bzimage[SETUP_SECTS] or 4  # 0 means 4, for old kernels
+    offset, length = struct.unpack_from("<II", bzimage, PAYLOAD_OFFSET)
+    start = (setup_sects + 1) * SECTOR + offset  # payload_offset counts from the protected-mode code
+    if length == 0 or start + length > len(bzimage):
+        return None
+    return bzimage[start : start + length]
+
+
+def _scan_offsets(image: bytes) -> list[int]:
+    """Where a known compressed stream may start, in file order (for pre-2.08 or odd images).
+
+    Short magic numbers also occur in code, so only the first hits of each are tried.
+    """
+    hits: list[int] = []
+    for magic in _DECOMPRESSORS:
+        matches = re.finditer(re.escape(magic), image)
+        hits.extend(match.start() for _, match in zip(range(MAX_SCAN_HITS), matches))
+    return sorted(hits)
+
+
+def _decompress_any(data: bytes) -> bytes | None:
+    """``data`` decompressed by the format its magic names, if that gives an ELF file."""
+    for magic, decompress in _DECOMPRESSORS.items():
+        if data.startswith(magic):
+            try:
+                output = decompress(data)
+            except _DecompressError as error:
+                log.debug("not a %s stream: %s", decompress.__name__.strip("_"), error)
+                return None
+            return output if output.startswith(ELF_MAGIC) else None
+    return None
+
+
+class _DecompressError(Exception):
+    """A stream is corrupt or truncated (only ever seen by the scan, which then moves on)."""
+
+
+def _gunzip(data: bytes) -> bytes:
+    return _finish_stream(zlib.decompressobj(16 + zlib.MAX_WBITS), data, zlib.error)
+
+
+def _xz(data: bytes) -> bytes:
+    return _finish_stream(lzma.LZMADecompressor(lzma.FORMAT_XZ), data, lzma.LZMAError)
+
+
+def _lzma(data: bytes) -> bytes:
+    return _finish_stream(lzma.LZMADecompressor(lzma.FORMAT_ALONE), data, lzma.LZMAError)
+
+
+def _bunzip2(data: bytes) -> bytes:
+    return _finish_stream(bz2.BZ2Decompressor(), data, OSError)
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    # One frame only: what follows is the kernel's appended size, not another frame.
+    stream = zstandard.ZstdDecompressor().decompressobj(read_across_frames=False)
+    return _finish_stream(stream, data, zstandard.ZstdError)
+
+
+class _Stream(Protocol):
+    """What the stdlib and zstandard decompressor objects have in common."""
+
+    @property
+    def eof(self) -> bool: ...
+
+    def decompress(self, data: bytes, /) -> bytes: ...
+
+
+def _finish_stream(stream: _Stream, data: bytes, errors: type[Exception]) -> bytes:
+    """Decompresses one stream, ignoring what follows it (the kernel appends the output size)."""
+    try:
+        output = stream.decompress(data)
+    except errors as error:
+        raise _DecompressError(str(error)) from error
+    if not stream.eof:
+        raise _DecompressError("the stream is truncated")
+    return output
+
+
+LZ4_LEGACY_MAGIC = struct.pack("<I", 0x184C2102)
+LZ4_LEGACY_BLOCK = 8 << 20  # every block of the legacy format holds at most 8 MiB
+
+
+def _lz4_legacy(data: bytes) -> bytes:
+    """The kernel's lz4 format (``lz4 -l``): the magic, then blocks each led by its LE32 length.
+
+    The stream has no end marker; it ends where the next length does not fit the data left, as
+    the kernel's appended output size does.
+    """
+    import lz4.block  # type: ignore[import-untyped]
+
+    blocks = []
+    position = len(LZ4_LEGACY_MAGIC)
+    while position + 4 <= len(data):
+        (length,) = struct.unpack_from("<I", data, position)
+        if length == 0x184C2102:  # concatenated streams repeat the magic
+            position += 4
+            continue
+        if length == 0 or position + 4 + length > len(data):
+            break
+        block = data[position + 4 : position + 4 + length]
+        try:
+            blocks.append(lz4.block.decompress(block, uncompressed_size=LZ4_LEGACY_BLOCK))
+        except lz4.block.LZ4BlockError as error:
+            raise _DecompressError(f"lz4 block at {position:#x}: {error}") from error
+        position += 4 + length
+    if not blocks:
+        raise _DecompressError("no lz4 block follows the magic")
+    return b"".join(blocks)
+
+
+_DECOMPRESSORS: dict[bytes, Callable[[bytes], bytes]] = {
+    b"\x1f\x8b\x08": _gunzip,
+    b"\xfd7zXZ\x00": _xz,
+    b"\x5d\x00\x00\x00": _lzma,  # lc=3 lp=0 pb=2, dictionary a multiple of 16 MiB (lzma -9)
+    b"BZh": _bunzip2,
+    LZ4_LEGACY_MAGIC: _lz4_legacy,
+    b"\x28\xb5\x2f\xfd": _zstd,
+}
+
+
+# --------------------------------------------------------------------------- kernel modules
+
+
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+def _module_name(filename: str) -> str | None:
+    """The module name of a module file (``virtio-rng.ko.xz`` -> ``virtio_rng``), else None."""
+    for suffix in MODULE_SUFFIXES:
+        if filename.endswith(suffix):
+            return filename[: -len(suffix)].replace("-", "_")
+    return None
+
+
+def _read_module(path: Path) -> bytes:
+    """A module file's ELF bytes; kernels may ship them compressed, but insmod wants them plain."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.gz"):
+        return zlib.decompress(data, 16 + zlib.MAX_WBITS)
+    if path.name.endswith(".ko.zst"):
+        return _zstd(data)
+    return data
+
+
+def _modinfo_depends(module: bytes) -> list[str]:
+    """The ``depends=`` entry of a module's ``.modinfo`` section: what must be loaded first.
+
+    Debian's kernel packages leave modules.dep to depmod at install time, so the dependencies are
+    read where depmod reads them.
+    """
+    for entry in _elf_section(module, ".modinfo").split(b"\0"):
+        if entry.startswith(b"depends="):
+            return [name.replace("-", "_") for name in entry[8:].decode().split(",") if name]
+    return []
+
+
+def _elf_section(elf: bytes, wanted: str) -> bytes:
+    """The contents of the section ``wanted`` of a 64-bit little-endian ELF file (empty if none)."""
+    if not elf.startswith(ELF_MAGIC) or elf[4] != 2 or elf[5] != 1:
+        raise ImageError("a kernel module is not a 64-bit little-endian ELF file")
+    (shoff,) = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    names_offset = sections[shstrndx][4]
+    for name, _type, _flags, _addr, offset, size in sections:
+        end = elf.index(b"\0", names_offset + name)
+        if elf[names_offset + name : end].decode() == wanted:
+            return elf[offset : offset + size]
+    return b""
+
+
+@dataclass(frozen=True)
+class _KernelTree:
+    """The modules of an unpacked kernel package: their files, and which are built in."""
+
+    module_dir: Path
+    files: dict[str, Path]
+    builtin: frozenset[str]
+
+    @classmethod
+    def load(cls, module_dir: Path) -> _KernelTree:
+        files = {}
+        for path in sorted((module_dir / "kernel").rglob("*.ko*")):
+            name = _module_name(path.name)
+            if name is not None:
+                files[name] = path
+        builtin_list = module_dir / "modules.builtin"
+        lines = builtin_list.read_text().split() if builtin_list.exists() else []
+        builtin = frozenset(name for line in lines if (name := _module_name(Path(line).name)))
+        return cls(module_dir, files, builtin)
+
+    def load_order(self, wanted: Iterable[str]) -> list[tuple[str, bytes]]:
+        """``(path in the initramfs, ELF bytes)`` of ``wanted`` and their dependencies, each after
+        what it depends on; built-in modules are left out."""
+        ordered: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
+
+        def visit(name: str, needed_by: str) -> None:
+            if name in seen or name in self.builtin:
+                return
+            seen.add(name)
+            path = self.files.get(name)
+            if path is None:
+                raise ImageError(f"the kernel package has no module {name} (needed by {needed_by})")
+            module = _read_module(path)
+            for dependency in _modinfo_depends(module):
+                visit(dependency, name)
+            relative = path.relative_to(self.module_dir).with_name(f"{_module_stem(path.name)}.ko")
+            ordered.append((f"lib/modules/{self.module_dir.name}/{relative}", module))
+
+        for name in wanted:
+            visit(name, "the default guest")
+        return ordered
+
+
+def _module_stem(filename: str) -> str:
+    """The file name of a module without ``.ko`` and any compression suffix."""
+    return filename.split(".ko", 1)[0]
+
+
+# --------------------------------------------------------------------------- initramfs
+
+
+def init_script(modules: Sequence[str]) -> str:
+    """The guest's ``/init``: mounts, loads ``modules`` in order, reports ready, runs a shell."""
+    loads = "".join(f"load /{path}\n" for path in modules)
+    return f"""#!/bin/sh
+# /init of the kvmkit default guest.
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+/bin/busybox --install -s
+load() {{ insmod "$1" || echo "kvmkit: cannot load $1" >&2; }}
+{loads}# Stop kvmkit's boot timer: one byte to the guest physical address it watches.
+devmem {BOOT_TIMER_ADDR:#x} 8 {BOOT_TIMER_VALUE}
+echo {READY_MARKER}
+setsid cttyhack sh
+reboot -f
+"""
+
+
+def build_initramfs(busybox: bytes, modules: Sequence[tuple[str, bytes]]) -> bytes:
+    """An uncompressed initramfs with busybox, ``modules`` (loaded in order) and ``/init``."""
+    archive = Initramfs()
+    for directory in ROOT_DIRS:
+        archive.add_dir(directory, 0o700 if directory == "root" else 0o755)
+    archive.add_dir("tmp", 0o1777)
+    archive.add_char_device("dev/console", 5, 1, 0o600)
+    archive.add_file("bin/busybox", busybox, 0o755)
+    for applet in INIT_APPLETS:
+        archive.add_symlink(f"bin/{applet}", "busybox")
+    for path, data in modules:
+        archive.add_file(path, data, 0o644)
+    archive.add_file("init", init_script([path for path, _ in modules]).encode(), 0o755)
+    return archive.finish()
+
+
+# --------------------------------------------------------------------------- Debian packages
+
+
+@dataclass(frozen=True)
+class _Package:
+    name: str
+    version: str
+
+
+def _run(command: Sequence[str], cwd: Path | None = None) -> str:
+    """The stdout of ``command``; a failure becomes an ImageError that quotes its stderr."""
+    log.debug("running %s", " ".join(command))
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as error:
+        raise ImageError(f"{command[0]} is not installed; {INSTEAD}") from error
+    if done.returncode != 0:
+        raise ImageError(f"`{' '.join(command)}` failed (exit {done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def _require_tools() -> None:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise ImageError(
+            f"building the default guest needs {', '.join(TOOLS)} (a Debian system), but "
+            f"{', '.join(missing)} is missing; {INSTEAD}"
+        )
+
+
+def _kernel_package_name() -> str | None:
+    """The versioned kernel package the cloud metapackage depends on, if apt knows it."""
+    try:
+        depends = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
+    except ImageError:
+        return None
+    match = re.search(r"^\s*\|?Depends:\s*(linux-image-[^\s<>]+)", depends, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def _candidate(name: str) -> _Package:
+    """The version of ``name`` that apt would download."""
+    policy = _run(["apt-cache", "policy", name])
+    match = re.search(r"^\s*Candidate:\s*(\S+)", policy, re.MULTILINE)
+    if match is None or match.group(1) == "(none)":
+        raise ImageError(f"apt has no downloadable version of {name}; run `apt-get update` or {INSTEAD}")
+    return _Package(name, match.group(1))
+
+
+def _resolve_kernel() -> _Package:
+    """The kernel package of the default guest, updating apt's lists once if they lack it."""
+    name = _kernel_package_name()
+    if name is None:
+        log.info("apt knows no %s; running apt-get update", KERNEL_METAPACKAGE)
+        try:
+            _run(["apt-get", "update"])
+        except ImageError as error:
+            raise ImageError(f"{error}\n(apt-get update needs root; run it, or {INSTEAD})") from error
+        name = _kernel_package_name()
+    if name is None:
+        raise ImageError(
+            f"apt knows no {KERNEL_METAPACKAGE}, the kernel of the default guest (it is in Debian's "
+            f"main archive); add Debian to the apt sources or {INSTEAD}"
+        )
+    return _candidate(name)
+
+
+def _fetch(package: _Package, work: Path) -> Path:
+    """Downloads ``package`` with apt-get and unpacks it into a directory of its own."""
+    log.info("downloading %s %s", package.name, package.version)
+    downloads = work / "debs"
+    downloads.mkdir(parents=True, exist_ok=True)
+    _run(["apt-get", "download", f"{package.name}={package.version}"], cwd=downloads)
+    debs = sorted(downloads.glob(f"{package.name}_*.deb"))
+    if not debs:
+        raise ImageError(f"apt-get download left no {package.name}_*.deb in {downloads}")
+    root = work / package.name
+    _run(["dpkg-deb", "-x", str(debs[-1]), str(root)])
+    return root
+
+
+# --------------------------------------------------------------------------- default guest
+
+
+def cache_root(cache_dir: Path | str | None = None) -> Path:
+    """Where kvmkit caches guests: ``cache_dir``, else ``$XDG_CACHE_HOME/kvmkit`` or ``~/.cache/kvmkit``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "kvmkit"
+
+
+def default_guest(cache_dir: Path | str | None = None) -> GuestImage:
+    """The default Linux guest, built on first use from Debian's cloud kernel and busybox.
+
+    Needs apt-get, apt-cache and dpkg-deb; the first call for a kernel version downloads about
+    30 MB. Later calls reuse the cached build (they still ask apt which kernel is current).
+    """
+    _require_tools()
+    kernel = _resolve_kernel()
+    release = kernel.name.removeprefix("linux-image-")
+    key = re.sub(r"[^A-Za-z0-9.+~-]", "_", f"{release}_{kernel.version}")
+    target = cache_root(cache_dir) / "guests" / key
+    if target.is_dir():
+        log.info("using the cached default guest in %s", target)
+    else:
+        _build_guest(kernel, release, target)
+    return GuestImage(
+        kernel=target / "bzImage",
+        vmlinux=target / "vmlinux",
+        initrd=target / "initrd.cpio",
+        kernel_version=release,
+        cmdline=DEFAULT_CMDLINE,
+    )
+
+
+def _build_guest(kernel: _Package, release: str, target: Path) -> None:
+    """Builds the guest in a staging directory next to ``target`` and renames it into place, so
+    that ``target`` exists only complete, even with concurrent builders."""
+    started = time.monotonic()
+    log.info("building the default guest (kernel %s) in %s", release, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _build_into(staging, kernel, release)
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the guest from other users of the cache
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            log.info("another process built %s first; using it", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("built the default guest in %.1f s", time.monotonic() - started)
+
+
+def _build_into(staging: Path, kernel: _Package, release: str) -> None:
+    """Writes bzImage, vmlinux and initrd.cpio into ``staging``."""
+    work = staging / "work"
+    kernel_root = _fetch(kernel, work)
+    busybox_root = _fetch(_candidate(BUSYBOX_PACKAGE), work)
+
+    bzimage = (kernel_root / "boot" / f"vmlinuz-{release}").read_bytes()
+    (staging / "bzImage").write_bytes(bzimage)
+    log.info("extracting vmlinux")
+    (staging / "vmlinux").write_bytes(extract_vmlinux(bzimage))
+
+    tree = _KernelTree.load(_module_dir(kernel_root, release))
+    modules = tree.load_order(GUEST_MODULES)
+    log.info("initramfs modules: %s", ", ".join(Path(path).stem for path, _ in modules))
+    busybox = (busybox_root / "bin" / "busybox").read_bytes()
+    (staging / "initrd.cpio").write_bytes(build_initramfs(busybox, modules))
+    shutil.rmtree(work)
+
+
+def _module_dir(kernel_root: Path, release: str) -> Path:
+    """``lib/modules/<release>`` of an unpacked kernel package (``usr/lib`` on merged-/usr)."""
+    for lib in ("lib", "usr/lib"):
+        candidate = kernel_root / lib / "modules" / release
+        if candidate.is_dir():
+            return candidate
+    raise ImageError(f"the kernel package has no lib/modules/{release}")

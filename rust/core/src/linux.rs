@@ -1,0 +1,94 @@
+//! A PC platform for Linux on a [`Machine`]: the kernel and its boot parameters, the MP table,
+//! the devices a PC kernel expects (COM1, i8042, CMOS RTC, boot timer), and the console.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_bindings::kvm_fpu;
+
+use crate::arch::x86_64::layout::{BOOT_STACK_TOP, MMIO_GAP_START};
+use crate::arch::x86_64::mode::CpuMode;
+use crate::arch::x86_64::{mptable, msr};
+use crate::boot::{self, EntryPoint, LinuxBoot};
+use crate::devices::console::ConsoleOutput;
+use crate::devices::{
+    BootTimer, Cmos, SerialPort, CMOS_PORT_BASE, CMOS_PORT_SIZE, I8042, I8042_PORT_BASE, I8042_PORT_SIZE,
+    SERIAL_PORT_SIZE,
+};
+use crate::error::{Error, Result};
+use crate::irq::IrqLine;
+use crate::machine::Machine;
+use crate::vstate::exit::AddressSpace;
+use crate::vstate::memory;
+
+/// COM1's ports and interrupt.
+pub const COM1_PORT: u64 = 0x3f8;
+/// COM1's ISA interrupt.
+pub const COM1_GSI: u32 = 4;
+/// Where the guest's init writes to mark the end of boot (`devmem 0xd0000000 8 123`).
+pub const BOOT_TIMER_ADDR: u64 = MMIO_GAP_START;
+const BOOT_TIMER_SIZE: u64 = 0x1000;
+/// x87 control word and MXCSR as after FNINIT / reset.
+const FCW_DEFAULT: u16 = 0x37f;
+const MXCSR_DEFAULT: u32 = 0x1f80;
+
+/// What the host keeps of a booted Linux platform.
+pub struct LinuxPlatform {
+    /// Everything the guest wrote to its console (COM1).
+    pub console: Arc<ConsoleOutput>,
+    /// COM1, for input.
+    pub serial: Arc<SerialPort<IrqLine>>,
+    /// When the guest's init said it finished booting.
+    pub boot_timer: Arc<BootTimer>,
+}
+
+/// Loads `boot` into `machine` (which needs the in-kernel irqchip), sets up every vCPU as Linux
+/// expects from firmware, points vCPU 0 at the kernel's entry, and maps the platform devices.
+pub fn boot_linux(machine: &Machine, boot: &LinuxBoot) -> Result<LinuxPlatform> {
+    if !machine.has_irqchip() {
+        return Err(Error::InvalidConfig("booting Linux needs the in-kernel irqchip (irqchip=True)".into()));
+    }
+    let entry = boot::load(machine.memory(), boot)?;
+    let cpus = machine.vcpu_count() as u32;
+    let table = mptable::mptable(cpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    memory::write(machine.memory(), mptable::MPTABLE_START, &table)?;
+    for index in 0..machine.vcpu_count() {
+        machine.with_vcpu(index, |vcpu| {
+            vcpu.set_msrs(&msr::boot_msrs())?;
+            vcpu.wire_lapic_lint_pins()?;
+            vcpu.set_fpu(&kvm_fpu { fcw: FCW_DEFAULT, mxcsr: MXCSR_DEFAULT, ..Default::default() })
+        })?;
+    }
+    enter_kernel(machine, entry)?;
+    map_devices(machine)
+}
+
+fn enter_kernel(machine: &Machine, entry: EntryPoint) -> Result<()> {
+    let (mode, addr) = match entry {
+        EntryPoint::Linux64 { addr, .. } => (CpuMode::Long, addr),
+        EntryPoint::Pvh { addr, .. } => (CpuMode::Protected, addr),
+    };
+    machine.enter_mode(0, mode, addr, Some(BOOT_STACK_TOP))?;
+    machine.with_vcpu(0, |vcpu| {
+        let mut regs = vcpu.regs()?;
+        regs.rbp = BOOT_STACK_TOP;
+        match entry {
+            EntryPoint::Linux64 { zero_page, .. } => regs.rsi = zero_page,
+            EntryPoint::Pvh { start_info, .. } => regs.rbx = start_info,
+        }
+        vcpu.set_regs(&regs)
+    })
+}
+
+fn map_devices(machine: &Machine) -> Result<LinuxPlatform> {
+    let console = Arc::new(ConsoleOutput::new());
+    let serial = Arc::new(SerialPort::new(machine.irq_line(COM1_GSI)?, console.clone()));
+    let boot_timer = Arc::new(BootTimer::new(Instant::now()));
+    machine.add_device(AddressSpace::Pio, COM1_PORT, SERIAL_PORT_SIZE, serial.clone())?;
+    machine.add_device(AddressSpace::Pio, I8042_PORT_BASE, I8042_PORT_SIZE, Arc::new(I8042::default()))?;
+    machine.add_device(AddressSpace::Pio, CMOS_PORT_BASE, CMOS_PORT_SIZE, Arc::new(Cmos::new()))?;
+    machine.add_device(AddressSpace::Mmio, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer.clone())?;
+    let timer = boot_timer.clone();
+    machine.on_first_start(Box::new(move || timer.restart(Instant::now())));
+    Ok(LinuxPlatform { console, serial, boot_timer })
+}
