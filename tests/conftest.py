@@ -32,6 +32,8 @@ KVM_DEVICE = "/dev/kvm"
 KVM_SKIP_REASON = "no /dev/kvm"
 LOAD_ADDR = 0x1000  # every guest is loaded and entered here
 MODE_BITS = {"real": 16, "protected": 32, "long": 64}
+# One loadable segment at 1 MiB, where kernels go, with the notes (PVH entry) in another.
+KERNEL_LINK_FLAGS = ["-m", "elf_x86_64", "-N", "--no-warn-rwx-segments", "-Ttext=0x100000", "-e", "_start"]
 HANG_GUARD = 10.0  # generous bound for runs that should end by themselves
 DEFAULT_WATCHDOG = 120.0  # seconds one test may take before the whole run is aborted
 
@@ -160,15 +162,16 @@ class StrictSkips:
 
 @pytest.fixture(scope="session")
 def assemble(tmp_path_factory):
-    """assemble(name, bits=32) -> bytes: flat binary of tests/guests/<name>.S (cached per session)."""
-    tools = {tool: shutil.which(tool) for tool in ("as", "objcopy")}
+    """assemble(name, bits=32, elf=False) -> bytes: tests/guests/<name>.S as a flat binary, or
+    with ``elf`` as an ELF executable linked at 1 MiB (a kernel-like image). Cached per session."""
+    tools = {tool: shutil.which(tool) for tool in ("as", "objcopy", "ld")}
     missing = [tool for tool, path in tools.items() if path is None]
     outdir = tmp_path_factory.mktemp("guests")
-    cache: dict[tuple[str, int], bytes] = {}
+    cache: dict[tuple[str, int, bool], bytes] = {}
 
-    def _assemble(name: str, bits: int = 32) -> bytes:
-        if (name, bits) in cache:
-            return cache[name, bits]
+    def _assemble(name: str, bits: int = 32, elf: bool = False) -> bytes:
+        if (name, bits, elf) in cache:
+            return cache[name, bits, elf]
         if missing:
             raise RuntimeError(
                 f"cannot assemble guest {name!r}: {', '.join(missing)} not found on PATH; "
@@ -177,12 +180,14 @@ def assemble(tmp_path_factory):
         src = GUEST_DIR / f"{name}.S"
         if not src.is_file():
             raise FileNotFoundError(f"no guest source {src}")
-        obj, binary = outdir / f"{name}-{bits}.o", outdir / f"{name}-{bits}.bin"
+        obj, binary = outdir / f"{name}-{bits}.o", outdir / f"{name}-{bits}.{'elf' if elf else 'bin'}"
         # `.code16` / `.code32` in the source (directly or through bits.inc) select the
         # instruction encoding; --64 only chooses the ELF container, which objcopy strips.
         for cmd in (
             [tools["as"], "--64", f"--defsym=BITS={bits}", "-I", str(GUEST_DIR), "-o", str(obj), str(src)],
-            [tools["objcopy"], "-O", "binary", "-j", ".text", str(obj), str(binary)],
+            [tools["ld"], *KERNEL_LINK_FLAGS, "-o", str(binary), str(obj)]
+            if elf
+            else [tools["objcopy"], "-O", "binary", "-j", ".text", str(obj), str(binary)],
         ):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -190,7 +195,7 @@ def assemble(tmp_path_factory):
         code = binary.read_bytes()
         if not code:
             raise RuntimeError(f"guest {name!r} assembled to an empty binary")
-        cache[name, bits] = code
+        cache[name, bits, elf] = code
         return code
 
     return _assemble

@@ -1,0 +1,81 @@
+"""kvmkit's Linux platform driven by a small kernel-like guest instead of Linux: the PVH boot
+path (start info, command line, memory map, initrd), the COM1 console both ways, the boot timer,
+the CMOS RTC and reset through the i8042."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import kvmkit
+import pytest
+from kvmkit import ExitReason
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture
+def platform_vm(make_vm, assemble):
+    """A VM with the platform guest loaded as its kernel, and its console."""
+    vm = make_vm(memory="64M", irqchip=True, pit=True)
+    console = vm.boot_linux(assemble("pvh_platform", elf=True), initrd=b"\x5a" * 4096, cmdline="hello guest")
+    return vm, console
+
+
+def test_guest_sees_the_boot_information_and_the_console_works_both_ways(platform_vm):
+    vm, console = platform_vm
+    vm.start()
+
+    console.expect(b"cmdline=hello guest memmap=2 modules=1\n", timeout=10)
+    console.write("echo me!")
+    console.expect(b"echo me", timeout=10)
+    exit_ = vm.wait(timeout=10)
+
+    assert exit_.reason is ExitReason.RESET, exit_  # the guest's i8042 reset, after its CMOS check
+    assert exit_.vcpu == 0
+    assert vm.boot_time is not None and 0 < vm.boot_time < 10
+
+
+def test_console_log_file_gets_the_output(platform_vm, tmp_path):
+    vm, console = platform_vm
+    log = tmp_path / "console.log"
+    console.log_to(log)
+    vm.start()
+    console.expect(b"modules=1\n", timeout=10)
+    console.write(b"!")
+    assert vm.wait(timeout=10).reason is ExitReason.RESET
+    assert log.read_bytes() == console.output == b"cmdline=hello guest memmap=2 modules=1\n"
+
+
+def test_expect_times_out_with_the_tail_of_the_output(platform_vm):
+    vm, console = platform_vm
+    vm.start()
+    with pytest.raises(kvmkit.errors.ConsoleTimeout, match=r"(?s)never shown.*modules=1"):
+        console.expect(b"never shown", timeout=0.5)
+    assert vm.running  # still waiting for console input
+    vm.stop()
+
+
+def test_kvmkit_run_boots_a_kernel_with_the_console_on_stdio(assemble, tmp_path, kvm_available):
+    kernel = tmp_path / "kernel.elf"
+    kernel.write_bytes(assemble("pvh_platform", elf=True))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvmkit",
+            "run",
+            "--kernel",
+            kernel,
+            "--cmdline",
+            "from the cli",
+            "--memory",
+            "64M",
+        ],
+        input=b"typed!",
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr  # the guest reset, as a shutdown of the guest should
+    assert done.stdout == b"cmdline=from the cli memmap=2 modules=0\ntyped"
+    assert b"guest stopped: reset" in done.stderr
