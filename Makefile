@@ -1,7 +1,7 @@
 # Entry points; each installs what it needs first (see scripts/bootstrap.sh).
 .PHONY: demo test bench build clean
 
-demo:            ## run the bundled greeting guest
+demo:            ## boot the default Linux guest and run a command in it
 	scripts/bootstrap.sh
 	.venv/bin/kvmkit demo
 

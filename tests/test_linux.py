@@ -1,4 +1,5 @@
-"""Booting Linux: kernel loading errors, and the milestones the Debian cloud kernel reaches.
+"""Booting Linux: kernel loading errors, and the milestones the Debian cloud kernel reaches
+(banner, exact command line, e820 map, the CPU count it takes from kvmkit's ACPI tables).
 
 On the paravirtualized KVM of some hosts (``/sys/module/kvm_pvm``) an unmodified kernel runs
 partly under instruction emulation and stops early, so these tests assert what every host reaches
@@ -7,11 +8,14 @@ partly under instruction emulation and stops early, so these tests assert what e
 
 from __future__ import annotations
 
+import os
 import re
 
 import kvmkit
 import pytest
+from kvmkit import ExitReason
 from kvmkit.errors import BootError, ConfigError
+from kvmkit.images import READY_MARKER
 
 pytestmark = pytest.mark.kvm
 
@@ -87,6 +91,35 @@ def test_kernel_reaches_its_early_milestones(guest, image, record_property):
             usable = console.expect(rb"BIOS-e820: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\] usable", timeout=60)
             ranges.append((int(usable.group(1), 16), int(usable.group(2), 16)))
         assert ranges == expected_e820(MEMORY)
-        record_property("furthest_milestone", "e820 map")
+        cpus = console.expect(rb"smpboot: Allowing (\d+) CPUs", timeout=120)
+        assert int(cpus.group(1)) == len(vm.vcpus)
+        record_property("furthest_milestone", "CPUs counted")
         vm.stop()
         vm.wait(timeout=30)
+
+
+ON_PARAVIRTUAL_KVM = os.path.exists("/sys/module/kvm_pvm")
+
+
+@pytest.mark.watchdog(900)
+def test_default_guest_boots_as_far_as_the_host_allows(guest, record_property):
+    with linux_vm(cpus=2) as vm:
+        console = vm.boot_linux(
+            guest.vmlinux, initrd=guest.initrd, cmdline=f"{guest.cmdline} {EMULATOR_SAFE}"
+        )
+        vm.start()
+        if ON_PARAVIRTUAL_KVM:
+            # The instruction emulator gives up on the int3 of the kernel's alternatives self-test.
+            exit_ = vm.wait(timeout=600)
+            assert exit_.reason is ExitReason.INTERNAL_ERROR, exit_
+            assert exit_.details["instruction"].startswith(b"\xcc"), exit_  # int3
+            assert b"smpboot: Allowing 2 CPUs" in console.output
+            record_property("furthest_milestone", "int3 self-test (emulation failure)")
+            return
+        console.expect(READY_MARKER.encode(), timeout=300)
+        assert vm.boot_time is not None
+        console.sendline("echo hello-$((6 * 7))")
+        console.expect(b"hello-42", timeout=30)
+        console.sendline("exit")
+        assert vm.wait(timeout=60).reason is ExitReason.RESET
+        record_property("furthest_milestone", "shell, then reset")

@@ -37,9 +37,9 @@ def test_demo_guest_answers_the_name_it_is_given(name):
 
 
 @pytest.mark.kvm
-def test_cli_demo_prints_the_greeting_and_succeeds():
+def test_cli_hello_prints_the_greeting_and_succeeds():
     done = subprocess.run(
-        [sys.executable, "-m", "kvmkit", "demo", "--name", "CLI"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "kvmkit", "hello", "--name", "CLI"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Hello, CLI! Your name has 3 letters.")
@@ -67,3 +67,12 @@ def test_native_module_matches_its_stubs():
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_furthest_milestone_is_the_last_one_shown():
+    from kvmkit.demo import furthest_milestone
+
+    log = b"[    0.0] Linux version 6.1.0 (x)\r\n[    0.0] Command line: console=ttyS0\r\n"
+    assert furthest_milestone(log) == "command line"
+    assert furthest_milestone(log + b"[ 9.9] smpboot: Allowing 2 CPUs, 0 hotplug CPUs\r\n") == "CPUs counted"
+    assert furthest_milestone(b"garbage") is None

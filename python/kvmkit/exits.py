@@ -21,7 +21,8 @@ class ExitReason(enum.Enum):
     CRASH = "crash"
     """The guest reported a crash."""
     INTERNAL_ERROR = "internal_error"
-    """KVM could not go on; ``details`` has ``suberror``, ``data`` and ``instruction``."""
+    """KVM could not go on; ``details`` has ``suberror``, ``data`` and ``instruction`` (the bytes
+    KVM fetched at the instruction it could not emulate, that instruction first)."""
     FAIL_ENTRY = "fail_entry"
     """The hardware refused to enter the guest."""
     UNHANDLED_IO = "unhandled_io"

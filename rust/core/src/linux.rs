@@ -8,7 +8,7 @@ use kvm_bindings::kvm_fpu;
 
 use crate::arch::x86_64::layout::{BOOT_STACK_TOP, MMIO_GAP_START};
 use crate::arch::x86_64::mode::CpuMode;
-use crate::arch::x86_64::{mptable, msr};
+use crate::arch::x86_64::{acpi, mptable, msr};
 use crate::boot::{self, EntryPoint, LinuxBoot};
 use crate::devices::console::ConsoleOutput;
 use crate::devices::{
@@ -48,10 +48,13 @@ pub fn boot_linux(machine: &Machine, boot: &LinuxBoot) -> Result<LinuxPlatform> 
     if !machine.has_irqchip() {
         return Err(Error::InvalidConfig("booting Linux needs the in-kernel irqchip (irqchip=True)".into()));
     }
-    let entry = boot::load(machine.memory(), boot)?;
     let cpus = machine.vcpu_count() as u32;
+    // Kernels built without MP-table support (Debian's cloud kernel) find the CPUs through ACPI.
     let table = mptable::mptable(cpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     memory::write(machine.memory(), mptable::MPTABLE_START, &table)?;
+    let acpi = acpi::acpi_tables(cpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    memory::write(machine.memory(), acpi::ACPI_TABLES_ADDR, &acpi.bytes)?;
+    let entry = boot::load(machine.memory(), boot, Some(acpi.rsdp_addr))?;
     for index in 0..machine.vcpu_count() {
         machine.with_vcpu(index, |vcpu| {
             vcpu.set_msrs(&msr::boot_msrs())?;

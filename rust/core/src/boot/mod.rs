@@ -71,8 +71,9 @@ pub enum BootError {
 }
 
 /// Loads `boot` into `memory`: the kernel, the command line, the initrd and the boot parameters
-/// (a zero page with an e820 map of `memory`, or the PVH start info). Returns the entry point.
-pub fn load(memory: &GuestMemory, boot: &LinuxBoot) -> Result<EntryPoint, BootError> {
+/// (a zero page with an e820 map of `memory`, or the PVH start info), which point the kernel at
+/// the ACPI tables at `acpi_rsdp` if given. Returns the entry point.
+pub fn load(memory: &GuestMemory, boot: &LinuxBoot, acpi_rsdp: Option<u64>) -> Result<EntryPoint, BootError> {
     let ram = memory::regions(memory);
     if ram.first().is_none_or(|&(start, size)| start != 0 || size <= HIGH_MEMORY_START) {
         return Err(BootError::NoLowMemory);
@@ -92,7 +93,7 @@ pub fn load(memory: &GuestMemory, boot: &LinuxBoot) -> Result<EntryPoint, BootEr
         Some(image) => Some(place_initrd(memory, &kernel, ram[0], image)?),
         None => None,
     };
-    let boot_info = params::BootInfo { ram: &ram, cmdline_len: cmdline.len(), initrd };
+    let boot_info = params::BootInfo { ram: &ram, cmdline_len: cmdline.len(), initrd, acpi_rsdp };
     params::write(memory, &kernel, &boot_info)
 }
 

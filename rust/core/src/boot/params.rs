@@ -27,6 +27,8 @@ pub struct BootInfo<'a> {
     pub cmdline_len: usize,
     /// Where the initrd is, `(address, size)`.
     pub initrd: Option<(u64, u64)>,
+    /// Where the ACPI RSDP is, if the platform has ACPI tables.
+    pub acpi_rsdp: Option<u64>,
 }
 
 /// The RAM map a guest is told about: low memory stops at the EBDA, and the 640 KiB–1 MiB
@@ -65,7 +67,7 @@ pub fn zero_page_for(header: Option<setup_header>, info: &BootInfo<'_>) -> boot_
         kernel_alignment: KERNEL_ALIGNMENT,
         ..Default::default()
     });
-    let mut params = boot_params { hdr, ..Default::default() };
+    let mut params = boot_params { hdr, acpi_rsdp_addr: info.acpi_rsdp.unwrap_or(0), ..Default::default() };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = info.cmdline_len as u32;
@@ -94,6 +96,7 @@ fn write_pvh(memory: &GuestMemory, start_info: u64, info: &BootInfo<'_>) -> Resu
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: info.acpi_rsdp.unwrap_or(0),
         ..Default::default()
     };
     if let Some((paddr, size)) = info.initrd {
@@ -127,13 +130,19 @@ mod tests {
 
     #[test]
     fn zero_page_carries_cmdline_initrd_and_memory_map() {
-        let info = BootInfo { ram: &[(0, 128 << 20)], cmdline_len: 12, initrd: Some((0x700_0000, 0x1000)) };
+        let info = BootInfo {
+            ram: &[(0, 128 << 20)],
+            cmdline_len: 12,
+            initrd: Some((0x700_0000, 0x1000)),
+            acpi_rsdp: Some(0xe_0000),
+        };
         let params = zero_page_for(None, &info);
         let hdr = params.hdr;
         assert_eq!((hdr.boot_flag, hdr.header, hdr.type_of_loader), (BOOT_FLAG, HDRS_MAGIC, 0xff));
         assert_eq!((hdr.cmd_line_ptr, hdr.cmdline_size), (CMDLINE_ADDR as u32, 12));
         assert_eq!((hdr.ramdisk_image, hdr.ramdisk_size), (0x700_0000, 0x1000));
         assert_eq!(params.e820_entries, 2);
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
         let high = params.e820_table[1];
         assert_eq!((high.addr, high.size, high.r#type), (HIGH_MEMORY_START, (128 << 20) - HIGH_MEMORY_START, E820_RAM));
     }
@@ -146,7 +155,7 @@ mod tests {
             initrd: Some(vec![0x5a; 5000]),
             cmdline: "console=ttyS0 panic=-1".into(),
         };
-        let entry = load(&memory, &boot).unwrap();
+        let entry = load(&memory, &boot, None).unwrap();
         let EntryPoint::Linux64 { zero_page, .. } = entry else {
             panic!("expected the 64-bit protocol, got {entry:?}")
         };
@@ -171,9 +180,12 @@ mod tests {
             initrd: Some(vec![0; initrd]),
             cmdline: cmdline.into(),
         };
-        assert!(matches!(load(&memory, &boot(&"x".repeat(2048), 1)), Err(BootError::CmdlineTooLong { max: 2047, .. })));
-        assert!(matches!(load(&memory, &boot("a\0b", 1)), Err(BootError::CmdlineNul)));
-        assert!(matches!(load(&memory, &boot("", 8 << 20)), Err(BootError::InitrdTooLarge { .. })));
-        assert!(matches!(load(&guest_memory(1 << 20), &boot("", 1)), Err(BootError::NoLowMemory)));
+        assert!(matches!(
+            load(&memory, &boot(&"x".repeat(2048), 1), None),
+            Err(BootError::CmdlineTooLong { max: 2047, .. })
+        ));
+        assert!(matches!(load(&memory, &boot("a\0b", 1), None), Err(BootError::CmdlineNul)));
+        assert!(matches!(load(&memory, &boot("", 8 << 20), None), Err(BootError::InitrdTooLarge { .. })));
+        assert!(matches!(load(&guest_memory(1 << 20), &boot("", 1), None), Err(BootError::NoLowMemory)));
     }
 }

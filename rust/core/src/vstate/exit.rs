@@ -36,7 +36,8 @@ pub struct InternalError {
     pub suberror: u32,
     /// The raw `internal.data` words.
     pub data: Vec<u64>,
-    /// The instruction bytes, when KVM reported them.
+    /// The bytes KVM fetched at the instruction it gave up on (that instruction first), when it
+    /// reported them.
     pub instruction: Vec<u8>,
 }
 
