@@ -79,3 +79,15 @@ def test_kvmkit_run_boots_a_kernel_with_the_console_on_stdio(assemble, tmp_path,
     assert done.returncode == 0, done.stderr  # the guest reset, as a shutdown of the guest should
     assert done.stdout == b"cmdline=from the cli memmap=2 modules=0\ntyped"
     assert b"guest stopped: reset" in done.stderr
+
+
+def test_pexpect_drives_the_console_through_its_file_descriptor(platform_vm):
+    from pexpect import fdpexpect
+
+    vm, console = platform_vm
+    child = fdpexpect.fdspawn(console.fileno(), timeout=10)
+    vm.start()
+    child.expect("memmap=2 modules=1\n")
+    child.send("over the fd!")
+    child.expect("over the fd")
+    assert vm.wait(timeout=10).reason is ExitReason.RESET

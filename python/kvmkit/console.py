@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
+import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Union
 
@@ -26,6 +29,7 @@ class Console:
     def __init__(self, core: _CoreVm) -> None:
         self._core = core
         self._cursor = 0
+        self._bridge: socket.socket | None = None
 
     @property
     def output(self) -> bytes:
@@ -74,6 +78,33 @@ class Console:
 
     def _has_more(self, offset: int) -> bool:
         return bool(self._core.console_read(offset, 0.0)[1])
+
+    def fileno(self) -> int:
+        """A file descriptor carrying the console both ways (all output from the start, and input
+        to the guest), for tools such as ``pexpect.fdpexpect.fdspawn``. It is one end of a socket
+        pair; a thread moves bytes between the other end and the console until the VM closes."""
+        if self._bridge is None:
+            ours, theirs = socket.socketpair()
+            threading.Thread(target=self._pump, args=(ours,), name="kvmkit-console-fd", daemon=True).start()
+            self._bridge = theirs
+        return self._bridge.fileno()
+
+    def _pump(self, ours: socket.socket) -> None:
+        offset = 0
+        with ours:
+            while not self._core.closed:
+                start, data = self._core.console_read(offset, 0.05)
+                try:
+                    if data:
+                        ours.sendall(data)
+                    offset = start + len(data)
+                    while select.select([ours], [], [], 0)[0]:
+                        typed = ours.recv(4096)
+                        if not typed:
+                            return
+                        self._core.console_write(typed)
+                except OSError:  # the other end is gone
+                    return
 
     def log_to(self, path: str | os.PathLike[str]) -> None:
         """Appends all further output to the file at ``path``."""

@@ -16,6 +16,7 @@
 use thiserror::Error;
 
 use super::mptable::{APIC_ADDR, IOAPIC_ADDR, MAX_CPUS};
+use super::table_checksum;
 use crate::devices::{CMOS_PORT_BASE, CMOS_PORT_SIZE, I8042_PORT_BASE, SERIAL_PORT_SIZE};
 use crate::linux::{COM1_GSI, COM1_PORT};
 
@@ -265,11 +266,6 @@ fn place(bytes: &mut [u8], offset: usize, table: &[u8]) {
     bytes[offset..offset + table.len()].copy_from_slice(table);
 }
 
-/// The byte that makes `bytes` sum to zero modulo 256, which is how the guest validates a table.
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |sum, &byte| sum.wrapping_sub(byte))
-}
-
 /// The OEM table id of the table with `signature`, so each table is told apart in a dump.
 const fn oem_table_id(signature: [u8; 4]) -> [u8; 8] {
     let [k, v, m, i] = OEM_TABLE_ID_PREFIX;
@@ -292,7 +288,7 @@ fn table(signature: [u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
     bytes.extend_from_slice(&CREATOR_ID);
     bytes.extend_from_slice(&CREATOR_REVISION.to_le_bytes());
     bytes.extend_from_slice(body);
-    bytes[HEADER_CHECKSUM_OFFSET] = checksum(&bytes);
+    bytes[HEADER_CHECKSUM_OFFSET] = table_checksum(&bytes);
     bytes
 }
 
@@ -307,8 +303,8 @@ fn rsdp() -> [u8; RSDP_LEN] {
     bytes[20..24].copy_from_slice(&(RSDP_LEN as u32).to_le_bytes());
     bytes[24..32].copy_from_slice(&table_addr(XSDT_OFFSET).to_le_bytes());
     // Bytes 33-35 are reserved.
-    bytes[RSDP_CHECKSUM_OFFSET] = checksum(&bytes[..RSDP_V1_LEN]);
-    bytes[RSDP_EXTENDED_CHECKSUM_OFFSET] = checksum(&bytes);
+    bytes[RSDP_CHECKSUM_OFFSET] = table_checksum(&bytes[..RSDP_V1_LEN]);
+    bytes[RSDP_EXTENDED_CHECKSUM_OFFSET] = table_checksum(&bytes);
     bytes
 }
 

@@ -18,3 +18,9 @@ pub mod mptable;
 pub mod msr;
 /// Identity-mapped page tables for long mode.
 pub mod paging;
+
+/// The byte that makes `bytes` sum to zero modulo 256, which is how a guest validates the MP and
+/// ACPI tables firmware leaves it.
+pub(crate) fn table_checksum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |sum, &byte| sum.wrapping_sub(byte))
+}

@@ -7,6 +7,8 @@
 
 use thiserror::Error;
 
+use super::table_checksum;
+
 /// Where the table goes: the start of the EBDA, the last KiB of base memory, one of the places a
 /// guest scans for the floating pointer. The boot code keeps it out of the e820 RAM map.
 pub const MPTABLE_START: u64 = 0x9fc00;
@@ -125,11 +127,6 @@ fn cpu_count(cpus: u32) -> Result<u8, MpTableError> {
     }
 }
 
-/// The byte that makes `bytes` sum to zero modulo 256, which is how the guest validates a table.
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |sum, &byte| sum.wrapping_sub(byte))
-}
-
 fn floating_pointer() -> Vec<u8> {
     let mut bytes = Vec::with_capacity(FLOATING_LEN);
     bytes.extend_from_slice(&FLOATING_SIGNATURE);
@@ -142,7 +139,7 @@ fn floating_pointer() -> Vec<u8> {
     // Feature byte 2 zero: IMCR absent, so the guest assumes virtual wire mode, which KVM's
     // in-kernel PIC and APICs provide. Bytes 3-5 are reserved.
     bytes.extend_from_slice(&[0; 5]);
-    bytes[FLOATING_CHECKSUM_OFFSET] = checksum(&bytes);
+    bytes[FLOATING_CHECKSUM_OFFSET] = table_checksum(&bytes);
     bytes
 }
 
@@ -163,7 +160,7 @@ fn config_table(cpus: u8) -> Vec<u8> {
     let count = usize::from(cpus) + FIXED_ENTRIES;
     let mut table = header(HEADER_LEN + entries.len(), count);
     table.extend_from_slice(&entries);
-    table[HEADER_CHECKSUM_OFFSET] = checksum(&table);
+    table[HEADER_CHECKSUM_OFFSET] = table_checksum(&table);
     table
 }
 
