@@ -8,9 +8,11 @@ demo:            ## boot the default Linux guest and run a command in it
 test:            ## lints, cargo test, pytest
 	scripts/test.sh
 
-bench:           ## exit latency and VM churn against a C baseline
+bench:           ## exit latency, VM churn and boot time against their baselines
 	scripts/bootstrap.sh
+	command -v qemu-system-x86_64 >/dev/null || (apt-get update -qq && apt-get install -y -qq qemu-system-x86 >/dev/null)
 	.venv/bin/python benchmarks/bench_exits.py
+	.venv/bin/python benchmarks/bench_boot.py
 
 build:
 	scripts/bootstrap.sh
