@@ -11,9 +11,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{self, VIRTIO_MMIO_SIZE};
 use crate::arch::x86_64::mode::CpuMode;
 use crate::bus::{BusDevice, BusRange};
 use crate::config::MachineConfig;
+use crate::devices::virtio::{
+    DeviceCounters, DeviceEventLoop, Interrupt, MmioTransport, SharedDevice, QUEUE_NOTIFY_OFFSET,
+};
 use crate::error::{Error, Result};
 use crate::io::{IoSpaces, IoStats};
 use crate::irq::IrqLine;
@@ -47,6 +53,25 @@ struct State {
     thread_hook: Option<VcpuThreadHook>,
     /// Called when the first run starts (then dropped).
     on_first_start: Vec<Box<dyn FnOnce() + Send>>,
+    /// virtio devices, in the order they were added.
+    virtio: Vec<VirtioSlot>,
+    /// Serves the virtio devices; started with the first one.
+    device_loop: Option<DeviceEventLoop>,
+}
+
+/// Where a virtio device sits and how it is doing.
+#[derive(Clone)]
+pub struct VirtioSlot {
+    /// The virtio device type.
+    pub device_type: u32,
+    /// First address of its MMIO registers.
+    pub base: u64,
+    /// Size of its MMIO window.
+    pub size: u64,
+    /// Its interrupt.
+    pub gsi: u32,
+    /// Its counters.
+    pub counters: Arc<DeviceCounters>,
 }
 
 struct ActiveRun {
@@ -90,6 +115,8 @@ impl Machine {
             last_exit: None,
             thread_hook: None,
             on_first_start: Vec::new(),
+            virtio: Vec::new(),
+            device_loop: None,
         };
         Ok(Self { state: Mutex::new(state), vm, vcpu_count: config.vcpus as usize, irqchip: config.irqchip })
     }
@@ -161,6 +188,44 @@ impl Machine {
             Error::InvalidConfig(format!("{space} range {base:#x}+{len:#x} is empty or wraps around"))
         })?;
         Ok(self.stopped_state()?.io.insert(space, range, device)?)
+    }
+
+    /// Puts a virtio device on the MMIO bus in the next free slot, with its queue notifications
+    /// caught by ioeventfds and its interrupt (when the VM has an irqchip) raised by an irqfd, and
+    /// has the device event loop serve it. The device stays for the VM's life.
+    pub fn add_virtio_device(&self, device: SharedDevice) -> Result<VirtioSlot> {
+        let mut state = self.stopped_state()?;
+        let index = state.virtio.len();
+        let (base, gsi) = layout::virtio_mmio_slot(index)
+            .ok_or_else(|| Error::InvalidConfig(format!("a VM has room for {index} virtio devices, no more")))?;
+        let (device_type, queue_count, counters) = {
+            let device = device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            (device.device_type(), device.queue_max_sizes().len(), device.counters().clone())
+        };
+        let notify_addr = base + QUEUE_NOTIFY_OFFSET;
+        let notifiers = (0..queue_count as u32)
+            .map(|queue| self.vm.queue_notifier(notify_addr, queue))
+            .collect::<Result<Vec<_>>>()?;
+        let line = if self.irqchip { Some(self.vm.irq_line(gsi)?.0) } else { None };
+        let interrupt = Arc::new(Interrupt::new(line, counters.clone()));
+        let transport_notifiers = notifiers.iter().map(try_clone).collect::<Result<Vec<_>>>()?;
+        let transport =
+            MmioTransport::new(device.clone(), self.memory().clone(), interrupt.clone(), transport_notifiers);
+        let range = BusRange::new(base, VIRTIO_MMIO_SIZE).expect("virtio slots are non-empty ranges");
+        state.io.insert(AddressSpace::Mmio, range, Arc::new(transport))?;
+        if state.device_loop.is_none() {
+            state.device_loop = Some(DeviceEventLoop::start().map_err(Error::Thread)?);
+        }
+        let device_loop = state.device_loop.as_ref().expect("started above");
+        device_loop.add(device, notifiers, interrupt).map_err(Error::Thread)?;
+        let slot = VirtioSlot { device_type, base, size: VIRTIO_MMIO_SIZE, gsi, counters };
+        state.virtio.push(slot.clone());
+        Ok(slot)
+    }
+
+    /// The virtio devices added so far.
+    pub fn virtio_devices(&self) -> Vec<VirtioSlot> {
+        self.lock().virtio.clone()
     }
 
     /// Unmaps the range of `space` that starts at `base`; fails while the VM runs.
@@ -392,6 +457,10 @@ impl Drop for Machine {
         }
         Self::join(&mut state);
     }
+}
+
+fn try_clone(event: &EventFd) -> Result<EventFd> {
+    event.try_clone().map_err(Error::Thread)
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -7,6 +7,7 @@ mod i8042;
 mod null;
 mod scratchpad;
 mod serial;
+pub mod virtio;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

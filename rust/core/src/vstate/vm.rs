@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -57,11 +57,17 @@ impl Vm {
 
     /// An interrupt line into the in-kernel irqchip for `gsi`: writing to it injects the interrupt.
     pub fn irq_line(&self, gsi: u32) -> Result<IrqLine> {
-        let event = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
-            Error::kvm("eventfd")(vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)))
-        })?;
+        let event = new_eventfd()?;
         self.fd.register_irqfd(&event, gsi).map_err(Error::kvm("KVM_IRQFD"))?;
         Ok(IrqLine(event))
+    }
+
+    /// An eventfd that KVM signals, without a VMM exit, when the guest writes the 32-bit `value`
+    /// to the MMIO address `addr` (an ioeventfd).
+    pub fn queue_notifier(&self, addr: u64, value: u32) -> Result<EventFd> {
+        let event = new_eventfd()?;
+        self.fd.register_ioevent(&event, &IoEventAddress::Mmio(addr), value).map_err(Error::kvm("KVM_IOEVENTFD"))?;
+        Ok(event)
     }
 
     /// The VM file descriptor.
@@ -73,4 +79,9 @@ impl Vm {
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.memory
     }
+}
+
+fn new_eventfd() -> Result<EventFd> {
+    EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| Error::kvm("eventfd")(vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO))))
 }

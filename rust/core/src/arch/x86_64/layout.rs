@@ -40,6 +40,20 @@ pub const MMIO_GAP_START: u64 = 0xd000_0000;
 /// End of that hole: RAM beyond what fits below the gap continues here.
 pub const MMIO_GAP_END: u64 = 1 << 32;
 
+/// Where the first virtio-mmio device's registers go, above the boot timer's page.
+pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START + 0x10_0000;
+/// The MMIO window of each virtio device.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The GSIs virtio devices use: the free ISA interrupts above COM1 (the RTC's 8 left out) and the
+/// IOAPIC's pins above the ISA range.
+const VIRTIO_GSIS: [u32; 18] = [5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+
+/// The MMIO base and GSI of the `index`th virtio device, or `None` when none are left.
+pub fn virtio_mmio_slot(index: usize) -> Option<(u64, u32)> {
+    let gsi = *VIRTIO_GSIS.get(index)?;
+    Some((VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE, gsi))
+}
+
 // KVM's private pages must sit in the gap, away from RAM.
 const _: () = assert!(KVM_IDENTITY_MAP_ADDR >= MMIO_GAP_START && KVM_TSS_ADDR + 3 * 4096 <= MMIO_GAP_END);
 
