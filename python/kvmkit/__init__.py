@@ -12,7 +12,7 @@ Rust devices, and run it at KVM speed::
         print(vm.run(timeout=5).reason)
 """
 
-from kvmkit import devices, errors
+from kvmkit import devices, errors, virtio
 from kvmkit._core import __version__
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, CpuidEntry, CpuMode, DescriptorTable, Fpu, Regs, Segment, SRegs, Vcpu
@@ -37,4 +37,5 @@ __all__ = [
     "devices",
     "errors",
     "parse_size",
+    "virtio",
 ]

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import kvmkit
 from kvmkit.errors import KvmkitError
@@ -61,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         cmdline = cmdline or guest.cmdline
     vm = kvmkit.VM(memory=args.memory, cpus=args.cpus, irqchip=True, pit=True)
     with vm:
+        _add_devices(vm, args)
         console = vm.boot_linux(kernel, initrd=initrd, cmdline=cmdline or kvmkit.vm.DEFAULT_CMDLINE)
         if args.console_log:
             console.log_to(args.console_log)
@@ -75,6 +77,65 @@ def _run(args: argparse.Namespace) -> int:
     if vm.boot_time is not None:
         print(f"[kvmkit] boot time (init's boot-timer write): {vm.boot_time * 1e3:.0f} ms", file=sys.stderr)
     return _RUN_STATUS.get(exit_.reason, 1)
+
+
+def _add_devices(vm: kvmkit.VM, args: argparse.Namespace) -> None:
+    for disk in args.disk:
+        vm.add_disk(disk.path, read_only=disk.read_only)
+    for net in args.net:
+        vm.add_net(net.tap, mac=net.mac)
+    if args.vsock is not None:
+        vm.add_vsock(args.vsock.cid, args.vsock.path)
+    if args.rng:
+        vm.add_rng()
+
+
+class _Disk(NamedTuple):
+    path: str
+    read_only: bool
+
+
+class _Net(NamedTuple):
+    tap: str
+    mac: str | None
+
+
+class _Vsock(NamedTuple):
+    cid: int
+    path: str
+
+
+def _options(text: str, what: str, allowed: set[str]) -> tuple[str, dict[str, str]]:
+    """Splits ``first,key=value,flag`` into the first field and the options after it."""
+    first, *rest = text.split(",")
+    options: dict[str, str] = {}
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} option {key!r} (known: {', '.join(sorted(allowed))})"
+            )
+        options[key] = value
+    if not first:
+        raise argparse.ArgumentTypeError(f"{what} needs a value before its options")
+    return first, options
+
+
+def _disk(text: str) -> _Disk:
+    path, options = _options(text, "--disk", {"ro"})
+    return _Disk(path, "ro" in options)
+
+
+def _net(text: str) -> _Net:
+    tap, options = _options(text, "--net", {"mac"})
+    return _Net(tap, options.get("mac"))
+
+
+def _vsock(text: str) -> _Vsock:
+    cid, options = _options(text, "--vsock", {"path"})
+    if "path" not in options or not cid.isdigit():
+        raise argparse.ArgumentTypeError("--vsock takes CID,path=SOCKET, e.g. 3,path=/tmp/vm.sock")
+    return _Vsock(int(cid), options["path"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,6 +157,29 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", default="256M", help="guest memory, e.g. 256M or 1G (default 256M)")
     run.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
     run.add_argument("--console-log", help="also append the console output to this file")
+    run.add_argument(
+        "--disk",
+        type=_disk,
+        action="append",
+        default=[],
+        metavar="IMAGE[,ro]",
+        help="a virtio disk backed by a raw image file; ro makes it read-only (repeatable)",
+    )
+    run.add_argument(
+        "--net",
+        type=_net,
+        action="append",
+        default=[],
+        metavar="TAP[,mac=MAC]",
+        help="a virtio network card on this tap device (repeatable)",
+    )
+    run.add_argument(
+        "--vsock",
+        type=_vsock,
+        metavar="CID,path=SOCKET",
+        help="a virtio vsock device; the host side is the Unix socket SOCKET (CONNECT <port>)",
+    )
+    run.add_argument("--rng", action="store_true", help="a virtio entropy device")
     run.set_defaults(func=_run)
     return parser
 

@@ -7,7 +7,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Literal, TypeVar, Union
 
 from kvmkit import _core
 from kvmkit.console import Console
@@ -15,6 +15,7 @@ from kvmkit.cpu import CpuidEdit, Vcpu
 from kvmkit.devices import Device
 from kvmkit.errors import BootError, ConfigError, VmStateError, WaitTimeout
 from kvmkit.exits import Exit
+from kvmkit.virtio import Rng, VirtioDevice
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -27,6 +28,8 @@ ReadHandler = Callable[[int, int], Union[int, bytes]]
 """``read(addr, size)`` returns an int that fits ``size`` bytes, or exactly ``size`` bytes."""
 WriteHandler = Callable[[int, bytes], object]
 """``write(addr, data)`` receives the bytes the guest wrote."""
+
+_Device = TypeVar("_Device", bound=VirtioDevice)
 
 _live: weakref.WeakSet[VM] = weakref.WeakSet()
 
@@ -91,6 +94,7 @@ class VM:
         self._core = _core.Vm(layout, cpus, irqchip, pit, unhandled_io, [e._to_core() for e in cpuid])
         self.vcpus: list[Vcpu] = [Vcpu(self._core, i) for i in range(cpus)]
         self._console: Console | None = None
+        self._virtio: list[VirtioDevice] = []
         _live.add(self)
         log.debug("created VM with %d vCPU(s), memory %s", cpus, [(hex(a), s) for a, s in layout])
 
@@ -168,6 +172,28 @@ class VM:
     def stats(self) -> dict[str, int]:
         """Counts of I/O exits: ``io_exits``, ``mmio_exits``, ``unhandled_io``, ``unhandled_mmio``."""
         return self._core.stats
+
+    # virtio devices
+
+    def add_rng(self) -> Rng:
+        """Adds a virtio entropy device fed by the host's ``getrandom``."""
+        return self._keep(Rng(self._add_virtio(_core.virtio_rng())))
+
+    def _keep(self, device: _Device) -> _Device:
+        self._virtio.append(device)
+        return device
+
+    def _add_virtio(self, backend: _core.VirtioBackend) -> _core.VirtioHandle:
+        if self._console is not None:
+            raise VmStateError("add virtio devices before boot_linux, which tells the kernel about them")
+        handle = self._core.add_virtio(backend)
+        log.debug("added virtio %s at %#x, irq %d", handle.kind, handle.address, handle.irq)
+        return handle
+
+    @property
+    def virtio_devices(self) -> list[VirtioDevice]:
+        """The virtio devices added so far, in order."""
+        return list(self._virtio)
 
     # Linux
 

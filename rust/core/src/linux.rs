@@ -17,7 +17,7 @@ use crate::devices::{
 };
 use crate::error::{Error, Result};
 use crate::irq::IrqLine;
-use crate::machine::Machine;
+use crate::machine::{Machine, VirtioSlot};
 use crate::vstate::exit::AddressSpace;
 use crate::vstate::memory;
 
@@ -54,7 +54,8 @@ pub fn boot_linux(machine: &Machine, boot: &LinuxBoot) -> Result<LinuxPlatform> 
     memory::write(machine.memory(), mptable::MPTABLE_START, &table)?;
     let acpi = acpi::acpi_tables(cpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     memory::write(machine.memory(), acpi::ACPI_TABLES_ADDR, &acpi.bytes)?;
-    let entry = boot::load(machine.memory(), boot, Some(acpi.rsdp_addr))?;
+    let boot = LinuxBoot { cmdline: with_virtio_devices(&boot.cmdline, &machine.virtio_devices()), ..boot.clone() };
+    let entry = boot::load(machine.memory(), &boot, Some(acpi.rsdp_addr))?;
     for index in 0..machine.vcpu_count() {
         machine.with_vcpu(index, |vcpu| {
             vcpu.set_msrs(&msr::boot_msrs())?;
@@ -64,6 +65,20 @@ pub fn boot_linux(machine: &Machine, boot: &LinuxBoot) -> Result<LinuxPlatform> 
     }
     enter_kernel(machine, entry)?;
     map_devices(machine)
+}
+
+/// The command line with a `virtio_mmio.device=SIZE@ADDR:IRQ` entry per virtio device, for kernels
+/// that find them there; kernels built without that option find them in the DSDT instead.
+fn with_virtio_devices(cmdline: &str, devices: &[VirtioSlot]) -> String {
+    let mut cmdline = cmdline.to_string();
+    for device in devices {
+        let entry = format!("virtio_mmio.device={}K@{:#x}:{}", device.size >> 10, device.base, device.gsi);
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&entry);
+    }
+    cmdline
 }
 
 fn enter_kernel(machine: &Machine, entry: EntryPoint) -> Result<()> {
@@ -94,4 +109,22 @@ fn map_devices(machine: &Machine) -> Result<LinuxPlatform> {
     let timer = boot_timer.clone();
     machine.on_first_start(Box::new(move || timer.restart(Instant::now())));
     Ok(LinuxPlatform { console, serial, boot_timer })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn virtio_devices_are_announced_on_the_command_line() {
+        let slot = |base, gsi| VirtioSlot { device_type: 2, base, size: 0x1000, gsi, counters: Arc::default() };
+        assert_eq!(with_virtio_devices("console=ttyS0", &[]), "console=ttyS0");
+        assert_eq!(
+            with_virtio_devices("console=ttyS0", &[slot(0xd010_0000, 5), slot(0xd010_1000, 6)]),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0100000:5 virtio_mmio.device=4K@0xd0101000:6"
+        );
+        assert_eq!(with_virtio_devices("", &[slot(0xd010_0000, 5)]), "virtio_mmio.device=4K@0xd0100000:5");
+    }
 }

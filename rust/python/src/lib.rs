@@ -7,6 +7,7 @@ mod error;
 mod handler;
 mod initramfs;
 mod memory_view;
+mod virtio;
 mod vm;
 
 use pyo3::prelude::*;
@@ -37,5 +38,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<devices::Scratchpad>()?;
     m.add_class::<memory_view::GuestMemoryView>()?;
     m.add_class::<initramfs::Initramfs>()?;
+    m.add_class::<virtio::VirtioBackend>()?;
+    m.add_class::<virtio::VirtioHandle>()?;
+    m.add_function(wrap_pyfunction!(virtio::virtio_rng, m)?)?;
     Ok(())
 }

@@ -23,6 +23,7 @@ use crate::devices::bus_device;
 use crate::error::{config_error, IntoPyResult, VmStateError};
 use crate::handler::{ErrorSlot, PyHandler};
 use crate::memory_view::GuestMemoryView;
+use crate::virtio::{VirtioBackend, VirtioHandle};
 
 /// How often a waiting caller checks for signals such as Ctrl-C.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -284,6 +285,13 @@ impl Vm {
 
     fn remove(&self, space: &str, base: u64) -> PyResult<()> {
         self.machine()?.remove_device(self::space(space)?, base).py().map(drop)
+    }
+
+    /// Attaches a virtio device in the next free MMIO slot.
+    fn add_virtio(&self, backend: &VirtioBackend) -> PyResult<VirtioHandle> {
+        let machine = self.machine()?;
+        let (kind, device) = backend.take()?;
+        Ok(VirtioHandle::new(kind, machine.add_virtio_device(device).py()?))
     }
 
     /// Loads a Linux kernel with its platform devices; the console then collects COM1's output.
