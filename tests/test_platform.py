@@ -1,6 +1,6 @@
 """kvmkit's Linux platform driven by a small kernel-like guest instead of Linux: the PVH boot
 path (start info, command line, memory map, initrd), the COM1 console both ways, the boot timer,
-the CMOS RTC and reset through the i8042."""
+the CMOS RTC, reset through the i8042 and power-off through the ACPI sleep control register."""
 
 from __future__ import annotations
 
@@ -36,6 +36,19 @@ def test_guest_sees_the_boot_information_and_the_console_works_both_ways(platfor
     assert vm.boot_time is not None and 0 < vm.boot_time < 10
 
 
+def test_guest_powers_off_through_the_acpi_sleep_control_register(platform_vm):
+    vm, console = platform_vm
+    vm.start()
+    console.expect(b"modules=1\n", timeout=10)
+    console.write("bye.")  # '.' makes the guest write S5 to port 0x3c0, as Linux's poweroff does
+    console.expect(b"bye", timeout=10)
+    exit_ = vm.wait(timeout=10)
+
+    assert exit_.reason is ExitReason.POWEROFF, exit_
+    assert exit_.reason.value == "poweroff"
+    assert exit_.vcpu == 0
+
+
 def test_console_log_file_gets_the_output(platform_vm, tmp_path):
     vm, console = platform_vm
     log = tmp_path / "console.log"
@@ -56,7 +69,10 @@ def test_expect_times_out_with_the_tail_of_the_output(platform_vm):
     vm.stop()
 
 
-def test_kvmkit_run_boots_a_kernel_with_the_console_on_stdio(assemble, tmp_path, kvm_available):
+@pytest.mark.parametrize(("last_key", "ending"), [("!", "reset"), (".", "poweroff")])
+def test_kvmkit_run_boots_a_kernel_with_the_console_on_stdio(
+    assemble, tmp_path, kvm_available, last_key, ending
+):
     kernel = tmp_path / "kernel.elf"
     kernel.write_bytes(assemble("pvh_platform", elf=True))
     done = subprocess.run(
@@ -72,13 +88,13 @@ def test_kvmkit_run_boots_a_kernel_with_the_console_on_stdio(assemble, tmp_path,
             "--memory",
             "64M",
         ],
-        input=b"typed!",
+        input=b"typed" + last_key.encode(),
         capture_output=True,
         timeout=60,
     )
-    assert done.returncode == 0, done.stderr  # the guest reset, as a shutdown of the guest should
+    assert done.returncode == 0, done.stderr  # a guest that resets or powers off ends cleanly
     assert done.stdout == b"cmdline=from the cli memmap=2 modules=0\ntyped"
-    assert b"guest stopped: reset" in done.stderr
+    assert f"guest stopped: {ending}".encode() in done.stderr
 
 
 def test_pexpect_drives_the_console_through_its_file_descriptor(platform_vm):

@@ -14,6 +14,10 @@ import kvmkit
 from kvmkit.errors import KvmkitError
 from kvmkit.exits import ExitReason
 
+# How a Linux guest ends itself on kvmkit's platform: `poweroff` (ACPI S5) or `reboot` (the
+# i8042's reset line, with reboot=k).
+_GUEST_SHUTDOWN = (ExitReason.POWEROFF, ExitReason.RESET)
+
 
 def _demo(args: argparse.Namespace) -> int:
     from kvmkit.demo import PARAVIRTUAL_KVM, run_linux
@@ -22,7 +26,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\n[kvmkit] guest stopped: {result.exit} after {result.seconds:.1f} s")
     if result.command_output is not None:
         print(f"[kvmkit] `{args.command}` printed: {result.command_output.strip()}")
-        return 0 if result.exit.reason is ExitReason.RESET else 1
+        return 0 if result.exit.reason in _GUEST_SHUTDOWN else 1
     print(f"[kvmkit] the guest stopped early; furthest boot milestone: {result.milestone or 'none'}")
     if os.path.exists(PARAVIRTUAL_KVM):
         print(

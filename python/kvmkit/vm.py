@@ -205,9 +205,9 @@ class VM:
     ) -> Console:
         """Loads a Linux kernel (bzImage, or ELF ``vmlinux`` entered through PVH when it has the
         note for it) with its initrd and command line, sets up the PC platform around it (MP
-        table, COM1 console, i8042, CMOS RTC, boot timer) and points vCPU 0 at its entry. Needs
-        ``irqchip=True``. Returns the console, also at :attr:`console`; :meth:`run` or
-        :meth:`start` boots."""
+        and ACPI tables, COM1 console, i8042, ACPI sleep control, CMOS RTC, boot timer) and points
+        vCPU 0 at its entry. Needs ``irqchip=True``. Returns the console, also at :attr:`console`;
+        :meth:`run` or :meth:`start` boots."""
         self._core.boot_linux(_read(kernel), None if initrd is None else _read(initrd), cmdline)
         self._console = Console(self._core)
         return self._console

@@ -1,7 +1,8 @@
 # A kernel-like ELF entered through PVH (32-bit, paging off, EBX = hvm_start_info) that drives
 # kvmkit's Linux platform: prints "cmdline=<command line> memmap=<entries> modules=<count>" on
-# COM1, echoes console input up to '!', writes the boot-timer byte, checks the CMOS RTC's
-# register D, then resets through the i8042. Any check that fails triple-faults (ud2 with no IDT).
+# COM1, echoes console input up to '!' or '.', writes the boot-timer byte, checks the CMOS RTC's
+# register D, then after '!' resets through the i8042 and after '.' powers off through the ACPI
+# sleep control register. Any check that fails triple-faults (ud2 with no IDT).
 	.intel_syntax noprefix
 	.code32
 
@@ -36,16 +37,26 @@ _start:
 echo:	call	getc
 	cmp	al, '!'
 	je	done
+	cmp	al, '.'
+	je	done
 	call	putc
 	jmp	echo
-done:	mov	byte ptr [0xd0000000], 123	# boot timer
+done:	mov	bl, al				# how to end
+	mov	byte ptr [0xd0000000], 123	# boot timer
 	mov	al, 0x0d			# CMOS register D: "valid RAM and time"
 	out	0x70, al
 	in	al, 0x71
 	cmp	al, 0x80
 	jne	fail
+	cmp	bl, '.'
+	je	poweroff
 	mov	al, 0xfe			# i8042: pulse the reset line
 	out	0x64, al
+	jmp	fail
+poweroff:
+	mov	al, 0x34			# SLP_EN | SLP_TYP 5, the DSDT's S5 type
+	mov	dx, 0x3c0			# the FADT's sleep control register
+	out	dx, al
 fail:	ud2
 
 # COM1: wait for the transmitter, then send AL.

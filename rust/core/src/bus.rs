@@ -21,6 +21,10 @@ pub enum DeviceError {
     /// run ends with [`ExitReason::Reset`](crate::ExitReason::Reset).
     #[error("the guest asked for a reset")]
     Reset,
+    /// The access is how the guest asks to power off (the ACPI sleep control register, for
+    /// instance); the run ends with [`ExitReason::PowerOff`](crate::ExitReason::PowerOff).
+    #[error("the guest asked to power off")]
+    PowerOff,
 }
 
 /// Something that serves reads and writes on a bus.

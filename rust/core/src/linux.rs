@@ -1,5 +1,6 @@
 //! A PC platform for Linux on a [`Machine`]: the kernel and its boot parameters, the MP table,
-//! the devices a PC kernel expects (COM1, i8042, CMOS RTC, boot timer), and the console.
+//! the devices a PC kernel expects (COM1, i8042, CMOS RTC, ACPI sleep control, boot timer), and the
+//! console.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,8 +13,8 @@ use crate::arch::x86_64::{acpi, mptable, msr};
 use crate::boot::{self, EntryPoint, LinuxBoot};
 use crate::devices::console::ConsoleOutput;
 use crate::devices::{
-    BootTimer, Cmos, SerialPort, CMOS_PORT_BASE, CMOS_PORT_SIZE, I8042, I8042_PORT_BASE, I8042_PORT_SIZE,
-    SERIAL_PORT_SIZE,
+    AcpiSleepControl, BootTimer, Cmos, SerialPort, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE, CMOS_PORT_BASE,
+    CMOS_PORT_SIZE, I8042, I8042_PORT_BASE, I8042_PORT_SIZE, SERIAL_PORT_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::irq::IrqLine;
@@ -52,7 +53,7 @@ pub fn boot_linux(machine: &Machine, boot: &LinuxBoot) -> Result<LinuxPlatform> 
     // Kernels built without MP-table support (Debian's cloud kernel) find the CPUs through ACPI.
     let table = mptable::mptable(cpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     memory::write(machine.memory(), mptable::MPTABLE_START, &table)?;
-    let acpi = acpi::acpi_tables(cpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    let acpi = acpi::acpi_tables(cpus, &[]).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     memory::write(machine.memory(), acpi::ACPI_TABLES_ADDR, &acpi.bytes)?;
     let boot = LinuxBoot { cmdline: with_virtio_devices(&boot.cmdline, &machine.virtio_devices()), ..boot.clone() };
     let entry = boot::load(machine.memory(), &boot, Some(acpi.rsdp_addr))?;
@@ -105,6 +106,8 @@ fn map_devices(machine: &Machine) -> Result<LinuxPlatform> {
     machine.add_device(AddressSpace::Pio, COM1_PORT, SERIAL_PORT_SIZE, serial.clone())?;
     machine.add_device(AddressSpace::Pio, I8042_PORT_BASE, I8042_PORT_SIZE, Arc::new(I8042::default()))?;
     machine.add_device(AddressSpace::Pio, CMOS_PORT_BASE, CMOS_PORT_SIZE, Arc::new(Cmos::new()))?;
+    let sleep_control = Arc::new(AcpiSleepControl::default());
+    machine.add_device(AddressSpace::Pio, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE, sleep_control)?;
     machine.add_device(AddressSpace::Mmio, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer.clone())?;
     let timer = boot_timer.clone();
     machine.on_first_start(Box::new(move || timer.restart(Instant::now())));

@@ -1,5 +1,6 @@
 //! Devices that sit on a [`Bus`](crate::Bus).
 
+mod acpi_pm;
 mod boot_timer;
 mod cmos;
 pub mod console;
@@ -11,6 +12,7 @@ pub mod virtio;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use acpi_pm::{AcpiSleepControl, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE, S5_SLEEP_TYPE};
 pub use boot_timer::{BootTimer, BOOT_COMPLETE_SIGNAL};
 pub use cmos::{Cmos, CMOS_PORT_BASE, CMOS_PORT_SIZE};
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_SIZE};

@@ -209,6 +209,7 @@ pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, io: &dyn IoHandler)
             ExitAction::Stop(ExitReason::DeviceError { space, addr, message })
         }
         Err(IoError::Device(DeviceError::Reset)) => ExitAction::Stop(ExitReason::Reset),
+        Err(IoError::Device(DeviceError::PowerOff)) => ExitAction::Stop(ExitReason::PowerOff),
     };
     let exit = match exit {
         Ok(exit) => exit,
@@ -250,7 +251,8 @@ mod tests {
     use super::*;
     use std::cell::RefCell;
 
-    /// Records accesses; port 0x60 and MMIO 0x1000 fail, port 0xdead is unmapped.
+    /// Records accesses; port 0x60 and MMIO 0x1000 fail, port 0x64 resets, port 0x3c0 powers
+    /// off, port 0xdead is unmapped.
     #[derive(Default)]
     struct Recorder(RefCell<Vec<(AddressSpace, u64, Vec<u8>)>>);
 
@@ -260,6 +262,7 @@ mod tests {
             match addr {
                 0x60 | 0x1000 => Err(IoError::Device(DeviceError::Failed("broken".into()))),
                 0x64 => Err(IoError::Device(DeviceError::Reset)),
+                0x3c0 => Err(IoError::Device(DeviceError::PowerOff)),
                 0xdead => Err(IoError::Unhandled),
                 _ => Ok(()),
             }
@@ -329,6 +332,7 @@ mod tests {
             ExitAction::Stop(ExitReason::UnhandledIo { space: AddressSpace::Pio, addr: 0xdead, size: 4, write: false })
         );
         assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x64, &[0xfe])), &io), ExitAction::Stop(ExitReason::Reset));
+        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x3c0, &[0x34])), &io), ExitAction::Stop(ExitReason::PowerOff));
     }
 
     #[test]

@@ -3,21 +3,26 @@
 //! MADT; without these tables it brings up the boot CPU alone.
 //!
 //! The tables describe a hardware-reduced ACPI platform: there is no ACPI power-management
-//! hardware (PM timer, SCI, fixed-feature registers), so the guest needs none of it emulated. On
-//! such a platform Linux leaves the 8259 PIC and the PIT alone and sets up no ISA interrupt of its
-//! own accord: a legacy device gets its interrupt only if the DSDT describes it. So the DSDT
-//! describes the PC devices kvmkit's Linux platform has: COM1, the i8042 and the CMOS RTC.
+//! hardware (PM timer, SCI, fixed-feature registers), so the guest needs none of it emulated. The
+//! one exception is the pair of sleep registers such a platform has instead, which the guest
+//! writes to enter S5, that is, to power off. On a hardware-reduced platform Linux leaves the
+//! 8259 PIC and the PIT alone and sets up no ISA interrupt of its own accord: a legacy device gets
+//! its interrupt only if the DSDT describes it. So the DSDT describes the PC devices kvmkit's
+//! Linux platform has: COM1, the i8042 and the CMOS RTC, and any virtio-mmio devices, which a
+//! kernel without virtio-mmio command-line support finds nowhere else.
 //!
 //! The bytes are laid out as one block at `ACPI_TABLES_ADDR`, each table on a 16-byte boundary:
 //! the RSDP, which the guest finds by scanning the BIOS area, then the XSDT it points at, the FADT
-//! and the DSDT the FADT points at, and last the MADT, the only table whose size depends on the
-//! CPU count.
+//! and the DSDT the FADT points at, whose size depends on the virtio devices, and last the MADT,
+//! whose size depends on the CPU count.
 
 use thiserror::Error;
 
 use super::mptable::{APIC_ADDR, IOAPIC_ADDR, MAX_CPUS};
 use super::table_checksum;
-use crate::devices::{CMOS_PORT_BASE, CMOS_PORT_SIZE, I8042_PORT_BASE, SERIAL_PORT_SIZE};
+use crate::devices::{
+    ACPI_SLEEP_PORT, CMOS_PORT_BASE, CMOS_PORT_SIZE, I8042_PORT_BASE, S5_SLEEP_TYPE, SERIAL_PORT_SIZE,
+};
 use crate::linux::{COM1_GSI, COM1_PORT};
 
 /// Where the tables go: the start of the BIOS area (0xE0000–0xFFFFF) that a guest without EFI
@@ -75,6 +80,8 @@ const FADT_RESET_REG_OFFSET: usize = 116;
 const FADT_RESET_VALUE_OFFSET: usize = 128;
 const FADT_MINOR_REVISION_OFFSET: usize = 131;
 const FADT_X_DSDT_OFFSET: usize = 140;
+const FADT_SLEEP_CONTROL_REG_OFFSET: usize = 244;
+const FADT_SLEEP_STATUS_REG_OFFSET: usize = 256;
 const FADT_HYPERVISOR_ID_OFFSET: usize = 268;
 const HYPERVISOR_ID: [u8; 8] = *b"KVMKIT  ";
 
@@ -118,8 +125,10 @@ const AML_NAME_OP: u8 = 0x08;
 const AML_BYTE_PREFIX: u8 = 0x0a;
 const AML_WORD_PREFIX: u8 = 0x0b;
 const AML_DWORD_PREFIX: u8 = 0x0c;
+const AML_STRING_PREFIX: u8 = 0x0d;
 const AML_SCOPE_OP: u8 = 0x10;
 const AML_BUFFER_OP: u8 = 0x11;
+const AML_PACKAGE_OP: u8 = 0x12;
 const AML_EXT_OP_PREFIX: u8 = 0x5b;
 const AML_DEVICE_OP: u8 = 0x82;
 const AML_ROOT_PREFIX: u8 = b'\\';
@@ -127,7 +136,10 @@ const AML_ROOT_PREFIX: u8 = b'\\';
 /// The system bus scope, where devices without a parent bus live.
 const SYSTEM_BUS: [u8; 4] = *b"_SB_";
 const HARDWARE_ID: [u8; 4] = *b"_HID";
+const UNIQUE_ID: [u8; 4] = *b"_UID";
 const CURRENT_RESOURCES: [u8; 4] = *b"_CRS";
+/// The object, in the namespace root, that gives the sleep type values of S5 (soft off).
+const SOFT_OFF: [u8; 4] = *b"_S5_";
 
 /// Small resource descriptors: a tag byte (type and length), then the data.
 const RESOURCE_IRQ_NO_FLAGS: u8 = 0x22;
@@ -138,11 +150,26 @@ const RESOURCE_END_TAG: [u8; 2] = [0x79, 0];
 const IO_DECODE_16: u8 = 1;
 /// The fixed port ranges here need no alignment beyond a byte.
 const IO_ALIGNMENT: u8 = 1;
+/// Large resource descriptors: a tag byte, a 16-bit length, then the data.
+const RESOURCE_MEMORY32_FIXED: u8 = 0x86;
+const RESOURCE_EXTENDED_IRQ: u8 = 0x89;
+/// Memory32Fixed flag: the range is writable as well as readable.
+const MEMORY_READ_WRITE: u8 = 1;
+/// Extended interrupt flags: the device consumes the interrupt, which is edge-triggered. Bits left
+/// clear make it active-high, exclusive and unable to wake the system.
+const EXTENDED_IRQ_CONSUMER: u8 = 1 << 0;
+const EXTENDED_IRQ_EDGE: u8 = 1 << 1;
 
 /// Plug and Play ids of the devices, as the guest's drivers match them.
 const HID_16550_UART: u32 = eisa_id(*b"PNP0501");
 const HID_PS2_KEYBOARD: u32 = eisa_id(*b"PNP0303");
 const HID_CMOS_RTC: u32 = eisa_id(*b"PNP0B00");
+/// The id Linux's virtio-mmio driver matches; it has no EISA form, so it is a string.
+const HID_VIRTIO_MMIO: &[u8] = b"LNRO0005";
+/// Virtio-mmio devices are named `VR00` to `VRFF`, by their index in hex.
+pub const MAX_VIRTIO_SLOTS: usize = 256;
+/// Memory32Fixed descriptors hold 32-bit addresses.
+const MEMORY32_LIMIT: u64 = 1 << 32;
 
 /// The i8042's data and command ports, and the keyboard's ISA interrupt (which kvmkit's i8042
 /// never raises; the driver still needs it to claim the device).
@@ -189,17 +216,19 @@ const RSDP_OFFSET: usize = 0;
 const XSDT_OFFSET: usize = align(RSDP_OFFSET + RSDP_LEN);
 const FADT_OFFSET: usize = align(XSDT_OFFSET + XSDT_LEN);
 const DSDT_OFFSET: usize = align(FADT_OFFSET + FADT_LEN);
-/// The DSDT's length is not a constant: the MADT starts after the largest one it can be.
-const DSDT_MAX_LEN: usize = 256;
-const MADT_OFFSET: usize = align(DSDT_OFFSET + DSDT_MAX_LEN);
+/// Bounds on the DSDT's length: without virtio devices, and what each one adds. The MADT
+/// follows the DSDT, so these bound where the tables end.
+const DSDT_BASE_MAX_LEN: usize = 256;
+const VIRTIO_DEVICE_MAX_LEN: usize = 64;
+const DSDT_MAX_LEN: usize = DSDT_BASE_MAX_LEN + MAX_VIRTIO_SLOTS * VIRTIO_DEVICE_MAX_LEN;
 
-// The RSDP must sit where the guest scans, the tables for the most CPUs must end below 1 MiB,
-// and every address must fit the tables' 32-bit fields.
+// The RSDP must sit where the guest scans, the largest tables must end below 1 MiB, and every
+// address must fit the tables' 32-bit fields.
 const _: () = assert!(ACPI_TABLES_ADDR >= 0xe_0000 && ACPI_TABLES_ADDR % 16 == 0);
-const _: () = assert!(ACPI_TABLES_ADDR + tables_len(MAX_CPUS as usize) as u64 <= ACPI_TABLES_LIMIT);
+const _: () = assert!(ACPI_TABLES_ADDR + tables_len(MAX_CPUS as usize, DSDT_MAX_LEN) as u64 <= ACPI_TABLES_LIMIT);
 const _: () = assert!(ACPI_TABLES_LIMIT <= u32::MAX as u64);
 
-/// Why no tables can be built for a CPU count.
+/// Why no tables can be built for a CPU count or a set of virtio-mmio devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum AcpiError {
     /// The VM has no CPU to describe.
@@ -208,6 +237,28 @@ pub enum AcpiError {
     /// More CPUs than APIC ids can name.
     #[error("the ACPI tables can describe at most {MAX_CPUS} vCPUs (8-bit APIC ids, one taken by the I/O APIC), not {0}; configure fewer vCPUs")]
     TooManyCpus(u32),
+    /// More virtio-mmio devices than the DSDT has names for.
+    #[error("the DSDT can describe at most {MAX_VIRTIO_SLOTS} virtio-mmio devices, not {0}")]
+    TooManyVirtioDevices(usize),
+    /// A virtio-mmio slot the DSDT's 32-bit memory descriptor cannot hold.
+    #[error("the virtio-mmio slot at {base:#x} of {size:#x} bytes must be non-empty and end at or below 4 GiB to be described in the DSDT")]
+    VirtioSlotOutOfRange {
+        /// The slot's first address.
+        base: u64,
+        /// Its size in bytes.
+        size: u64,
+    },
+}
+
+/// Where a virtio-mmio device's registers are and which interrupt it raises, for the DSDT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioSlot {
+    /// The guest-physical address of its registers.
+    pub base: u64,
+    /// The size of its register window in bytes.
+    pub size: u64,
+    /// The global system interrupt (I/O APIC pin) it raises.
+    pub gsi: u32,
 }
 
 /// A VM's ACPI tables, ready to be written to guest memory.
@@ -220,24 +271,31 @@ pub struct AcpiTables {
     pub bytes: Vec<u8>,
 }
 
-/// The ACPI tables of a VM of `cpus` CPUs with APIC ids `0..cpus`, and one I/O APIC at
-/// [`IOAPIC_ADDR`] with id `cpus` receiving GSIs from 0.
-pub fn acpi_tables(cpus: u32) -> Result<AcpiTables, AcpiError> {
+/// The ACPI tables of a VM of `cpus` CPUs with APIC ids `0..cpus`, one I/O APIC at
+/// [`IOAPIC_ADDR`] with id `cpus` receiving GSIs from 0, and the virtio-mmio devices `virtio`.
+pub fn acpi_tables(cpus: u32, virtio: &[VirtioMmioSlot]) -> Result<AcpiTables, AcpiError> {
     let cpus = cpu_count(cpus)?;
-    let mut bytes = vec![0; tables_len(usize::from(cpus))];
-    place(&mut bytes, RSDP_OFFSET, &rsdp());
-    place(&mut bytes, XSDT_OFFSET, &xsdt());
-    place(&mut bytes, FADT_OFFSET, &fadt());
-    let dsdt = dsdt();
+    check_virtio_slots(virtio)?;
+    let dsdt = dsdt(virtio);
     assert!(dsdt.len() <= DSDT_MAX_LEN, "the DSDT outgrew the room left for it");
+    let madt_offset = madt_offset(dsdt.len());
+    let mut bytes = vec![0; tables_len(usize::from(cpus), dsdt.len())];
+    place(&mut bytes, RSDP_OFFSET, &rsdp());
+    place(&mut bytes, XSDT_OFFSET, &xsdt(madt_offset));
+    place(&mut bytes, FADT_OFFSET, &fadt());
     place(&mut bytes, DSDT_OFFSET, &dsdt);
-    place(&mut bytes, MADT_OFFSET, &madt(cpus));
+    place(&mut bytes, madt_offset, &madt(cpus));
     Ok(AcpiTables { rsdp_addr: table_addr(RSDP_OFFSET), bytes })
 }
 
-/// How many bytes the tables of `cpus` CPUs take, padding included.
-const fn tables_len(cpus: usize) -> usize {
-    MADT_OFFSET + madt_len(cpus)
+/// How many bytes the tables of `cpus` CPUs take, padding included, with a DSDT of `dsdt_len`.
+const fn tables_len(cpus: usize, dsdt_len: usize) -> usize {
+    madt_offset(dsdt_len) + madt_len(cpus)
+}
+
+/// The MADT comes right after the DSDT.
+const fn madt_offset(dsdt_len: usize) -> usize {
+    align(DSDT_OFFSET + dsdt_len)
 }
 
 const fn madt_len(cpus: usize) -> usize {
@@ -259,6 +317,17 @@ fn cpu_count(cpus: u32) -> Result<u8, AcpiError> {
         0 => Err(AcpiError::NoCpus),
         1..=MAX_CPUS => Ok(cpus as u8),
         _ => Err(AcpiError::TooManyCpus(cpus)),
+    }
+}
+
+fn check_virtio_slots(slots: &[VirtioMmioSlot]) -> Result<(), AcpiError> {
+    if slots.len() > MAX_VIRTIO_SLOTS {
+        return Err(AcpiError::TooManyVirtioDevices(slots.len()));
+    }
+    let fits = |s: &VirtioMmioSlot| s.size > 0 && s.base.checked_add(s.size).is_some_and(|end| end <= MEMORY32_LIMIT);
+    match slots.iter().find(|s| !fits(s)) {
+        Some(s) => Err(AcpiError::VirtioSlotOutOfRange { base: s.base, size: s.size }),
+        None => Ok(()),
     }
 }
 
@@ -308,16 +377,18 @@ fn rsdp() -> [u8; RSDP_LEN] {
     bytes
 }
 
-fn xsdt() -> Vec<u8> {
+fn xsdt(madt_offset: usize) -> Vec<u8> {
     let mut entries = Vec::with_capacity(XSDT_ENTRIES * 8);
-    for offset in [FADT_OFFSET, MADT_OFFSET] {
+    for offset in [FADT_OFFSET, madt_offset] {
         entries.extend_from_slice(&table_addr(offset).to_le_bytes());
     }
     table(XSDT_SIGNATURE, XSDT_REVISION, &entries)
 }
 
 /// The FADT of a hardware-reduced platform: every power-management block, the SCI interrupt and
-/// the FACS stay zero, which the flags allow.
+/// the FACS stay zero, which the flags allow. The sleep registers, which Linux needs before it
+/// offers ACPI power-off, share one port: writes go to the control register, reads come from
+/// the status register.
 fn fadt() -> Vec<u8> {
     let mut body = [0; FADT_LEN - HEADER_LEN];
     let mut field = |offset: usize, value: &[u8]| {
@@ -332,6 +403,8 @@ fn fadt() -> Vec<u8> {
     field(FADT_RESET_VALUE_OFFSET, &[RESET_VALUE]);
     field(FADT_MINOR_REVISION_OFFSET, &[FADT_MINOR_REVISION]);
     field(FADT_X_DSDT_OFFSET, &table_addr(DSDT_OFFSET).to_le_bytes());
+    field(FADT_SLEEP_CONTROL_REG_OFFSET, &io_port_register(ACPI_SLEEP_PORT));
+    field(FADT_SLEEP_STATUS_REG_OFFSET, &io_port_register(ACPI_SLEEP_PORT));
     field(FADT_HYPERVISOR_ID_OFFSET, &HYPERVISOR_ID);
     table(FADT_SIGNATURE, FADT_REVISION, &body)
 }
@@ -345,12 +418,23 @@ fn io_port_register(port: u64) -> [u8; GAS_LEN] {
     bytes
 }
 
-/// The DSDT: the legacy devices under the system bus, each with its Plug and Play id and the
-/// ports and interrupt it uses, so the guest's drivers bind to them and route their interrupts
-/// through the I/O APIC.
-fn dsdt() -> Vec<u8> {
-    let devices = [com1(), i8042(), rtc()].concat();
-    table(DSDT_SIGNATURE, DSDT_REVISION, &aml_scope(&root_path(SYSTEM_BUS), &devices))
+/// The DSDT: the S5 sleep type, then the legacy devices and the virtio-mmio devices under the
+/// system bus, each with its Plug and Play id and the resources it uses, so the guest's drivers
+/// bind to them and route their interrupts through the I/O APIC.
+fn dsdt(virtio: &[VirtioMmioSlot]) -> Vec<u8> {
+    let mut devices = [com1(), i8042(), rtc()].concat();
+    for (index, slot) in virtio.iter().enumerate() {
+        devices.extend(virtio_mmio_device(index, slot));
+    }
+    let body = [soft_off(), aml_scope(&root_path(SYSTEM_BUS), &devices)].concat();
+    table(DSDT_SIGNATURE, DSDT_REVISION, &body)
+}
+
+/// `Name (_S5_, Package () { SLP_TYPa, SLP_TYPb })`: the sleep type the guest writes to the
+/// sleep control register to power off. SLP_TYPb belongs to a second PM1 control block, which a
+/// hardware-reduced platform does not have.
+fn soft_off() -> Vec<u8> {
+    aml_name(SOFT_OFF, &aml_package(&[&aml_integer(u32::from(S5_SLEEP_TYPE)), &aml_integer(0)]))
 }
 
 fn com1() -> Vec<u8> {
@@ -378,7 +462,30 @@ fn rtc() -> Vec<u8> {
 /// present and enabled; with one instance of each id no `_UID` is needed.
 fn legacy_device(name: [u8; 4], hid: u32, resources: &[u8]) -> Vec<u8> {
     let body = [aml_name(HARDWARE_ID, &aml_integer(hid)), aml_name(CURRENT_RESOURCES, &aml_buffer(resources))].concat();
-    aml_package(&[AML_EXT_OP_PREFIX, AML_DEVICE_OP], &[&name[..], &body].concat())
+    aml_device(name, &body)
+}
+
+/// `Device (VRnn) { Name (_HID, "LNRO0005") Name (_UID, n) Name (_CRS, resources) }` for the
+/// virtio-mmio device at `index`: its register window and its interrupt.
+fn virtio_mmio_device(index: usize, slot: &VirtioMmioSlot) -> Vec<u8> {
+    let resources =
+        resource_template(&[&memory32_fixed_descriptor(slot.base, slot.size), &extended_irq_descriptor(slot.gsi)]);
+    let body = [
+        aml_name(HARDWARE_ID, &aml_string(HID_VIRTIO_MMIO)),
+        // The index is below MAX_VIRTIO_SLOTS.
+        aml_name(UNIQUE_ID, &aml_integer(index as u32)),
+        aml_name(CURRENT_RESOURCES, &aml_buffer(&resources)),
+    ]
+    .concat();
+    let device = aml_device(virtio_device_name(index), &body);
+    debug_assert!(device.len() <= VIRTIO_DEVICE_MAX_LEN, "a virtio device outgrew its room in the DSDT");
+    device
+}
+
+/// `VR` and the index as two hex digits.
+fn virtio_device_name(index: usize) -> [u8; 4] {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    [b'V', b'R', HEX[(index >> 4) & 0xf], HEX[index & 0xf]]
 }
 
 /// A compressed EISA id (`EisaId ("PNP0501")` in ASL): three letters in five bits each, then
@@ -415,7 +522,12 @@ fn root_path(segment: [u8; 4]) -> Vec<u8> {
 
 /// `Scope (path) { body }`.
 fn aml_scope(path: &[u8], body: &[u8]) -> Vec<u8> {
-    aml_package(&[AML_SCOPE_OP], &[path, body].concat())
+    aml_with_length(&[AML_SCOPE_OP], &[path, body].concat())
+}
+
+/// `Device (name) { body }`.
+fn aml_device(name: [u8; 4], body: &[u8]) -> Vec<u8> {
+    aml_with_length(&[AML_EXT_OP_PREFIX, AML_DEVICE_OP], &[&name[..], body].concat())
 }
 
 /// `Name (name, value)`, with `value` already encoded.
@@ -426,7 +538,20 @@ fn aml_name(name: [u8; 4], value: &[u8]) -> Vec<u8> {
 /// `Buffer () { bytes }`.
 fn aml_buffer(bytes: &[u8]) -> Vec<u8> {
     // The buffers here are resource templates of a few dozen bytes.
-    aml_package(&[AML_BUFFER_OP], &[&aml_integer(bytes.len() as u32)[..], bytes].concat())
+    aml_with_length(&[AML_BUFFER_OP], &[&aml_integer(bytes.len() as u32)[..], bytes].concat())
+}
+
+/// `Package () { elements }`, with each element already encoded.
+fn aml_package(elements: &[&[u8]]) -> Vec<u8> {
+    // The packages here have a couple of elements.
+    let count = u8::try_from(elements.len()).expect("an AML package of at most 255 elements");
+    aml_with_length(&[AML_PACKAGE_OP], &[&[count][..], &elements.concat()].concat())
+}
+
+/// A string constant: ASCII characters, then a NUL.
+fn aml_string(text: &[u8]) -> Vec<u8> {
+    assert!(text.iter().all(|&c| (1..0x80).contains(&c)), "AML strings are ASCII without NULs");
+    [&[AML_STRING_PREFIX][..], text, &[0]].concat()
 }
 
 /// An integer in the shortest encoding that holds it.
@@ -441,7 +566,7 @@ fn aml_integer(value: u32) -> Vec<u8> {
 }
 
 /// `opcode`, then the package length of `contents`, then `contents`.
-fn aml_package(opcode: &[u8], contents: &[u8]) -> Vec<u8> {
+fn aml_with_length(opcode: &[u8], contents: &[u8]) -> Vec<u8> {
     [opcode, &pkg_length(contents.len()), contents].concat()
 }
 
@@ -477,6 +602,25 @@ fn irq_descriptor(irq: u32) -> [u8; 3] {
     assert!(irq < 16, "ISA interrupts are 0-15, not {irq}");
     let [mask_low, mask_high] = (1u16 << irq).to_le_bytes();
     [RESOURCE_IRQ_NO_FLAGS, mask_low, mask_high]
+}
+
+/// `Memory32Fixed (ReadWrite, base, size)`, for a range already checked to lie below 4 GiB.
+fn memory32_fixed_descriptor(base: u64, size: u64) -> Vec<u8> {
+    let data = [&[MEMORY_READ_WRITE][..], &(base as u32).to_le_bytes(), &(size as u32).to_le_bytes()].concat();
+    large_resource_descriptor(RESOURCE_MEMORY32_FIXED, &data)
+}
+
+/// `Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }`: one global system
+/// interrupt, with no resource source.
+fn extended_irq_descriptor(gsi: u32) -> Vec<u8> {
+    let interrupt_count = 1;
+    let data = [&[EXTENDED_IRQ_CONSUMER | EXTENDED_IRQ_EDGE, interrupt_count][..], &gsi.to_le_bytes()].concat();
+    large_resource_descriptor(RESOURCE_EXTENDED_IRQ, &data)
+}
+
+/// A large resource descriptor: `tag`, the length of `data` (a few bytes here), then `data`.
+fn large_resource_descriptor(tag: u8, data: &[u8]) -> Vec<u8> {
+    [&[tag][..], &(data.len() as u16).to_le_bytes(), data].concat()
 }
 
 fn madt(cpus: u8) -> Vec<u8> {
@@ -518,6 +662,8 @@ fn local_apic_nmi_entry(uid: u8, lint: u8) -> [u8; LOCAL_APIC_NMI_ENTRY_LEN] {
 mod tests {
     use super::*;
     use crate::arch::x86_64::mptable;
+    use crate::bus::{BusDevice, DeviceError};
+    use crate::devices::AcpiSleepControl;
 
     /// A system description table as the guest finds it: its header fields and its body.
     #[derive(Clone, Copy)]
@@ -554,14 +700,27 @@ mod tests {
     #[derive(Debug, Clone, PartialEq, Eq)]
     enum AmlValue {
         Integer(u64),
+        String(String),
         Buffer(Vec<u8>),
+        Package(Vec<AmlValue>),
     }
 
-    /// Small resource descriptors, decoded.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    /// Resource descriptors, decoded.
+    #[derive(Debug, Clone, PartialEq, Eq)]
     enum Resource {
         Io { decode16: bool, min: u16, max: u16, align: u8, len: u8 },
         Irq { mask: u16 },
+        Memory32Fixed { writable: bool, base: u32, len: u32 },
+        Interrupt { consumer: bool, edge: bool, active_low: bool, shared: bool, wake: bool, gsis: Vec<u32> },
+    }
+
+    /// A device of the DSDT: its name, `_HID`, `_UID` if it has one, and decoded `_CRS`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Device {
+        name: [u8; 4],
+        hid: AmlValue,
+        uid: Option<u64>,
+        resources: Vec<Resource>,
     }
 
     fn u16_at(bytes: &[u8], at: usize) -> u16 {
@@ -689,7 +848,7 @@ mod tests {
         seg
     }
 
-    /// A data object: an integer or a buffer, and its encoded length.
+    /// A data object: an integer, a string, a buffer or a package, and its encoded length.
     fn read_data(bytes: &[u8]) -> (AmlValue, usize) {
         match bytes[0] {
             0x00 => (AmlValue::Integer(0), 1),
@@ -697,12 +856,32 @@ mod tests {
             0x0a => (AmlValue::Integer(u64::from(bytes[1])), 2),
             0x0b => (AmlValue::Integer(u64::from(u16_at(bytes, 1))), 3),
             0x0c => (AmlValue::Integer(u64::from(u32_at(bytes, 1))), 5),
+            0x0d => {
+                let len = bytes[1..].iter().position(|&c| c == 0).expect("a NUL ends the string");
+                let text = &bytes[1..1 + len];
+                assert!(text.iter().all(|&c| (1..0x80).contains(&c)), "ASCII string {text:?}");
+                (AmlValue::String(String::from_utf8(text.to_vec()).unwrap()), 1 + len + 1)
+            }
             0x11 => {
                 let (len, pkg) = read_pkg_length(&bytes[1..]);
                 let contents = &bytes[1 + pkg..1 + pkg + len];
                 let (AmlValue::Integer(size), size_len) = read_data(contents) else { panic!("buffer size") };
                 assert_eq!(size as usize, contents.len() - size_len, "buffer size matches its bytes");
                 (AmlValue::Buffer(contents[size_len..].to_vec()), 1 + pkg + len)
+            }
+            0x12 => {
+                let (len, pkg) = read_pkg_length(&bytes[1..]);
+                let contents = &bytes[1 + pkg..1 + pkg + len];
+                let mut elements = Vec::new();
+                let mut at = 1;
+                while at < contents.len() {
+                    let (element, element_len) = read_data(&contents[at..]);
+                    elements.push(element);
+                    at += element_len;
+                }
+                assert_eq!(at, contents.len(), "the elements fill the package");
+                assert_eq!(usize::from(contents[0]), elements.len(), "NumElements counts every element");
+                (AmlValue::Package(elements), 1 + pkg + len)
             }
             op => panic!("unexpected data opcode {op:#x}"),
         }
@@ -738,13 +917,20 @@ mod tests {
         terms
     }
 
-    /// Decodes a resource template: small descriptors up to the end tag, which must come last.
+    /// Decodes a resource template: descriptors up to the end tag, which must come last.
     fn parse_resources(bytes: &[u8]) -> Vec<Resource> {
         let mut resources = Vec::new();
         let mut at = 0;
         loop {
             let tag = bytes[at];
-            assert_eq!(tag & 0x80, 0, "only small resource descriptors");
+            if tag & 0x80 != 0 {
+                // A large descriptor: the item name in bits 0-6, then a 16-bit data length.
+                let len = usize::from(u16_at(bytes, at + 1));
+                let data = &bytes[at + 3..at + 3 + len];
+                resources.push(parse_large_resource(tag & 0x7f, data));
+                at += 3 + len;
+                continue;
+            }
             let len = usize::from(tag & 0x7);
             let data = &bytes[at + 1..at + 1 + len];
             match tag >> 3 {
@@ -766,31 +952,111 @@ mod tests {
         }
     }
 
-    /// The devices of the DSDT: name, _HID and decoded _CRS.
-    fn dsdt_devices(dsdt: &Table<'_>) -> Vec<([u8; 4], u64, Vec<Resource>)> {
+    fn parse_large_resource(name: u8, data: &[u8]) -> Resource {
+        match name {
+            0x06 => {
+                assert_eq!(data.len(), 9, "Memory32Fixed length");
+                assert_eq!(data[0] & !1, 0, "reserved information bits");
+                Resource::Memory32Fixed { writable: data[0] & 1 == 1, base: u32_at(data, 1), len: u32_at(data, 5) }
+            }
+            0x09 => {
+                let (flags, count) = (data[0], usize::from(data[1]));
+                assert_eq!(flags & 0xe0, 0, "reserved interrupt flag bits");
+                // No resource source index or string after the interrupts.
+                assert_eq!(data.len(), 2 + 4 * count, "extended interrupt length");
+                Resource::Interrupt {
+                    consumer: flags & 1 != 0,
+                    edge: flags & 2 != 0,
+                    active_low: flags & 4 != 0,
+                    shared: flags & 8 != 0,
+                    wake: flags & 0x10 != 0,
+                    gsis: (0..count).map(|i| u32_at(data, 2 + 4 * i)).collect(),
+                }
+            }
+            _ => panic!("unexpected large resource descriptor {name:#x}"),
+        }
+    }
+
+    /// The DSDT's objects in the namespace root, and the devices in the system bus scope.
+    fn dsdt_contents(dsdt: &Table<'_>) -> (Vec<([u8; 4], AmlValue)>, Vec<Device>) {
         let terms = parse_aml(dsdt.body);
-        let [Aml::Scope { path, body }] = terms.as_slice() else { panic!("one scope, not {terms:?}") };
-        assert_eq!(path, b"\\_SB_");
-        let device = |term: &Aml| {
-            let Aml::Device { name, body } = term else { panic!("a device, not {term:?}") };
-            let [Aml::Name { name: hid_name, value: AmlValue::Integer(hid) }, Aml::Name { name: crs_name, value: AmlValue::Buffer(crs) }] =
-                body.as_slice()
-            else {
-                panic!("_HID and _CRS, not {body:?}")
-            };
-            assert_eq!((hid_name, crs_name), (b"_HID", b"_CRS"));
-            (*name, *hid, parse_resources(crs))
+        let mut names = Vec::new();
+        let mut devices = None;
+        for term in terms {
+            match term {
+                Aml::Name { name, value } => names.push((name, value)),
+                Aml::Scope { path, body } => {
+                    assert_eq!(path, b"\\_SB_");
+                    assert!(devices.replace(body.iter().map(read_device).collect()).is_none(), "one \\_SB_ scope");
+                }
+                Aml::Device { .. } => panic!("a device outside \\_SB_: {term:?}"),
+            }
+        }
+        (names, devices.expect("a \\_SB_ scope"))
+    }
+
+    /// A device made of `_HID`, an optional `_UID` and `_CRS`, in that order.
+    fn read_device(term: &Aml) -> Device {
+        let Aml::Device { name, body } = term else { panic!("a device, not {term:?}") };
+        let named: Vec<(&[u8; 4], &AmlValue)> = body
+            .iter()
+            .map(|t| match t {
+                Aml::Name { name, value } => (name, value),
+                _ => panic!("only names in a device, not {t:?}"),
+            })
+            .collect();
+        let (hid, uid, crs) = match named.as_slice() {
+            [(b"_HID", hid), (b"_CRS", AmlValue::Buffer(crs))] => (hid, None, crs),
+            [(b"_HID", hid), (b"_UID", AmlValue::Integer(uid)), (b"_CRS", AmlValue::Buffer(crs))] => {
+                (hid, Some(*uid), crs)
+            }
+            _ => panic!("_HID, [_UID,] _CRS, not {named:?}"),
         };
-        body.iter().map(device).collect()
+        Device { name: *name, hid: (*hid).clone(), uid, resources: parse_resources(crs) }
+    }
+
+    fn dsdt_devices(tables: &AcpiTables) -> Vec<Device> {
+        dsdt_contents(&parse(tables).dsdt).1
     }
 
     const fn io(min: u16, len: u8) -> Resource {
         Resource::Io { decode16: true, min, max: min, align: 1, len }
     }
 
+    fn legacy(name: &[u8; 4], eisa_id: u64, resources: Vec<Resource>) -> Device {
+        Device { name: *name, hid: AmlValue::Integer(eisa_id), uid: None, resources }
+    }
+
+    fn virtio_device(index: u64, name: &[u8; 4], slot: VirtioMmioSlot) -> Device {
+        let interrupt = Resource::Interrupt {
+            consumer: true,
+            edge: true,
+            active_low: false,
+            shared: false,
+            wake: false,
+            gsis: vec![slot.gsi],
+        };
+        Device {
+            name: *name,
+            hid: AmlValue::String("LNRO0005".into()),
+            uid: Some(index),
+            resources: vec![
+                Resource::Memory32Fixed { writable: true, base: slot.base as u32, len: slot.size as u32 },
+                interrupt,
+            ],
+        }
+    }
+
+    /// `count` virtio slots: 4 KiB windows in the MMIO gap, GSIs from 5.
+    fn virtio_slots(count: u32) -> Vec<VirtioMmioSlot> {
+        (0..count)
+            .map(|i| VirtioMmioSlot { base: 0xd000_1000 + u64::from(i) * 0x1000, size: 0x1000, gsi: 5 + i })
+            .collect()
+    }
+
     #[test]
     fn rsdp_comes_first_where_the_guest_scans() {
-        let tables = acpi_tables(1).unwrap();
+        let tables = acpi_tables(1, &[]).unwrap();
         assert_eq!(tables.rsdp_addr, ACPI_TABLES_ADDR);
         assert_eq!(tables.rsdp_addr % 16, 0);
         assert!((0xe_0000..0x10_0000).contains(&tables.rsdp_addr), "in the BIOS area Linux scans");
@@ -800,32 +1066,37 @@ mod tests {
     #[test]
     fn every_table_is_reached_and_valid() {
         for cpus in [1, 2, 4, 254] {
-            let tables = acpi_tables(cpus).unwrap();
-            assert_eq!(tables.bytes.len(), tables_len(cpus as usize));
-            let parsed = parse(&tables);
-            assert_eq!(parsed.xsdt_entries, [*b"FACP", *b"APIC"], "{cpus} CPUs");
-            assert_eq!(parsed.fadt.body.len() + 36, 276);
+            for slots in [0, 1, 3] {
+                let virtio = virtio_slots(slots);
+                let tables = acpi_tables(cpus, &virtio).unwrap();
+                assert_eq!(tables.bytes.len(), tables_len(cpus as usize, dsdt(&virtio).len()));
+                let parsed = parse(&tables);
+                assert_eq!(parsed.xsdt_entries, [*b"FACP", *b"APIC"], "{cpus} CPUs, {slots} virtio devices");
+                assert_eq!(parsed.fadt.body.len() + 36, 276);
+            }
         }
     }
 
     #[test]
     fn madt_lists_every_cpu_the_ioapic_and_the_nmi_wiring() {
         for cpus in [1u8, 2, 4, 254] {
-            let tables = acpi_tables(u32::from(cpus)).unwrap();
-            let (local_apic_addr, flags, entries) = madt_entries(&parse(&tables).madt);
-            assert_eq!(local_apic_addr, 0xfee0_0000);
-            assert_eq!(flags, 1, "PC-AT compatible: dual 8259s present");
-            let mut expected: Vec<MadtEntry> =
-                (0..cpus).map(|i| MadtEntry::LocalApic { uid: i, apic_id: i, flags: 1 }).collect();
-            expected.push(MadtEntry::IoApic { id: cpus, addr: 0xfec0_0000, gsi_base: 0 });
-            expected.push(MadtEntry::LocalApicNmi { uid: 0xff, flags: 0, lint: 1 });
-            assert_eq!(entries, expected, "{cpus} CPUs");
+            for slots in [0, 3] {
+                let tables = acpi_tables(u32::from(cpus), &virtio_slots(slots)).unwrap();
+                let (local_apic_addr, flags, entries) = madt_entries(&parse(&tables).madt);
+                assert_eq!(local_apic_addr, 0xfee0_0000);
+                assert_eq!(flags, 1, "PC-AT compatible: dual 8259s present");
+                let mut expected: Vec<MadtEntry> =
+                    (0..cpus).map(|i| MadtEntry::LocalApic { uid: i, apic_id: i, flags: 1 }).collect();
+                expected.push(MadtEntry::IoApic { id: cpus, addr: 0xfec0_0000, gsi_base: 0 });
+                expected.push(MadtEntry::LocalApicNmi { uid: 0xff, flags: 0, lint: 1 });
+                assert_eq!(entries, expected, "{cpus} CPUs");
+            }
         }
     }
 
     #[test]
     fn fadt_describes_a_hardware_reduced_pc() {
-        let tables = acpi_tables(2).unwrap();
+        let tables = acpi_tables(2, &[]).unwrap();
         let fadt = parse(&tables).fadt.body;
         let field = |offset: usize| &fadt[offset - 36..];
         assert_eq!(u32_at(field(112), 0), (1 << 20) | (1 << 10), "HW_REDUCED_ACPI and RESET_REG_SUP");
@@ -835,23 +1106,116 @@ mod tests {
         assert_eq!(field(108)[0], 0x32, "CMOS century register");
         assert_eq!(&field(116)[..12], &[1, 8, 0, 1, 0x64, 0, 0, 0, 0, 0, 0, 0], "reset register: port 0x64");
         assert_eq!(field(128)[0], 0xfe, "reset value");
+        // System I/O space, 8 bits wide at bit 0, byte access, port 0x3c0.
+        let sleep_register = [1, 8, 0, 1, 0xc0, 0x03, 0, 0, 0, 0, 0, 0];
+        assert_eq!(&field(244)[..12], &sleep_register, "sleep control register");
+        assert_eq!(&field(256)[..12], &sleep_register, "sleep status register");
         assert_eq!(u32_at(field(36), 0), 0, "no FACS");
         assert_eq!(u64_at(field(132), 0), 0, "no X_FACS");
         assert_eq!(u16_at(field(46), 0), 0, "no SCI");
         assert!(field(48)[..108 - 48].iter().all(|&b| b == 0), "no SMI command, PM blocks or GPE blocks");
-        assert!(field(148)[..268 - 148].iter().all(|&b| b == 0), "no extended PM, GPE or sleep registers");
+        assert!(field(148)[..244 - 148].iter().all(|&b| b == 0), "no extended PM or GPE blocks");
     }
 
     #[test]
     fn dsdt_describes_com1_the_i8042_and_the_rtc() {
-        let tables = acpi_tables(1).unwrap();
-        let devices = dsdt_devices(&parse(&tables).dsdt);
         let expected = vec![
-            (*b"COM1", 0x0105_d041, vec![io(0x3f8, 8), Resource::Irq { mask: 1 << 4 }]),
-            (*b"PS2K", 0x0303_d041, vec![io(0x60, 1), io(0x64, 1), Resource::Irq { mask: 1 << 1 }]),
-            (*b"RTC_", 0x000b_d041, vec![io(0x70, 2)]),
+            legacy(b"COM1", 0x0105_d041, vec![io(0x3f8, 8), Resource::Irq { mask: 1 << 4 }]),
+            legacy(b"PS2K", 0x0303_d041, vec![io(0x60, 1), io(0x64, 1), Resource::Irq { mask: 1 << 1 }]),
+            legacy(b"RTC_", 0x000b_d041, vec![io(0x70, 2)]),
         ];
-        assert_eq!(devices, expected);
+        assert_eq!(dsdt_devices(&acpi_tables(1, &[]).unwrap()), expected);
+    }
+
+    #[test]
+    fn dsdt_gives_the_s5_sleep_type() {
+        let tables = acpi_tables(1, &[]).unwrap();
+        let (names, _) = dsdt_contents(&parse(&tables).dsdt);
+        let s5 = AmlValue::Package(vec![AmlValue::Integer(5), AmlValue::Integer(0)]);
+        assert_eq!(names, [(*b"_S5_", s5)], "the only object in the namespace root besides \\_SB_");
+        // Name (_S5_, Package () { 5, 0 }): NameOp, the name, PackageOp, a package length of
+        // 5 (itself, NumElements and 3 bytes of elements), 2 elements, BytePrefix 5, ZeroOp.
+        let encoded = [0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, 0x05, 0x00];
+        assert!(parse(&tables).dsdt.body.starts_with(&encoded), "_S5_ comes first, encoded as the spec says");
+    }
+
+    #[test]
+    fn the_guest_powers_off_with_what_the_tables_say() {
+        // What an OSPM does for S5 on a hardware-reduced platform: SLP_TYPa from _S5_ in bits
+        // 2-4 and SLP_EN (bit 5), written to the FADT's sleep control register.
+        let tables = acpi_tables(1, &[]).unwrap();
+        let parsed = parse(&tables);
+        let (names, _) = dsdt_contents(&parsed.dsdt);
+        let [(_, AmlValue::Package(s5))] = names.as_slice() else { panic!("{names:?}") };
+        let AmlValue::Integer(sleep_type) = s5[0] else { panic!("{s5:?}") };
+        let control = &parsed.fadt.body[244 - 36..];
+        assert_eq!((control[0], control[1]), (1, 8), "an 8-bit I/O port");
+        assert_eq!(u64_at(control, 4), ACPI_SLEEP_PORT);
+        let value = ((sleep_type as u8) << 2) | (1 << 5);
+        let sleep = AcpiSleepControl::default();
+        assert_eq!(sleep.write(ACPI_SLEEP_PORT, 0, &[value]), Err(DeviceError::PowerOff));
+    }
+
+    #[test]
+    fn dsdt_describes_virtio_mmio_devices() {
+        for slots in [0, 1, 3] {
+            let virtio = virtio_slots(slots);
+            let devices = dsdt_devices(&acpi_tables(2, &virtio).unwrap());
+            assert_eq!(devices.len(), 3 + slots as usize);
+            let names = [b"VR00", b"VR01", b"VR02"];
+            let expected: Vec<Device> =
+                virtio.iter().enumerate().map(|(i, slot)| virtio_device(i as u64, names[i], *slot)).collect();
+            assert_eq!(devices[3..], expected, "{slots} virtio devices");
+        }
+    }
+
+    #[test]
+    fn a_virtio_device_is_encoded_as_the_specification_says() {
+        let slot = VirtioMmioSlot { base: 0xd000_2000, size: 0x200, gsi: 10 };
+        #[rustfmt::skip]
+        let expected: Vec<u8> = [
+            // DeviceOp, package length 0x3b (itself and 58 bytes), the name.
+            &[0x5b, 0x82, 0x3b, b'V', b'R', b'0', b'2'][..],
+            // Name (_HID, "LNRO0005"): StringPrefix, the characters, NUL.
+            &[0x08, b'_', b'H', b'I', b'D', 0x0d], b"LNRO0005", &[0x00],
+            // Name (_UID, 2): BytePrefix 2.
+            &[0x08, b'_', b'U', b'I', b'D', 0x0a, 0x02],
+            // Name (_CRS, Buffer (23) { ... }): BufferOp, package length 0x1a, BytePrefix 23.
+            &[0x08, b'_', b'C', b'R', b'S', 0x11, 0x1a, 0x0a, 0x17],
+            // Memory32Fixed: tag 0x86, length 9, read-write, base, length.
+            &[0x86, 0x09, 0x00, 0x01, 0x00, 0x20, 0x00, 0xd0, 0x00, 0x02, 0x00, 0x00],
+            // Extended interrupt: tag 0x89, length 6, consumer and edge-triggered (active-high,
+            // exclusive), one interrupt, GSI 10.
+            &[0x89, 0x06, 0x00, 0x03, 0x01, 0x0a, 0x00, 0x00, 0x00],
+            // End tag, no checksum.
+            &[0x79, 0x00],
+        ]
+        .concat();
+        assert_eq!(virtio_mmio_device(2, &slot), expected);
+        let [device] = parse_aml(&expected).iter().map(read_device).collect::<Vec<_>>().try_into().unwrap();
+        assert_eq!(device, virtio_device(2, b"VR02", slot));
+    }
+
+    #[test]
+    fn virtio_devices_are_named_by_their_index_in_hex() {
+        assert_eq!(virtio_device_name(0), *b"VR00");
+        assert_eq!(virtio_device_name(9), *b"VR09");
+        assert_eq!(virtio_device_name(10), *b"VR0A");
+        assert_eq!(virtio_device_name(255), *b"VRFF");
+    }
+
+    #[test]
+    fn rejects_virtio_slots_it_cannot_describe() {
+        let slot = |base, size| VirtioMmioSlot { base, size, gsi: 5 };
+        let out_of_range = |base, size| Err(AcpiError::VirtioSlotOutOfRange { base, size });
+        assert_eq!(acpi_tables(1, &[slot(0xd000_0000, 0)]), out_of_range(0xd000_0000, 0));
+        assert_eq!(acpi_tables(1, &[slot(0xffff_f000, 0x2000)]), out_of_range(0xffff_f000, 0x2000));
+        assert_eq!(acpi_tables(1, &[slot(1 << 32, 0x1000)]), out_of_range(1 << 32, 0x1000));
+        assert_eq!(acpi_tables(1, &[slot(u64::MAX, 2)]), out_of_range(u64::MAX, 2));
+        assert!(acpi_tables(1, &[slot(0xffff_f000, 0x1000)]).is_ok(), "a slot may end at 4 GiB");
+        assert_eq!(acpi_tables(1, &virtio_slots(257)), Err(AcpiError::TooManyVirtioDevices(257)));
+        assert!(AcpiError::TooManyVirtioDevices(257).to_string().contains("at most 256"));
+        assert!(AcpiError::VirtioSlotOutOfRange { base: 1 << 32, size: 1 }.to_string().contains("0x100000000"));
     }
 
     #[test]
@@ -886,20 +1250,25 @@ mod tests {
 
     #[test]
     fn tables_stay_below_1_mib_and_clear_of_the_mp_table() {
-        let largest = acpi_tables(MAX_CPUS).unwrap();
+        let most_virtio = virtio_slots(MAX_VIRTIO_SLOTS as u32);
+        let largest = acpi_tables(MAX_CPUS, &most_virtio).unwrap();
         assert!(ACPI_TABLES_ADDR + largest.bytes.len() as u64 <= 0x10_0000);
         assert!(mptable::MPTABLE_START + mptable::table_len(MAX_CPUS as usize) as u64 <= ACPI_TABLES_ADDR);
-        assert!(dsdt().len() <= DSDT_MAX_LEN, "the DSDT fits the room before the MADT");
-        for offset in [RSDP_OFFSET, XSDT_OFFSET, FADT_OFFSET, DSDT_OFFSET, MADT_OFFSET] {
+        assert!(dsdt(&[]).len() <= DSDT_BASE_MAX_LEN, "the DSDT without virtio devices fits its bound");
+        assert!(dsdt(&most_virtio).len() <= DSDT_MAX_LEN, "the DSDT fits the room before the MADT");
+        let parsed = parse(&largest);
+        assert_eq!(dsdt_contents(&parsed.dsdt).1.len(), 3 + MAX_VIRTIO_SLOTS);
+        assert_eq!(madt_entries(&parsed.madt).2.len(), MAX_CPUS as usize + 2);
+        for offset in [RSDP_OFFSET, XSDT_OFFSET, FADT_OFFSET, DSDT_OFFSET, madt_offset(dsdt(&most_virtio).len())] {
             assert_eq!(offset % 16, 0);
         }
     }
 
     #[test]
     fn rejects_cpu_counts_it_cannot_describe() {
-        assert_eq!(acpi_tables(0), Err(AcpiError::NoCpus));
-        assert_eq!(acpi_tables(255), Err(AcpiError::TooManyCpus(255)));
-        assert_eq!(acpi_tables(u32::MAX), Err(AcpiError::TooManyCpus(u32::MAX)));
+        assert_eq!(acpi_tables(0, &[]), Err(AcpiError::NoCpus));
+        assert_eq!(acpi_tables(255, &[]), Err(AcpiError::TooManyCpus(255)));
+        assert_eq!(acpi_tables(u32::MAX, &[]), Err(AcpiError::TooManyCpus(u32::MAX)));
         assert!(AcpiError::TooManyCpus(300).to_string().contains("at most 254"));
         assert!(AcpiError::NoCpus.to_string().contains("cpus >= 1"));
     }
