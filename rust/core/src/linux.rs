@@ -53,9 +53,12 @@ pub fn boot_linux(machine: &Machine, boot: &LinuxBoot) -> Result<LinuxPlatform> 
     // Kernels built without MP-table support (Debian's cloud kernel) find the CPUs through ACPI.
     let table = mptable::mptable(cpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     memory::write(machine.memory(), mptable::MPTABLE_START, &table)?;
-    let acpi = acpi::acpi_tables(cpus, &[]).map_err(|e| Error::InvalidConfig(e.to_string()))?;
+    let virtio = machine.virtio_devices();
+    let slots: Vec<_> =
+        virtio.iter().map(|d| acpi::VirtioMmioSlot { base: d.base, size: d.size, gsi: d.gsi }).collect();
+    let acpi = acpi::acpi_tables(cpus, &slots).map_err(|e| Error::InvalidConfig(e.to_string()))?;
     memory::write(machine.memory(), acpi::ACPI_TABLES_ADDR, &acpi.bytes)?;
-    let boot = LinuxBoot { cmdline: with_virtio_devices(&boot.cmdline, &machine.virtio_devices()), ..boot.clone() };
+    let boot = LinuxBoot { cmdline: with_virtio_devices(&boot.cmdline, &virtio), ..boot.clone() };
     let entry = boot::load(machine.memory(), &boot, Some(acpi.rsdp_addr))?;
     for index in 0..machine.vcpu_count() {
         machine.with_vcpu(index, |vcpu| {
