@@ -6,6 +6,7 @@
 //! back-end on a thread of its own, woken by ioeventfds, so that a guest notification costs no
 //! exit to the VMM and device work never runs on a vCPU thread.
 
+pub mod block;
 mod event_loop;
 mod mmio;
 mod rng;
@@ -20,6 +21,7 @@ use event_manager::{EventOps, EventSet};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use block::{Block, BlockError};
 pub use event_loop::{DeviceEventLoop, SharedDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 pub use rng::Rng;
