@@ -1,5 +1,6 @@
 # Type stubs of the native module kvmkit._core, kept by hand and checked against it by
 # mypy.stubtest (tests/test_stubs.py).
+import os
 from collections.abc import Callable
 from typing import Any, final
 
@@ -17,6 +18,7 @@ __all__ = [
     "__version__",
     "parse_size",
     "ram_regions",
+    "virtio_block",
     "virtio_rng",
 ]
 
@@ -76,6 +78,7 @@ class VirtioHandle:
     def stats(self) -> dict[str, int]: ...
 
 def virtio_rng() -> VirtioBackend: ...
+def virtio_block(path: str | os.PathLike[str], read_only: bool = False, id: str | None = None) -> VirtioBackend: ...
 
 @final
 class Vm:

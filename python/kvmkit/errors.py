@@ -39,6 +39,11 @@ class BootError(ConfigError):
     """A kernel, initrd or command line cannot be booted: not a kernel, truncated, too large."""
 
 
+class DeviceError(ConfigError):
+    """A device cannot be set up from what it was given: a disk image that is missing or not a
+    multiple of 512 bytes, a tap that cannot be opened, a vsock socket path already in use."""
+
+
 class ConsoleTimeout(KvmkitError, TimeoutError):
     """The console did not show what was expected in time (or the VM stopped first)."""
 
@@ -55,6 +60,7 @@ __all__ = [
     "BootError",
     "ConfigError",
     "ConsoleTimeout",
+    "DeviceError",
     "GuestMemoryError",
     "ImageError",
     "IoRangeConflictError",

@@ -66,8 +66,19 @@ class VirtioDevice:
         return f"<kvmkit.virtio.{type(self).__name__} at {self.address:#x} irq {self.irq}>"
 
 
+class Disk(VirtioDevice):
+    """A disk backed by a raw image file."""
+
+    def __init__(self, handle: _core.VirtioHandle, path: str, read_only: bool) -> None:
+        super().__init__(handle)
+        self.path = path
+        """The image file."""
+        self.read_only = read_only
+        """Whether the guest may only read it."""
+
+
 class Rng(VirtioDevice):
     """An entropy source fed by the host's ``getrandom``."""
 
 
-__all__ = ["DeviceStats", "Rng", "VirtioDevice"]
+__all__ = ["DeviceStats", "Disk", "Rng", "VirtioDevice"]

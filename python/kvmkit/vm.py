@@ -15,7 +15,7 @@ from kvmkit.cpu import CpuidEdit, Vcpu
 from kvmkit.devices import Device
 from kvmkit.errors import BootError, ConfigError, VmStateError, WaitTimeout
 from kvmkit.exits import Exit
-from kvmkit.virtio import Rng, VirtioDevice
+from kvmkit.virtio import Disk, Rng, VirtioDevice
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -174,6 +174,15 @@ class VM:
         return self._core.stats
 
     # virtio devices
+
+    def add_disk(
+        self, path: str | os.PathLike[str], read_only: bool = False, *, serial: str | None = None
+    ) -> Disk:
+        """Adds a virtio disk backed by the raw image file at ``path`` (its size must be a multiple
+        of 512 bytes). ``read_only`` tells the guest so and fails its writes; ``serial`` is the id
+        the guest reads (at most 20 ASCII bytes; by default one derived from the file)."""
+        backend = _core.virtio_block(path, read_only, serial)
+        return self._keep(Disk(self._add_virtio(backend), os.fspath(path), read_only))
 
     def add_rng(self) -> Rng:
         """Adds a virtio entropy device fed by the host's ``getrandom``."""

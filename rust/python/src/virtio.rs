@@ -1,6 +1,7 @@
 //! virtio devices from Python: a back end is built on its own (opening files, taps, sockets, so
 //! that errors surface where the user names them), then attached to a VM with `Vm.add_virtio`.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kvmkit_core::devices::virtio::{self, SharedDevice};
@@ -8,7 +9,7 @@ use kvmkit_core::machine::VirtioSlot;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::error::VmStateError;
+use crate::error::{DeviceError, VmStateError};
 
 /// A virtio device model, not attached to a VM yet.
 #[pyclass(frozen, module = "kvmkit._core")]
@@ -42,6 +43,21 @@ impl VirtioBackend {
 #[pyfunction]
 pub fn virtio_rng() -> VirtioBackend {
     VirtioBackend::new("rng", Arc::new(Mutex::new(virtio::Rng::new())))
+}
+
+/// A block device on a raw image file.
+#[pyfunction]
+#[pyo3(signature = (path, read_only=false, id=None))]
+pub fn virtio_block(path: PathBuf, read_only: bool, id: Option<&str>) -> PyResult<VirtioBackend> {
+    let block = match id {
+        Some(id) => virtio::Block::with_id(&path, read_only, id),
+        None => virtio::Block::new(&path, read_only),
+    };
+    Ok(VirtioBackend::new("block", Arc::new(Mutex::new(block.map_err(device_error)?))))
+}
+
+fn device_error(error: impl std::fmt::Display) -> PyErr {
+    DeviceError::new_err(error.to_string())
 }
 
 /// A virtio device attached to a VM: where it sits and its counters.
