@@ -10,7 +10,11 @@
 * ``--hang-watchdog SECONDS`` (default 120) aborts the run with every thread's traceback
   when a single test hangs, e.g. on a VM that cannot be stopped.
 
-Register/port conventions of each guest are on the first line of its .S file. kvmkit is
+* ``compile_c(name)`` builds the freestanding C guest ``tests/guests/<name>.c`` with the runtime
+  in ``tests/guests/c`` (conventions in guest.h); ``run_c_guest(vm, name, arg)`` runs one and
+  returns main's return value and its debug text.
+
+Register/port conventions of each guest are on the first line of its .S or .c file. kvmkit is
 imported lazily (inside fixtures) so that this file also works in test_strict_skips.py's
 subprocess runs, which need neither KVM nor the package. The options are registered here,
 so run the suite as ``pytest tests/ [--strict-skips]`` (this conftest must be an initial one).
@@ -21,8 +25,10 @@ from __future__ import annotations
 import faulthandler
 import os
 import shutil
+import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +42,34 @@ MODE_BITS = {"real": 16, "protected": 32, "long": 64}
 KERNEL_LINK_FLAGS = ["-m", "elf_x86_64", "-N", "--no-warn-rwx-segments", "-Ttext=0x100000", "-e", "_start"]
 HANG_GUARD = 10.0  # generous bound for runs that should end by themselves
 DEFAULT_WATCHDOG = 120.0  # seconds one test may take before the whole run is aborted
+C_RUNTIME_DIR = GUEST_DIR / "c"
+C_RUNTIME = ["start.S", "guest.c", "virtio.c"]
+C_FLAGS = [
+    "-std=gnu11",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-ffreestanding",
+    # no loop turned into a call to memset/memcpy inside memset/memcpy themselves
+    "-fno-tree-loop-distribute-patterns",
+    "-fno-stack-protector",
+    "-fno-pic",
+    "-fno-pie",
+    "-fno-asynchronous-unwind-tables",
+    "-mno-red-zone",
+    "-mcmodel=small",
+    "-mgeneral-regs-only",  # no SSE/x87 code: kvmkit's long mode leaves CR4.OSFXSR clear
+    "-nostdlib",
+    "-static",
+    "-no-pie",
+    "-Wl,--build-id=none",
+    "-Wl,--no-warn-rwx-segments",
+]
+C_STACK_TOP = 0x80000  # C guests' stack grows down from here, between the page tables and the image
+C_EXIT_PORT = 0x600  # GUEST_EXIT_PORT in guest.h: a dword port
+C_DEBUG_PORT = 0x604  # GUEST_DEBUG_PORT in guest.h: a byte port
+BSS_POISON = 0xA5  # fills .bss before a C guest runs, so that start.S must clear it
 
 
 def have_kvm() -> bool:
@@ -290,3 +324,117 @@ class IoLog:
 def io_log():
     """io_log(values=None, as_bytes=False) -> IoLog."""
     return IoLog
+
+
+# --------------------------------------------------------------------------- C guests
+
+
+@dataclass(frozen=True)
+class CImage:
+    """A linked C guest: ``image`` is loaded at ``load_addr``, execution starts at ``entry``, and
+    the guest uses memory up to ``end`` (its .bss follows the image)."""
+
+    image: bytes
+    load_addr: int
+    entry: int
+    end: int
+
+
+def _elf_layout(elf: bytes) -> tuple[int, int, int]:
+    """(entry, first address, end in memory) of an ELF64 executable's PT_LOAD segments."""
+    entry, phoff = struct.unpack_from("<QQ", elf, 0x18)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    loads = []
+    for i in range(phnum):
+        p_type, _, _, _, paddr, _, memsz, _ = struct.unpack_from("<IIQQQQQQ", elf, phoff + i * phentsize)
+        if p_type == 1:  # PT_LOAD
+            loads.append((paddr, memsz))
+    return entry, min(addr for addr, _ in loads), max(addr + memsz for addr, memsz in loads)
+
+
+@pytest.fixture(scope="session")
+def compile_c(tmp_path_factory):
+    """compile_c(name) -> CImage: tests/guests/<name>.c with the runtime in tests/guests/c
+    (start.S, guest.c, virtio.c), linked by guest.ld and flattened. Cached per session."""
+    tools = {tool: shutil.which(tool) for tool in ("gcc", "objcopy")}
+    missing = [tool for tool, path in tools.items() if path is None]
+    outdir = tmp_path_factory.mktemp("c-guests")
+    cache: dict[str, CImage] = {}
+
+    def _compile(name: str) -> CImage:
+        if name in cache:
+            return cache[name]
+        if missing:
+            raise RuntimeError(
+                f"cannot build C guest {name!r}: {', '.join(missing)} not found on PATH; "
+                "install gcc and GNU binutils"
+            )
+        src = GUEST_DIR / f"{name}.c"
+        if not src.is_file():
+            raise FileNotFoundError(f"no guest source {src}")
+        elf, binary = outdir / f"{name}.elf", outdir / f"{name}.bin"
+        for cmd in (
+            [
+                tools["gcc"],
+                *C_FLAGS,
+                "-I",
+                str(C_RUNTIME_DIR),
+                "-T",
+                str(C_RUNTIME_DIR / "guest.ld"),
+                "-o",
+                str(elf),
+                str(src),
+                *(str(C_RUNTIME_DIR / part) for part in C_RUNTIME),
+            ],
+            [tools["objcopy"], "-O", "binary", str(elf), str(binary)],
+        ):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
+        entry, start, end = _elf_layout(elf.read_bytes())
+        cache[name] = CImage(binary.read_bytes(), start, entry, end)
+        return cache[name]
+
+    return _compile
+
+
+@pytest.fixture
+def run_c_guest(compile_c, kvm_available):
+    """run_c_guest(vm, name, arg=0, timeout=HANG_GUARD) -> (exit_code, debug_text).
+
+    Loads C guest <name> into `vm` (whose RAM must reach the guest's end), enters it in long
+    mode on vCPU 0 with RSP = C_STACK_TOP and RDI = arg, serves the exit and debug ports and
+    runs it until it halts. exit_code is main's return value (or fail's code) as a C int.
+    Asserts that the run ended with HLT after exactly one exit report, showing the debug text
+    otherwise."""
+    from kvmkit import ExitReason
+
+    def _run(vm, name: str, arg: int = 0, timeout: float = HANG_GUARD) -> tuple[int, str]:
+        guest = compile_c(name)
+        ram_end = max(addr + size for addr, size in vm.memory_regions if addr < 1 << 32)
+        assert guest.end <= ram_end, f"C guest {name!r} needs RAM up to {guest.end:#x}, VM has {ram_end:#x}"
+        vm.mem_write(guest.load_addr, guest.image)
+        image_end = guest.load_addr + len(guest.image)
+        vm.mem_write(image_end, bytes([BSS_POISON]) * (guest.end - image_end))
+
+        exits: list[int] = []
+        debug = bytearray()
+        vm.hook_io(
+            C_EXIT_PORT,
+            size=4,
+            write=lambda _port, data: exits.append(int.from_bytes(data, "little", signed=True)),
+        )
+        vm.hook_io(C_DEBUG_PORT, write=lambda _port, data: debug.extend(data))
+        cpu = vm.vcpus[0]
+        cpu.reg_write("rdi", arg)
+        cpu.setup("long", entry=guest.entry, stack=C_STACK_TOP)
+
+        exit = vm.run(timeout=timeout)
+        text = debug.decode(errors="replace")
+        assert exit.reason == ExitReason.HLT, (
+            f"C guest {name!r} run ended with {exit.reason} {exit.details}, want HLT; debug text:\n{text}"
+        )
+        assert len(exits) == 1, f"C guest {name!r} reported exit codes {exits}, want one; debug text:\n{text}"
+        return exits[0], text
+
+    return _run
