@@ -9,6 +9,7 @@
 pub mod block;
 mod event_loop;
 mod mmio;
+mod net;
 mod rng;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -24,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use block::{Block, BlockError};
 pub use event_loop::{DeviceEventLoop, SharedDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+pub use net::{Net, NetError, Tap};
 pub use rng::Rng;
 
 use crate::vstate::memory::GuestMemory;
