@@ -77,8 +77,20 @@ class Disk(VirtioDevice):
         """Whether the guest may only read it."""
 
 
+class Net(VirtioDevice):
+    """A network card on a Linux tap device."""
+
+    def __init__(self, handle: _core.VirtioHandle) -> None:
+        super().__init__(handle)
+        details = dict(handle.details())
+        self.tap = details["tap"]
+        """The tap's interface name."""
+        self.mac = details["mac"]
+        """The card's MAC address, as given or generated (``52:54:00:12:34:56`` form)."""
+
+
 class Rng(VirtioDevice):
     """An entropy source fed by the host's ``getrandom``."""
 
 
-__all__ = ["DeviceStats", "Disk", "Rng", "VirtioDevice"]
+__all__ = ["DeviceStats", "Disk", "Net", "Rng", "VirtioDevice"]

@@ -15,7 +15,7 @@ from kvmkit.cpu import CpuidEdit, Vcpu
 from kvmkit.devices import Device
 from kvmkit.errors import BootError, ConfigError, VmStateError, WaitTimeout
 from kvmkit.exits import Exit
-from kvmkit.virtio import Disk, Rng, VirtioDevice
+from kvmkit.virtio import Disk, Net, Rng, VirtioDevice
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -183,6 +183,13 @@ class VM:
         the guest reads (at most 20 ASCII bytes; by default one derived from the file)."""
         backend = _core.virtio_block(path, read_only, serial)
         return self._keep(Disk(self._add_virtio(backend), os.fspath(path), read_only))
+
+    def add_net(self, tap: str, mac: str | None = None) -> Net:
+        """Adds a virtio network card on the Linux tap ``tap``: an existing tap this user may open,
+        or a new one when the process has CAP_NET_ADMIN (a ``%d`` in the name lets the kernel
+        number it). ``mac`` defaults to a random locally administered address. Checksum and
+        segmentation offloads are offered to the guest when the tap supports them."""
+        return self._keep(Net(self._add_virtio(_core.virtio_net(tap, mac))))
 
     def add_rng(self) -> Rng:
         """Adds a virtio entropy device fed by the host's ``getrandom``."""

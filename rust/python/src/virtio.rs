@@ -9,25 +9,29 @@ use kvmkit_core::machine::VirtioSlot;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::error::{DeviceError, VmStateError};
+use crate::error::{config_error, DeviceError, VmStateError};
 
 /// A virtio device model, not attached to a VM yet.
 #[pyclass(frozen, module = "kvmkit._core")]
 pub struct VirtioBackend {
     kind: &'static str,
     device: Mutex<Option<SharedDevice>>,
+    /// What the model settled on that the user did not say (a generated MAC, the tap's name).
+    details: Details,
 }
 
+type Details = Vec<(&'static str, String)>;
+
 impl VirtioBackend {
-    fn new(kind: &'static str, device: SharedDevice) -> Self {
-        Self { kind, device: Mutex::new(Some(device)) }
+    fn new(kind: &'static str, device: SharedDevice, details: Details) -> Self {
+        Self { kind, device: Mutex::new(Some(device)), details }
     }
 
     /// Takes the model out to attach it; a model attaches to one VM only.
-    pub fn take(&self) -> PyResult<(&'static str, SharedDevice)> {
+    pub fn take(&self) -> PyResult<(&'static str, SharedDevice, Details)> {
         let mut device = self.device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let device = device.take().ok_or_else(|| VmStateError::new_err("this device is already attached to a VM"))?;
-        Ok((self.kind, device))
+        Ok((self.kind, device, self.details.clone()))
     }
 }
 
@@ -42,7 +46,7 @@ impl VirtioBackend {
 /// An entropy device fed by the host's getrandom.
 #[pyfunction]
 pub fn virtio_rng() -> VirtioBackend {
-    VirtioBackend::new("rng", Arc::new(Mutex::new(virtio::Rng::new())))
+    VirtioBackend::new("rng", Arc::new(Mutex::new(virtio::Rng::new())), Vec::new())
 }
 
 /// A block device on a raw image file.
@@ -53,7 +57,34 @@ pub fn virtio_block(path: PathBuf, read_only: bool, id: Option<&str>) -> PyResul
         Some(id) => virtio::Block::with_id(&path, read_only, id),
         None => virtio::Block::new(&path, read_only),
     };
-    Ok(VirtioBackend::new("block", Arc::new(Mutex::new(block.map_err(device_error)?))))
+    Ok(VirtioBackend::new("block", Arc::new(Mutex::new(block.map_err(device_error)?)), Vec::new()))
+}
+
+/// A network card on the tap `tap` (opened, or created when this process may), with `mac` or a
+/// generated locally administered address.
+#[pyfunction]
+#[pyo3(signature = (tap, mac=None))]
+pub fn virtio_net(tap: &str, mac: Option<&str>) -> PyResult<VirtioBackend> {
+    let mac = mac.map(parse_mac).transpose()?;
+    let tap = virtio::Tap::open(tap).map_err(device_error)?;
+    let name = tap.name().to_string();
+    let net = virtio::Net::new(tap, mac);
+    let mac = net.mac().iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    Ok(VirtioBackend::new("net", Arc::new(Mutex::new(net)), vec![("tap", name), ("mac", mac)]))
+}
+
+fn parse_mac(text: &str) -> PyResult<[u8; 6]> {
+    let bad = || config_error(format!("{text:?} is not a MAC address such as 52:54:00:12:34:56"));
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| if b.len() == 2 { u8::from_str_radix(b, 16).ok() } else { None })
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
+    if mac[0] & 1 != 0 {
+        return Err(config_error(format!("{text} is a multicast address; a network card needs a unicast one")));
+    }
+    Ok(mac)
 }
 
 fn device_error(error: impl std::fmt::Display) -> PyErr {
@@ -65,12 +96,13 @@ fn device_error(error: impl std::fmt::Display) -> PyErr {
 pub struct VirtioHandle {
     kind: &'static str,
     slot: VirtioSlot,
+    details: Details,
 }
 
 impl VirtioHandle {
     /// The handle of a device attached in `slot`.
-    pub fn new(kind: &'static str, slot: VirtioSlot) -> Self {
-        Self { kind, slot }
+    pub fn new(kind: &'static str, slot: VirtioSlot, details: Details) -> Self {
+        Self { kind, slot, details }
     }
 }
 
@@ -94,6 +126,11 @@ impl VirtioHandle {
     #[getter]
     fn irq(&self) -> u32 {
         self.slot.gsi
+    }
+
+    /// What the device settled on: a network card's `tap` and `mac`.
+    fn details(&self) -> Vec<(&'static str, String)> {
+        self.details.clone()
     }
 
     /// The device's counters now.

@@ -290,8 +290,8 @@ impl Vm {
     /// Attaches a virtio device in the next free MMIO slot.
     fn add_virtio(&self, backend: &VirtioBackend) -> PyResult<VirtioHandle> {
         let machine = self.machine()?;
-        let (kind, device) = backend.take()?;
-        Ok(VirtioHandle::new(kind, machine.add_virtio_device(device).py()?))
+        let (kind, device, details) = backend.take()?;
+        Ok(VirtioHandle::new(kind, machine.add_virtio_device(device).py()?, details))
     }
 
     /// Loads a Linux kernel with its platform devices; the console then collects COM1's output.
