@@ -11,6 +11,7 @@ mod mmio;
 mod rng;
 #[cfg(test)]
 pub(crate) mod testing;
+mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use event_loop::{DeviceEventLoop, SharedDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 pub use rng::Rng;
+pub use vsock::{Vsock, VsockError};
 
 use crate::vstate::memory::GuestMemory;
 
