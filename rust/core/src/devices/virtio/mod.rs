@@ -13,6 +13,7 @@ mod net;
 mod rng;
 #[cfg(test)]
 pub(crate) mod testing;
+mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -27,6 +28,7 @@ pub use event_loop::{DeviceEventLoop, SharedDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 pub use net::{Net, NetError, Tap};
 pub use rng::Rng;
+pub use vsock::{Vsock, VsockError};
 
 use crate::vstate::memory::GuestMemory;
 

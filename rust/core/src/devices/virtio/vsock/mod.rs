@@ -1,0 +1,227 @@
+//! virtio-vsock: stream sockets between the guest and host processes, which reach the device
+//! through Unix domain sockets.
+//!
+//! - Host to guest: a process connects to the device's socket path and writes `CONNECT <port>\n`.
+//!   Once the guest accepts on `port`, the process reads `OK <host port>\n`, and the stream carries
+//!   the connection from then on.
+//! - Guest to host: a guest connection to CID 2, port `P`, reaches a process listening on the Unix
+//!   socket `<path>_P`.
+//!
+//! Only stream sockets are carried; the event queue is never used.
+
+mod connection;
+mod muxer;
+mod packet;
+#[cfg(test)]
+mod tests;
+
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet};
+
+use self::connection::BUF_ALLOC;
+use self::muxer::Muxer;
+use self::packet::{read_header, read_payload, Buffers, HEADER_SIZE, TYPE_STREAM};
+use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, TYPE_VSOCK};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUES: usize = 3;
+/// Passes over tx and rx per wake-up while tx waits for rx room, before yielding the event loop.
+const MAX_ROUNDS: usize = 8;
+
+/// A vsock device that cannot be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The CID is reserved (0 to 2, and `u32::MAX` for "any") or does not fit in 32 bits.
+    #[error("guest CID {0} is reserved or out of range: it must be from 3 to 4294967294")]
+    InvalidCid(u64),
+    /// Something already exists at the socket path.
+    #[error("vsock socket path {} already exists", .0.display())]
+    PathExists(PathBuf),
+    /// The directory of the socket path does not exist.
+    #[error("the directory of vsock socket path {} does not exist", .0.display())]
+    NoDirectory(PathBuf),
+    /// Listening on the socket path failed.
+    #[error("cannot listen on vsock socket path {}: {source}", .path.display())]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The eventfd that wakes the device's event loop cannot be made.
+    #[error("cannot create the vsock wake-up eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// A vsock device whose host side is a Unix domain socket.
+pub struct Vsock {
+    guest_cid: u64,
+    muxer: Muxer,
+    counters: Arc<DeviceCounters>,
+    active: Option<ActiveQueues>,
+}
+
+impl Vsock {
+    /// A device giving the guest `guest_cid`, listening for host processes on `uds_path`, which
+    /// must not exist yet and is removed when the device is dropped.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        let counters = Arc::new(DeviceCounters::default());
+        let muxer = Muxer::new(guest_cid, uds_path, counters.clone())?;
+        Ok(Self { guest_cid, muxer, counters, active: None })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Takes packets from tx and fills rx until neither can go on.
+    fn run(&mut self) {
+        let Some(active) = &mut self.active else { return };
+        for _ in 0..MAX_ROUNDS {
+            let paused = serve_tx(active, &mut self.muxer, &self.counters, self.guest_cid);
+            serve_rx(active, &mut self.muxer, &self.counters);
+            // tx waits for RSTs to leave; once rx has no room it resumes when the driver adds some.
+            if !paused || self.muxer.backlog_full() {
+                return;
+            }
+        }
+        self.muxer.wake();
+    }
+}
+
+/// Takes the guest's packets; returns whether it left some for want of rx room.
+fn serve_tx(active: &mut ActiveQueues, muxer: &mut Muxer, counters: &DeviceCounters, guest_cid: u64) -> bool {
+    let mut paused = false;
+    serve_queue(&mut active.queues[TX], &active.memory, &active.interrupt, |chain| {
+        if muxer.backlog_full() {
+            paused = true;
+            return None;
+        }
+        let memory = chain.memory();
+        let buffers = Buffers::of(&chain, false);
+        let header = match read_header(&buffers, memory) {
+            Ok(header) => header,
+            Err(e) => return Some(drop_packet(counters, &e)),
+        };
+        if header.src_cid != guest_cid {
+            return Some(drop_packet(counters, &format!("source CID {} is not the guest's", header.src_cid)));
+        }
+        if header.kind != TYPE_STREAM {
+            muxer.reply_rst(&header);
+            return Some(drop_packet(counters, &format!("socket type {} is not stream", header.kind)));
+        }
+        match read_payload(&buffers, memory, &header, BUF_ALLOC as usize) {
+            Ok(payload) => {
+                counters.count_request(0, payload.len() as u64);
+                muxer.handle_packet(&header, &payload);
+            }
+            Err(e) => {
+                muxer.reset_for(&header);
+                drop_packet(counters, &e);
+            }
+        }
+        Some(0)
+    });
+    paused
+}
+
+/// Counts a tx packet the device drops; the driver gets its buffers back untouched.
+fn drop_packet(counters: &DeviceCounters, why: &dyn std::fmt::Display) -> u32 {
+    log::debug!("vsock: dropping a packet from the guest: {why}");
+    counters.count_error();
+    counters.count_request(0, 0);
+    0
+}
+
+/// Fills rx buffers with what the host side has for the guest.
+fn serve_rx(active: &mut ActiveQueues, muxer: &mut Muxer, counters: &DeviceCounters) {
+    serve_queue(&mut active.queues[RX], &active.memory, &active.interrupt, |chain| {
+        let memory = chain.memory();
+        let buffers = Buffers::of(&chain, true);
+        if buffers.len() < HEADER_SIZE as u64 || !buffers.in_memory(memory) {
+            log::debug!("vsock: an rx chain of {} bytes is too short or outside guest memory", buffers.len());
+            counters.count_error();
+            counters.count_request(0, 0);
+            return Some(0);
+        }
+        let room = usize::try_from(buffers.len() - HEADER_SIZE as u64).unwrap_or(usize::MAX);
+        let (header, payload) = muxer.next_packet(room)?;
+        let mut packet = Vec::with_capacity(HEADER_SIZE + payload.len());
+        packet.extend_from_slice(&header.to_bytes());
+        packet.extend_from_slice(&payload);
+        if let Err(e) = buffers.write(memory, &packet) {
+            log::warn!("vsock: writing a packet for the guest failed: {e}");
+            counters.count_error();
+        }
+        counters.count_request(packet.len() as u64, 0);
+        Some(packet.len() as u32)
+    });
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; QUEUES]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // The configuration is the guest's CID, a little-endian u64.
+        let config = self.guest_cid.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            *byte = at.and_then(|at| config.get(at)).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, active: ActiveQueues) -> Result<(), String> {
+        if active.queues.len() != QUEUES {
+            return Err(format!("vsock needs {QUEUES} queues, got {}", active.queues.len()));
+        }
+        self.active = Some(active);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.muxer.reset();
+        self.muxer.wake_if_needed();
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        // The event queue is never used: the device has no events to report.
+        if index == RX || index == TX {
+            self.run();
+        }
+        self.muxer.wake_if_needed();
+    }
+
+    fn backend_events(&self) -> Vec<(RawFd, u32, EventSet)> {
+        self.muxer.backend_events()
+    }
+
+    fn process_backend(&mut self, token: u32, events: EventSet, ops: &mut EventOps) {
+        self.muxer.handle_event(token, events, ops);
+        self.run();
+        self.muxer.apply_ops(ops);
+    }
+
+    fn counters(&self) -> &Arc<DeviceCounters> {
+        &self.counters
+    }
+}
