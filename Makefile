@@ -1,5 +1,5 @@
 # Entry points; each installs what it needs first (see scripts/bootstrap.sh).
-.PHONY: demo test bench build clean
+.PHONY: demo test bench fuzz build clean
 
 demo:            ## boot the default Linux guest and run a command in it
 	scripts/bootstrap.sh
@@ -13,6 +13,9 @@ bench:           ## exit latency, VM churn and boot time against their baselines
 	command -v qemu-system-x86_64 >/dev/null || (apt-get update -qq && apt-get install -y -qq qemu-system-x86 >/dev/null)
 	.venv/bin/python benchmarks/bench_exits.py
 	.venv/bin/python benchmarks/bench_boot.py
+
+fuzz:            ## run each fuzz target for FUZZ_SECONDS (default 60)
+	scripts/fuzz.sh
 
 build:
 	scripts/bootstrap.sh

@@ -8,6 +8,7 @@ partly under instruction emulation and stops early, so these tests assert what e
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -102,8 +103,12 @@ ON_PARAVIRTUAL_KVM = os.path.exists("/sys/module/kvm_pvm")
 
 
 @pytest.mark.watchdog(900)
-def test_default_guest_boots_as_far_as_the_host_allows(guest, record_property):
+def test_default_guest_boots_as_far_as_the_host_allows(guest, tmp_path, record_property):
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(8 << 20))
     with linux_vm(cpus=2) as vm:
+        disk = vm.add_disk(image, serial="kvmkit-test-disk")
+        rng = vm.add_rng()
         console = vm.boot_linux(
             guest.vmlinux, initrd=guest.initrd, cmdline=f"{guest.cmdline} {EMULATOR_SAFE}"
         )
@@ -114,12 +119,33 @@ def test_default_guest_boots_as_far_as_the_host_allows(guest, record_property):
             assert exit_.reason is ExitReason.INTERNAL_ERROR, exit_
             assert exit_.details["instruction"].startswith(b"\xcc"), exit_  # int3
             assert b"smpboot: Allowing 2 CPUs" in console.output
+            # The boot code announced both virtio devices to the kernel.
+            for device in (disk, rng):
+                entry = f"virtio_mmio.device=4K@{device.address:#x}:{device.irq}"
+                assert entry.encode() in console.output
             record_property("furthest_milestone", "int3 self-test (emulation failure)")
             return
         console.expect(READY_MARKER.encode(), timeout=300)
         assert vm.boot_time is not None
         console.sendline("echo hello-$((6 * 7))")
         console.expect(b"hello-42", timeout=30)
+        check_virtio_from_linux(console, image, rng)
         console.sendline("exit")
         assert vm.wait(timeout=60).reason is ExitReason.RESET
-        record_property("furthest_milestone", "shell, then reset")
+        record_property("furthest_milestone", "shell, virtio devices checked, then reset")
+
+
+def check_virtio_from_linux(console, image, rng) -> None:
+    """The default guest's shell sees the disk's size and contents and reads the entropy device."""
+    console.sendline("echo size=$(cat /sys/block/vda/size)")
+    console.expect(f"size={image.stat().st_size // 512}".encode(), timeout=30)
+    console.sendline("echo serial=$(cat /sys/block/vda/serial)")
+    console.expect(b"serial=kvmkit-test-disk", timeout=30)
+    first_sector = image.read_bytes()[:512]
+    console.sendline("dd if=/dev/vda bs=512 count=1 2>/dev/null | md5sum")
+    console.expect(hashlib.md5(first_sector).hexdigest().encode(), timeout=30)
+    console.sendline("echo rng=$(cat /sys/class/misc/hw_random/rng_current)")
+    console.expect(rb"rng=virtio_rng\.\d+", timeout=30)
+    console.sendline("echo got=$(head -c 64 /dev/hwrng | wc -c)")
+    console.expect(b"got=64", timeout=30)
+    assert rng.stats.bytes_to_guest >= 64

@@ -9,6 +9,7 @@ of their own; the guest's queue notifications reach them without a VMM exit.
 
 from __future__ import annotations
 
+import socket
 from typing import NamedTuple
 
 from kvmkit import _core
@@ -93,4 +94,54 @@ class Rng(VirtioDevice):
     """An entropy source fed by the host's ``getrandom``."""
 
 
-__all__ = ["DeviceStats", "Disk", "Net", "Rng", "VirtioDevice"]
+class Vsock(VirtioDevice):
+    """A vsock device. The host side is a Unix socket: connect to :attr:`uds_path` and send
+    ``CONNECT <port>\\n`` to reach a guest listener on that port (the device answers
+    ``OK <host port>\\n``); a guest connection to host port P goes to a listener at
+    ``<uds_path>_<P>``. :meth:`connect` does the first for you."""
+
+    def __init__(self, handle: _core.VirtioHandle, cid: int, uds_path: str) -> None:
+        super().__init__(handle)
+        self.cid = cid
+        """The guest's context id."""
+        self.uds_path = uds_path
+        """The Unix socket host programs connect to."""
+
+    def connect(self, port: int, timeout: float | None = 10.0) -> socket.socket:
+        """A stream to the guest's listener on ``port``, after the ``CONNECT`` handshake. Raises
+        ``ConnectionRefusedError`` when the guest refuses (or nothing listens), ``TimeoutError``
+        when it does not answer in ``timeout`` seconds."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.uds_path)
+            sock.sendall(f"CONNECT {port}\n".encode())
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(1)
+                if not chunk:
+                    raise ConnectionRefusedError(f"the guest refused vsock port {port}")
+                reply += chunk
+            if not reply.startswith(b"OK "):
+                raise ConnectionRefusedError(f"unexpected answer to CONNECT {port}: {reply!r}")
+            sock.settimeout(None)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def listen(self, port: int) -> socket.socket:
+        """A listening Unix socket at ``<uds_path>_<port>``, where the guest's connections to host
+        port ``port`` arrive."""
+        path = f"{self.uds_path}_{port}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+__all__ = ["DeviceStats", "Disk", "Net", "Rng", "VirtioDevice", "Vsock"]

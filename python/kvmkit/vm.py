@@ -15,7 +15,7 @@ from kvmkit.cpu import CpuidEdit, Vcpu
 from kvmkit.devices import Device
 from kvmkit.errors import BootError, ConfigError, VmStateError, WaitTimeout
 from kvmkit.exits import Exit
-from kvmkit.virtio import Disk, Net, Rng, VirtioDevice
+from kvmkit.virtio import Disk, Net, Rng, VirtioDevice, Vsock
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -190,6 +190,13 @@ class VM:
         number it). ``mac`` defaults to a random locally administered address. Checksum and
         segmentation offloads are offered to the guest when the tap supports them."""
         return self._keep(Net(self._add_virtio(_core.virtio_net(tap, mac))))
+
+    def add_vsock(self, cid: int, uds_path: str | os.PathLike[str]) -> Vsock:
+        """Adds a virtio vsock device giving the guest context id ``cid`` (3 or more), with its
+        host side on the Unix socket ``uds_path``, which must not exist yet (see
+        :class:`kvmkit.virtio.Vsock`)."""
+        backend = _core.virtio_vsock(cid, uds_path)
+        return self._keep(Vsock(self._add_virtio(backend), cid, os.fspath(uds_path)))
 
     def add_rng(self) -> Rng:
         """Adds a virtio entropy device fed by the host's ``getrandom``."""

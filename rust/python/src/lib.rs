@@ -43,5 +43,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(virtio::virtio_rng, m)?)?;
     m.add_function(wrap_pyfunction!(virtio::virtio_block, m)?)?;
     m.add_function(wrap_pyfunction!(virtio::virtio_net, m)?)?;
+    m.add_function(wrap_pyfunction!(virtio::virtio_vsock, m)?)?;
     Ok(())
 }

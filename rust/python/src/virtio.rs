@@ -73,6 +73,13 @@ pub fn virtio_net(tap: &str, mac: Option<&str>) -> PyResult<VirtioBackend> {
     Ok(VirtioBackend::new("net", Arc::new(Mutex::new(net)), vec![("tap", name), ("mac", mac)]))
 }
 
+/// A vsock device for the guest context id `cid`; the host side is the Unix socket `uds_path`.
+#[pyfunction]
+pub fn virtio_vsock(cid: u64, uds_path: PathBuf) -> PyResult<VirtioBackend> {
+    let vsock = virtio::Vsock::new(cid, &uds_path).map_err(device_error)?;
+    Ok(VirtioBackend::new("vsock", Arc::new(Mutex::new(vsock)), Vec::new()))
+}
+
 fn parse_mac(text: &str) -> PyResult<[u8; 6]> {
     let bad = || config_error(format!("{text:?} is not a MAC address such as 52:54:00:12:34:56"));
     let bytes: Vec<u8> = text
