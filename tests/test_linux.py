@@ -109,6 +109,7 @@ def test_default_guest_boots_as_far_as_the_host_allows(guest, tmp_path, record_p
     with linux_vm(cpus=2) as vm:
         disk = vm.add_disk(image, serial="kvmkit-test-disk")
         rng = vm.add_rng()
+        vsock = vm.add_vsock(3, tmp_path / "vsock.sock")
         console = vm.boot_linux(
             guest.vmlinux, initrd=guest.initrd, cmdline=f"{guest.cmdline} {EMULATOR_SAFE}"
         )
@@ -120,7 +121,7 @@ def test_default_guest_boots_as_far_as_the_host_allows(guest, tmp_path, record_p
             assert exit_.details["instruction"].startswith(b"\xcc"), exit_  # int3
             assert b"smpboot: Allowing 2 CPUs" in console.output
             # The boot code announced both virtio devices to the kernel.
-            for device in (disk, rng):
+            for device in (disk, rng, vsock):
                 entry = f"virtio_mmio.device=4K@{device.address:#x}:{device.irq}"
                 assert entry.encode() in console.output
             record_property("furthest_milestone", "int3 self-test (emulation failure)")
@@ -149,3 +150,5 @@ def check_virtio_from_linux(console, image, rng) -> None:
     console.sendline("echo got=$(head -c 64 /dev/hwrng | wc -c)")
     console.expect(b"got=64", timeout=30)
     assert rng.stats.bytes_to_guest >= 64
+    console.sendline("ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/ | grep -c virtio")
+    console.expect(rb"\r\n1\r\n", timeout=30)
