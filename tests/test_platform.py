@@ -97,6 +97,46 @@ def test_kvmkit_run_boots_a_kernel_with_the_console_on_stdio(
     assert f"guest stopped: {ending}".encode() in done.stderr
 
 
+def kvmkit_run(kernel, *options, stdin=b"!"):
+    command = [sys.executable, "-m", "kvmkit", "run", "--kernel", kernel, "--memory", "64M", *options]
+    return subprocess.run(command, input=stdin, capture_output=True, timeout=60)
+
+
+def test_kvmkit_run_attaches_virtio_devices(assemble, tmp_path, kvm_available):
+    kernel = tmp_path / "kernel.elf"
+    kernel.write_bytes(assemble("pvh_platform", elf=True))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    socket_path = tmp_path / "vsock.sock"
+    done = kvmkit_run(
+        kernel, "--cmdline", "cli", "--disk", f"{disk},ro", "--rng", "--vsock", f"3,path={socket_path}"
+    )
+    assert done.returncode == 0, done.stderr
+    # The guest prints the command line it was given: the boot code appended one entry per device.
+    devices = " ".join(f"virtio_mmio.device=4K@{0xD0100000 + i * 0x1000:#x}:{5 + i}" for i in range(3))
+    assert done.stdout == f"cmdline=cli {devices} memmap=2 modules=0\n".encode()
+    assert not socket_path.exists(), "the vsock socket is removed when the VM goes"
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--disk", "{tmp}/odd.img"], b"multiple of 512"),
+        (["--disk", "{tmp}/odd.img,rw"], b"unknown --disk option 'rw'"),
+        (["--vsock", "3"], b"--vsock takes CID,path=SOCKET"),
+        (["--vsock", "2,path={tmp}/v.sock"], b"guest CID 2 is reserved"),
+        (["--net", "bad/name"], b"invalid tap name"),
+    ],
+)
+def test_kvmkit_run_rejects_bad_device_options(assemble, tmp_path, kvm_available, option, message):
+    kernel = tmp_path / "kernel.elf"
+    kernel.write_bytes(assemble("pvh_platform", elf=True))
+    (tmp_path / "odd.img").write_bytes(bytes(1000))
+    done = kvmkit_run(kernel, *(o.format(tmp=tmp_path) for o in option))
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+
+
 def test_pexpect_drives_the_console_through_its_file_descriptor(platform_vm):
     from pexpect import fdpexpect
 
