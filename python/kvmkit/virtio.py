@@ -126,6 +126,9 @@ class Vsock(VirtioDevice):
                 raise ConnectionRefusedError(f"unexpected answer to CONNECT {port}: {reply!r}")
             sock.settimeout(None)
             return sock
+        except socket.timeout as error:  # an OSError, not a TimeoutError, before Python 3.10
+            sock.close()
+            raise TimeoutError(f"the guest did not answer CONNECT {port} in {timeout} s") from error
         except BaseException:
             sock.close()
             raise

@@ -121,7 +121,8 @@ fn serve_tx(active: &mut ActiveQueues, muxer: &mut Muxer, counters: &DeviceCount
         }
         match read_payload(&buffers, memory, &header, BUF_ALLOC as usize) {
             Ok(payload) => {
-                counters.count_request(0, payload.len() as u64);
+                // Like the receive side, the count includes the header the device read.
+                counters.count_request(0, (HEADER_SIZE + payload.len()) as u64);
                 muxer.handle_packet(&header, &payload);
             }
             Err(e) => {
