@@ -10,8 +10,7 @@ import struct
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import C_DEBUG_PORT, C_EXIT_PORT, C_STACK_TOP
-from kvmkit import ExitReason
+from conftest import C_DEBUG_PORT, C_EXIT_PORT
 from kvmkit.errors import DeviceError
 
 pytestmark = pytest.mark.kvm
@@ -57,37 +56,6 @@ def image(tmp_path):
     path = tmp_path / "disk.img"
     path.write_bytes(contents)
     return path, contents
-
-
-@pytest.fixture
-def run_irqchip_guest(compile_c):
-    """run_irqchip_guest(vm, name, arg) -> (exit_code, debug_text): conftest's run_c_guest for
-    a VM with irqchip=True, where KVM keeps the guest's final HLT to itself; the run is stopped
-    when the guest reports its exit code instead."""
-
-    def _run(vm, name, arg, timeout=5.0):
-        guest = compile_c(name)
-        vm.mem_write(guest.load_addr, guest.image)
-        codes: list[int] = []
-        debug = bytearray()
-
-        def on_exit(_port, data):
-            codes.append(int.from_bytes(data, "little", signed=True))
-            vm.stop()
-
-        vm.hook_io(C_EXIT_PORT, size=4, write=on_exit)
-        vm.hook_io(C_DEBUG_PORT, write=lambda _port, data: debug.extend(data))
-        cpu = vm.vcpus[0]
-        cpu.reg_write("rdi", arg)
-        cpu.setup("long", entry=guest.entry, stack=C_STACK_TOP)
-        exit_ = vm.run(timeout=timeout)
-        text = debug.decode(errors="replace")
-        assert exit_.reason is ExitReason.STOPPED and len(codes) == 1, (
-            f"run ended with {exit_.reason} {exit_.details}, exit codes {codes}; debug text:\n{text}"
-        )
-        return codes[0], text
-
-    return _run
 
 
 # --------------------------------------------------------------------------- virtio-blk
@@ -423,14 +391,14 @@ def run_rng(vm, runner, rng, requests, length, flags=0) -> RngRun:
 
 
 @pytest.mark.parametrize("irqchip", [False, True], ids=["polled", "irqchip"])
-def test_rng_fills_guest_buffers_with_entropy(make_vm, run_c_guest, run_irqchip_guest, irqchip):
+def test_rng_fills_guest_buffers_with_entropy(make_vm, run_c_guest, irqchip):
     vm = make_vm(memory=MEMORY, irqchip=irqchip)
     rng = vm.add_rng()
     assert (rng.address, rng.kind) == (FIRST_SLOT, "rng")
     requests, length = 4, 1024
     vm.mem_write(BUF, bytes(requests * length) + b"\x5a" * 64)
 
-    run = run_rng(vm, run_irqchip_guest if irqchip else run_c_guest, rng, requests, length)
+    run = run_rng(vm, run_c_guest, rng, requests, length)
 
     assert run.used == [length] * requests
     # InterruptStatus shows the used buffer, through the irqfd path too, until acknowledged.
@@ -450,7 +418,7 @@ def test_rng_fills_guest_buffers_with_entropy(make_vm, run_c_guest, run_irqchip_
     assert (stats.notifications, stats.interrupts) == (4, 4)
 
 
-def test_rng_interrupt_reaches_the_vcpu(make_vm, run_irqchip_guest, tmp_path):
+def test_rng_interrupt_reaches_the_vcpu(make_vm, run_c_guest, tmp_path):
     vm = make_vm(memory=MEMORY, irqchip=True)
     small = tmp_path / "small.img"
     small.write_bytes(bytes(SECTOR))
@@ -460,7 +428,7 @@ def test_rng_interrupt_reaches_the_vcpu(make_vm, run_irqchip_guest, tmp_path):
     assert rng.irq != disk.irq
     assert vm.virtio_devices == [disk, rng]
 
-    run = run_rng(vm, run_irqchip_guest, rng, requests=3, length=64, flags=FLAG_INTERRUPTS)
+    run = run_rng(vm, run_c_guest, rng, requests=3, length=64, flags=FLAG_INTERRUPTS)
 
     assert run.interrupts == 3, "the handler must run once per request"
     assert run.isr == [INT_USED] * 3  # as the handler read it
