@@ -123,7 +123,7 @@ def stats_tuple(device):
 
 def test_disk_negotiates_and_reads_sectors_into_scattered_buffers(make_vm, run_c_guest, image):
     path, contents = image
-    vm = make_vm(memory=MEMORY)
+    vm = make_vm(memory=MEMORY, irqchip=True)  # interrupts are injected and counted
     disk = vm.add_disk(path)
     assert (disk.address, disk.size, disk.kind) == (FIRST_SLOT, SLOT_SIZE, "block")
     # 8 sectors over three buffers in three pages, out of address order
@@ -313,7 +313,7 @@ def test_notifying_a_queue_before_it_is_set_up_is_ignored(make_vm, run_c_guest, 
 
 def test_driver_ok_without_features_ok_needs_a_reset(make_vm, run_c_guest, image):
     path, contents = image
-    vm = make_vm(memory=MEMORY)
+    vm = make_vm(memory=MEMORY, irqchip=True)
     disk = vm.add_disk(path)
 
     run = run_blk(vm, run_c_guest, disk, [read(4, (BUF, SECTOR))], flags=FLAG_DRIVER_OK_EARLY)
@@ -415,7 +415,8 @@ def test_rng_fills_guest_buffers_with_entropy(make_vm, run_c_guest, irqchip):
     assert vm.mem_read(BUF + requests * length, 64) == b"\x5a" * 64, "the device wrote past the buffers"
     stats = rng.stats
     assert (stats.requests, stats.bytes_to_guest, stats.bytes_from_guest, stats.errors) == (4, 4096, 0, 0)
-    assert (stats.notifications, stats.interrupts) == (4, 4)
+    # Without an irqchip the driver polls InterruptStatus and nothing is injected.
+    assert (stats.notifications, stats.interrupts) == (4, 4 if irqchip else 0)
 
 
 def test_rng_interrupt_reaches_the_vcpu(make_vm, run_c_guest, tmp_path):

@@ -27,7 +27,7 @@ class DeviceStats(NamedTuple):
     errors: int
     """Failed requests and driver errors."""
     interrupts: int
-    """Interrupts raised."""
+    """Interrupts injected into the guest (none without an irqchip: drivers then poll)."""
     notifications: int
     """Queue notifications the device served."""
 

@@ -195,11 +195,11 @@ impl Interrupt {
 
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::AcqRel);
-        self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
-        if let Some(line) = &self.line {
-            if let Err(e) = line.write(1) {
-                log::warn!("cannot raise a virtio interrupt: {e}");
-            }
+        // Without a line (no irqchip) the driver polls the status; nothing is injected.
+        let Some(line) = &self.line else { return };
+        match line.write(1) {
+            Ok(()) => _ = self.counters.interrupts.fetch_add(1, Ordering::Relaxed),
+            Err(e) => log::warn!("cannot raise a virtio interrupt: {e}"),
         }
     }
 }
@@ -215,7 +215,7 @@ pub struct DeviceCounters {
     pub bytes_from_guest: AtomicU64,
     /// Requests failed and driver errors.
     pub errors: AtomicU64,
-    /// Interrupts raised.
+    /// Interrupts injected into the guest (none without an irqchip, where drivers poll).
     pub interrupts: AtomicU64,
     /// Queue notifications from the driver.
     pub notifications: AtomicU64,
