@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from conftest import C_DEBUG_PORT, C_EXIT_PORT
-from kvmkit.errors import DeviceError
+from kvmkit.errors import DeviceError, IoRangeConflictError
 
 pytestmark = pytest.mark.kvm
 
@@ -475,3 +475,15 @@ def test_bad_serials_are_refused_at_attach(make_vm, image, serial):
         vm.add_disk(image[0], serial=serial)
 
     assert vm.virtio_devices == []
+
+
+def test_a_failed_attach_leaves_nothing_behind(make_vm):
+    vm = make_vm(memory=MEMORY, irqchip=True)
+    vm.hook_mmio(FIRST_SLOT, 0x1000, read=lambda addr, size: 0)
+    with pytest.raises(IoRangeConflictError):
+        vm.add_rng()
+    assert vm.virtio_devices == []
+    # Had the failed attach left its queue notifier registered with KVM, this one would clash.
+    vm.unhook_mmio(FIRST_SLOT)
+    rng = vm.add_rng()
+    assert (rng.address, vm.virtio_devices) == (FIRST_SLOT, [rng])

@@ -67,6 +67,9 @@ pub enum Error {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The host could not provide what a virtio device needs (an eventfd, its event-loop thread).
+    #[error("cannot set up a virtio device: {0}")]
+    DeviceSetup(#[source] std::io::Error),
 }
 
 impl Error {

@@ -28,7 +28,7 @@ use crate::vstate::kvm::Kvm;
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::runner::{install_kick_handler, run_vcpu, Kicker, RunControl, Ticker};
 use crate::vstate::vcpu::Vcpu;
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{new_eventfd, Vm};
 
 /// Wraps the body of every vCPU thread: it must call the closure it is given exactly once. Lets an
 /// embedder set up per-thread context that outlives single exits (a language runtime's thread
@@ -202,10 +202,7 @@ impl Machine {
             let device = device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             (device.device_type(), device.queue_max_sizes().len(), device.counters().clone())
         };
-        let notify_addr = base + QUEUE_NOTIFY_OFFSET;
-        let notifiers = (0..queue_count as u32)
-            .map(|queue| self.vm.queue_notifier(notify_addr, queue))
-            .collect::<Result<Vec<_>>>()?;
+        let notifiers = (0..queue_count).map(|_| new_eventfd()).collect::<Result<Vec<_>>>()?;
         let line = if self.irqchip { Some(self.vm.irq_line(gsi)?.0) } else { None };
         let interrupt = Arc::new(Interrupt::new(line, counters.clone()));
         let transport_notifiers = notifiers.iter().map(try_clone).collect::<Result<Vec<_>>>()?;
@@ -213,11 +210,16 @@ impl Machine {
             MmioTransport::new(device.clone(), self.memory().clone(), interrupt.clone(), transport_notifiers);
         let range = BusRange::new(base, VIRTIO_MMIO_SIZE).expect("virtio slots are non-empty ranges");
         state.io.insert(AddressSpace::Mmio, range, Arc::new(transport))?;
+        // Registered only once the window is known to be free, so a failed add leaves nothing behind.
+        if let Err(e) = self.vm.register_queue_notifiers(base + QUEUE_NOTIFY_OFFSET, &notifiers) {
+            let _ = state.io.remove(AddressSpace::Mmio, base);
+            return Err(e);
+        }
         if state.device_loop.is_none() {
-            state.device_loop = Some(DeviceEventLoop::start().map_err(Error::Thread)?);
+            state.device_loop = Some(DeviceEventLoop::start().map_err(Error::DeviceSetup)?);
         }
         let device_loop = state.device_loop.as_ref().expect("started above");
-        device_loop.add(device, notifiers, interrupt).map_err(Error::Thread)?;
+        device_loop.add(device, notifiers, interrupt).map_err(Error::DeviceSetup)?;
         let slot = VirtioSlot { device_type, base, size: VIRTIO_MMIO_SIZE, gsi, counters };
         state.virtio.push(slot.clone());
         Ok(slot)
@@ -460,7 +462,7 @@ impl Drop for Machine {
 }
 
 fn try_clone(event: &EventFd) -> Result<EventFd> {
-    event.try_clone().map_err(Error::Thread)
+    event.try_clone().map_err(Error::DeviceSetup)
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

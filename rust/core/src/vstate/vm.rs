@@ -62,12 +62,19 @@ impl Vm {
         Ok(IrqLine(event))
     }
 
-    /// An eventfd that KVM signals, without a VMM exit, when the guest writes the 32-bit `value`
-    /// to the MMIO address `addr` (an ioeventfd).
-    pub fn queue_notifier(&self, addr: u64, value: u32) -> Result<EventFd> {
-        let event = new_eventfd()?;
-        self.fd.register_ioevent(&event, &IoEventAddress::Mmio(addr), value).map_err(Error::kvm("KVM_IOEVENTFD"))?;
-        Ok(event)
+    /// Has KVM signal `notifiers[i]`, without a VMM exit, when the guest writes the 32-bit value
+    /// `i` to the MMIO address `addr` (ioeventfds). All or none are registered.
+    pub fn register_queue_notifiers(&self, addr: u64, notifiers: &[EventFd]) -> Result<()> {
+        let addr = IoEventAddress::Mmio(addr);
+        for (index, notifier) in notifiers.iter().enumerate() {
+            if let Err(e) = self.fd.register_ioevent(notifier, &addr, index as u32) {
+                for (done, registered) in notifiers[..index].iter().enumerate() {
+                    let _ = self.fd.unregister_ioevent(registered, &addr, done as u32);
+                }
+                return Err(Error::kvm("KVM_IOEVENTFD")(e));
+            }
+        }
+        Ok(())
     }
 
     /// The VM file descriptor.
@@ -81,7 +88,8 @@ impl Vm {
     }
 }
 
-fn new_eventfd() -> Result<EventFd> {
+/// A non-blocking eventfd.
+pub fn new_eventfd() -> Result<EventFd> {
     EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|e| Error::kvm("eventfd")(vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO))))
 }
