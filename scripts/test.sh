@@ -10,6 +10,7 @@ say() { printf '\033[1m[kvmkit]\033[0m %s\n' "$*"; }
 say "lint: rustfmt, clippy, ruff, mypy"
 cargo fmt --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc -p kvmkit-core --no-deps --quiet
 .venv/bin/ruff check python tests benchmarks
 .venv/bin/ruff format --check python tests benchmarks
 .venv/bin/mypy

@@ -8,9 +8,10 @@
 //! - [`boot`]: loading a Linux kernel, its boot parameters and initramfs.
 //! - [`vstate`]: the only place that talks to KVM (system handle, VM, vCPU, exit handling).
 //! - [`bus`]: one address-range bus type for port I/O and for MMIO.
-//! - [`devices`]: devices that sit on a bus.
+//! - [`devices`]: devices that sit on a bus, and the virtio devices (`devices::virtio`) whose
+//!   queues are served on an event-loop thread.
 //! - [`linux`]: the PC platform a Linux guest boots on.
-//! - [`machine`]: a VM assembled from a [`MachineConfig`](config::MachineConfig), with its run lifecycle.
+//! - [`machine`]: a VM assembled from a [`MachineConfig`], with its run lifecycle.
 
 pub mod arch;
 pub mod boot;

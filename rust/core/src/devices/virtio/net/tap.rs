@@ -68,7 +68,7 @@ pub enum NetError {
     },
 }
 
-/// An open tap interface. Reads and writes move one frame each, with a [`VNET_HDR_LEN`]-byte
+/// An open tap interface. Reads and writes move one frame each, with a 12-byte
 /// virtio-net header in front.
 #[derive(Debug)]
 pub struct Tap {
