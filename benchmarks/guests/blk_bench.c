@@ -65,9 +65,9 @@ static void submit(struct virtq *vq, const struct blk_job *job, unsigned index, 
     s->offset = offset;
     s->status = 0xff;
     struct vq_buf chain[3] = {
-        {.addr = (u64)(uintptr_t)&s->header, .len = sizeof s->header, .writable = false},
-        {.addr = (u64)(uintptr_t)s->data, .len = job->block_size, .writable = read},
-        {.addr = (u64)(uintptr_t)&s->status, .len = 1, .writable = true},
+        bench_buf(&s->header, sizeof s->header, false),
+        bench_buf(s->data, job->block_size, read),
+        bench_buf(&s->status, 1, true),
     };
     int head = vq_submit(vq, chain, 3);
     if (head < 0)
@@ -75,24 +75,10 @@ static void submit(struct virtq *vq, const struct blk_job *job, unsigned index, 
     slot_of_head[head] = (u8)index;
 }
 
-/* Spins on the used index without PAUSE, which can cost a VM exit and would add its latency to
- * every completion; the TSC (which can exit too) is read only after many spins, for the
- * timeout. */
 static struct slot *wait_completion(struct virtq *vq, const struct blk_job *job)
 {
-    u64 start = 0;
-    for (u32 spins = 1; READ_ONCE(vq->used.idx) == vq->last_used; spins++) {
-        if (spins % 4096 == 0) {
-            u64 now = rdtsc();
-            if (start == 0)
-                start = now;
-            else if (now - start > VIRTIO_DEFAULT_TIMEOUT_TSC)
-                fail(VIRTIO_ERR_TIMEOUT);
-        }
-    }
-    int head = vq_wait_used(vq, NULL); /* returns at once: the index has moved */
-    if (head < 0)
-        fail(head);
+    bench_wait_used(vq);
+    unsigned head = bench_take_used(vq, NULL);
     struct slot *s = &slots[slot_of_head[head]];
     if (s->status != VIRTIO_BLK_S_OK)
         fail(ERR_STATUS);
@@ -138,10 +124,8 @@ int main(u64 arg)
         if (job->block_size > largest)
             largest = job->block_size;
     }
-    /* The first touch of a page can exit to the host; keep that out of the timed jobs. */
     u8 *buffers = (u8 *)(uintptr_t)plan->buffers;
-    for (u64 at = 0; at < (u64)largest * BLK_MAX_DEPTH; at += 4096)
-        WRITE_ONCE(buffers[at], 0);
+    bench_touch(buffers, (u64)largest * BLK_MAX_DEPTH);
 
     for (u32 j = 0; j < plan->job_count; j++) {
         const struct blk_job *job = &plan->jobs[j];
