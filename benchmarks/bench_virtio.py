@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -67,7 +66,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -75,7 +73,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import kvmkit
-from cguest import CGuest, build_guest, build_host, run_guest
+from cguest import build_guest, build_host, run_guest
+from support import CImage as CGuest
+from support import in_netns, ip, network_namespace
 
 HERE = Path(__file__).resolve().parent
 GUESTS = HERE / "guests"
@@ -344,9 +344,6 @@ NET_PLAN_FORMAT = "<QII"  # struct net_plan up to its jobs
 NET_QUEUE_SIZE = 64  # QUEUE_SIZE in guests/net_bench.c
 NET_READ_BUFFER_MIB = 8  # READ_BUFFER in io_baseline.c
 GUEST_TAP, HOST_TAP = "kbench0", "kbase0"
-CLONE_NEWNET = 0x4000_0000
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -378,45 +375,6 @@ def net_jobs(quick: bool) -> list[NetJob]:
     jobs = [NetJob(size, NET_QUEUE_SIZE // 2, count, host_count) for size in (64, 1514)]
     assert len(jobs) <= NET_MAX_JOBS
     return jobs
-
-
-def ip(netns: str, *args: str) -> None:
-    subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True)
-
-
-@contextlib.contextmanager
-def network_namespace() -> Iterator[str]:
-    """A network namespace of the benchmark's own, deleted with the interfaces in it."""
-    name = f"kvmkit-bench-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
-
-
-def in_netns(netns: str, fn: Callable[[], T]) -> T:
-    """fn() on a thread that joined ``netns``: a namespace belongs to a thread, so the rest of the
-    process stays where it is, and a tap opened there works from any thread."""
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            with open(f"/run/netns/{netns}", "rb") as ns:
-                if _libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, f"setns({netns}): {os.strerror(errno)}")
-            outcome.append(fn())
-        except BaseException as error:
-            failure.append(error)
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
 
 
 @contextlib.contextmanager
@@ -525,7 +483,7 @@ def bench_net(ctx: Context) -> tuple[list[Row], dict[str, object]]:
         raise RuntimeError(f"time.monotonic() is {clock}, not the CLOCK_MONOTONIC that net-read uses")
     guest = build_guest(GUESTS / "net_bench.c", ctx.workdir, include=[GUESTS])
     jobs = net_jobs(ctx.quick)
-    with network_namespace() as netns:
+    with network_namespace("kvmkit-bench") as netns:
         ip(netns, "tuntap", "add", "dev", HOST_TAP, "mode", "tap")
         ip(netns, "link", "set", HOST_TAP, "up")
         kit, host = alternate(

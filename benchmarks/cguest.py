@@ -7,7 +7,7 @@ with RDI = the argument. Port 0x600 takes main's return value, port 0x604 debug 
 from __future__ import annotations
 
 import shutil
-import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,44 +15,15 @@ from pathlib import Path
 
 import kvmkit
 
-RUNTIME_DIR = Path(__file__).resolve().parent.parent / "tests" / "guests" / "c"
-RUNTIME = ["start.S", "guest.c", "virtio.c"]
-# As in tests/conftest.py, which the guests' runtime is written for.
-FLAGS = [
-    "-std=gnu11",
-    "-O2",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    "-ffreestanding",
-    "-fno-tree-loop-distribute-patterns",
-    "-fno-stack-protector",
-    "-fno-pic",
-    "-fno-pie",
-    "-fno-asynchronous-unwind-tables",
-    "-mno-red-zone",
-    "-mcmodel=small",
-    "-mgeneral-regs-only",
-    "-nostdlib",
-    "-static",
-    "-no-pie",
-    "-Wl,--build-id=none",
-    "-Wl,--no-warn-rwx-segments",
-]
-STACK_TOP = 0x80000
-EXIT_PORT = 0x600
-DEBUG_PORT = 0x604
+# The guests' runtime and its toolchain are the test suite's.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support import C_DEBUG_PORT as DEBUG_PORT
+from support import C_EXIT_PORT as EXIT_PORT
+from support import C_STACK_TOP as STACK_TOP
+from support import CImage as CGuest
+from support import build_c_guest, run_build_step
+
 MARK_PORT = 0x610  # BENCH_MARK_PORT in guests/bench.h
-
-
-@dataclass(frozen=True)
-class CGuest:
-    """A linked guest: ``image`` goes at ``load_addr``; it uses memory up to ``end`` (.bss)."""
-
-    image: bytes
-    load_addr: int
-    entry: int
-    end: int
 
 
 @dataclass(frozen=True)
@@ -74,46 +45,18 @@ class GuestRun:
     phases: list[Phase]
 
 
-def _run(cmd: Sequence[str | Path]) -> None:
-    proc = subprocess.run([str(part) for part in cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr}")
-
-
-def _symbols(elf: Path) -> dict[str, int]:
-    proc = subprocess.run(["nm", elf], capture_output=True, text=True, check=True)
-    defined = (line.split() for line in proc.stdout.splitlines())
-    return {fields[2]: int(fields[0], 16) for fields in defined if len(fields) == 3}
-
-
 def build_guest(source: Path, outdir: Path, include: Sequence[Path] = ()) -> CGuest:
     """Compiles and links ``source`` with the runtime and flattens it for loading."""
-    if not all(shutil.which(tool) for tool in ("gcc", "objcopy", "nm")):
+    if not all(shutil.which(tool) for tool in ("gcc", "objcopy")):
         raise RuntimeError("building C guests needs gcc and GNU binutils")
-    elf, flat = outdir / f"{source.stem}.elf", outdir / f"{source.stem}.bin"
-    includes = [arg for path in (RUNTIME_DIR, *include) for arg in ("-I", path)]
-    _run(
-        [
-            "gcc",
-            *FLAGS,
-            *includes,
-            "-T",
-            RUNTIME_DIR / "guest.ld",
-            "-o",
-            elf,
-            source,
-            *(RUNTIME_DIR / part for part in RUNTIME),
-        ]
-    )
-    _run(["objcopy", "-O", "binary", elf, flat])
-    # guest.ld puts _start at the start of the image and __bss_end after everything else.
-    symbols = _symbols(elf)
-    return CGuest(flat.read_bytes(), symbols["_start"], symbols["_start"], symbols["__bss_end"])
+    return build_c_guest(source, outdir, include)
 
 
 def build_host(source: Path, out: Path, include: Sequence[Path] = ()) -> Path:
     """Compiles a host-side C program (a baseline) with optimisation."""
-    _run(["cc", "-O2", "-std=gnu11", "-Wall", "-Wextra", *(f"-I{p}" for p in include), "-o", out, source])
+    run_build_step(
+        ["cc", "-O2", "-std=gnu11", "-Wall", "-Wextra", *(f"-I{p}" for p in include), "-o", out, source]
+    )
     return out
 
 

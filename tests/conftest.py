@@ -25,13 +25,11 @@ from __future__ import annotations
 import faulthandler
 import os
 import shutil
-import struct
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import C_DEBUG_PORT, C_EXIT_PORT, C_STACK_TOP, CImage, build_c_guest, run_build_step
 
 GUEST_DIR = Path(__file__).parent / "guests"
 KVM_DEVICE = "/dev/kvm"
@@ -42,33 +40,6 @@ MODE_BITS = {"real": 16, "protected": 32, "long": 64}
 KERNEL_LINK_FLAGS = ["-m", "elf_x86_64", "-N", "--no-warn-rwx-segments", "-Ttext=0x100000", "-e", "_start"]
 HANG_GUARD = 10.0  # generous bound for runs that should end by themselves
 DEFAULT_WATCHDOG = 120.0  # seconds one test may take before the whole run is aborted
-C_RUNTIME_DIR = GUEST_DIR / "c"
-C_RUNTIME = ["start.S", "guest.c", "virtio.c"]
-C_FLAGS = [
-    "-std=gnu11",
-    "-O2",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    "-ffreestanding",
-    # no loop turned into a call to memset/memcpy inside memset/memcpy themselves
-    "-fno-tree-loop-distribute-patterns",
-    "-fno-stack-protector",
-    "-fno-pic",
-    "-fno-pie",
-    "-fno-asynchronous-unwind-tables",
-    "-mno-red-zone",
-    "-mcmodel=small",
-    "-mgeneral-regs-only",  # no SSE/x87 code: kvmkit's long mode leaves CR4.OSFXSR clear
-    "-nostdlib",
-    "-static",
-    "-no-pie",
-    "-Wl,--build-id=none",
-    "-Wl,--no-warn-rwx-segments",
-]
-C_STACK_TOP = 0x80000  # C guests' stack grows down from here, between the page tables and the image
-C_EXIT_PORT = 0x600  # GUEST_EXIT_PORT in guest.h: a dword port
-C_DEBUG_PORT = 0x604  # GUEST_DEBUG_PORT in guest.h: a byte port
 BSS_POISON = 0xA5  # fills .bss before a C guest runs, so that start.S must clear it
 
 
@@ -206,12 +177,6 @@ def _guest_source(name: str, suffix: str, missing_tools: list[str], install: str
     return src
 
 
-def _run_build_step(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
-
-
 @pytest.fixture(scope="session")
 def assemble(tmp_path_factory):
     """assemble(name, bits=32, elf=False) -> bytes: tests/guests/<name>.S as a flat binary, or
@@ -234,7 +199,7 @@ def assemble(tmp_path_factory):
             if elf
             else [tools["objcopy"], "-O", "binary", "-j", ".text", str(obj), str(binary)],
         ):
-            _run_build_step(cmd)
+            run_build_step(cmd)
         code = binary.read_bytes()
         if not code:
             raise RuntimeError(f"guest {name!r} assembled to an empty binary")
@@ -338,61 +303,17 @@ def io_log():
 # --------------------------------------------------------------------------- C guests
 
 
-@dataclass(frozen=True)
-class CImage:
-    """A linked C guest: ``image`` is loaded at ``load_addr``, execution starts at ``entry``, and
-    the guest uses memory up to ``end`` (its .bss follows the image)."""
-
-    image: bytes
-    load_addr: int
-    entry: int
-    end: int
-
-
-def _elf_layout(elf: bytes) -> tuple[int, int, int]:
-    """(entry, first address, end in memory) of an ELF64 executable's PT_LOAD segments."""
-    entry, phoff = struct.unpack_from("<QQ", elf, 0x18)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    loads = []
-    for i in range(phnum):
-        p_type, _, _, _, paddr, _, memsz, _ = struct.unpack_from("<IIQQQQQQ", elf, phoff + i * phentsize)
-        if p_type == 1:  # PT_LOAD
-            loads.append((paddr, memsz))
-    return entry, min(addr for addr, _ in loads), max(addr + memsz for addr, memsz in loads)
-
-
 @pytest.fixture(scope="session")
 def compile_c(tmp_path_factory):
     """compile_c(name) -> CImage: tests/guests/<name>.c with the runtime in tests/guests/c
     (start.S, guest.c, virtio.c), linked by guest.ld and flattened. Cached per session."""
-    tools = {tool: shutil.which(tool) for tool in ("gcc", "objcopy")}
-    missing = [tool for tool, path in tools.items() if path is None]
+    missing = [tool for tool in ("gcc", "objcopy") if shutil.which(tool) is None]
     outdir = tmp_path_factory.mktemp("c-guests")
     cache: dict[str, CImage] = {}
 
     def _compile(name: str) -> CImage:
-        if name in cache:
-            return cache[name]
-        src = _guest_source(name, ".c", missing, "gcc and GNU binutils")
-        elf, binary = outdir / f"{name}.elf", outdir / f"{name}.bin"
-        for cmd in (
-            [
-                tools["gcc"],
-                *C_FLAGS,
-                "-I",
-                str(C_RUNTIME_DIR),
-                "-T",
-                str(C_RUNTIME_DIR / "guest.ld"),
-                "-o",
-                str(elf),
-                str(src),
-                *(str(C_RUNTIME_DIR / part) for part in C_RUNTIME),
-            ],
-            [tools["objcopy"], "-O", "binary", str(elf), str(binary)],
-        ):
-            _run_build_step(cmd)
-        entry, start, end = _elf_layout(elf.read_bytes())
-        cache[name] = CImage(binary.read_bytes(), start, entry, end)
+        if name not in cache:
+            cache[name] = build_c_guest(_guest_source(name, ".c", missing, "gcc and GNU binutils"), outdir)
         return cache[name]
 
     return _compile

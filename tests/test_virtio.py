@@ -10,8 +10,8 @@ import struct
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import C_DEBUG_PORT, C_EXIT_PORT
 from kvmkit.errors import DeviceError, IoRangeConflictError
+from support import C_DEBUG_PORT, C_EXIT_PORT
 
 pytestmark = pytest.mark.kvm
 

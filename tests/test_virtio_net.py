@@ -4,25 +4,19 @@ host's interfaces are never touched."""
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import struct
-import subprocess
-import threading
 from collections.abc import Iterator
-from typing import Callable, TypeVar
 
 import kvmkit
 import pytest
 from kvmkit.errors import ConfigError, DeviceError
 from kvmkit.virtio import Net
+from support import in_netns, ip, network_namespace
 
 pytestmark = pytest.mark.kvm
 
-T = TypeVar("T")
 
-CLONE_NEWNET = 0x4000_0000
 PARAMS = 0x9_0000  # between the C guests' stack top and their image
 TAP = "ktap0"
 HOST_IP = "10.0.2.1"
@@ -30,46 +24,12 @@ GUEST_MAC = "52:54:00:4b:56:4d"
 NET_HDR_LEN = 12
 ARP_FRAME, PING_FRAME = 42, 74  # the guest's two good frames, without their virtio-net header
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A fresh network namespace, deleted at teardown with whatever taps are left in it."""
-    name = f"kvmkit-test-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-    try:
+    with network_namespace("kvmkit-test") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
-
-
-def in_netns(name: str, fn: Callable[[], T]) -> T:
-    """fn() on a thread that joined network namespace `name`. Namespaces belong to threads, so
-    the rest of the process stays where it is; a tap opened there keeps working from anywhere."""
-    outcome: dict[str, object] = {}
-
-    def body() -> None:
-        try:
-            with open(f"/run/netns/{name}", "rb") as ns:
-                if _libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, f"setns({name}): {os.strerror(errno)}")
-            outcome["value"] = fn()
-        except BaseException as error:
-            outcome["error"] = error
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join(timeout=30)
-    assert not thread.is_alive(), "the namespace thread hangs"
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
-
-
-def ip(netns: str, *args: str) -> str:
-    return subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True, text=True).stdout
 
 
 def attach_tap(vm: kvmkit.VM, netns: str, mac: str | None = GUEST_MAC) -> tuple[Net, str]:
