@@ -20,7 +20,6 @@ Usage: python benchmarks/bench_boot.py [--timeout SECONDS] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import selectors
@@ -33,6 +32,7 @@ from pathlib import Path
 import kvmkit
 from kvmkit.demo import EMULATOR_SAFE_CMDLINE, MILESTONES, PARAVIRTUAL_KVM
 from kvmkit.images import default_guest
+from report import write_report
 
 HERE = Path(__file__).resolve().parent
 MEMORY = "256M"
@@ -169,14 +169,7 @@ def main() -> int:
         f"= {overhead / FIRECRACKER_OVERHEAD_MIB:.2f}x Firecracker's {FIRECRACKER_OVERHEAD_MIB} MiB; "
         f"the whole process without guest memory, Python included: {kit['process_without_guest_mib']:.1f} MiB"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {"kernel": guest.kernel_version, "cmdline": cmdline, "kvmkit": kit, "qemu": qemu}, indent=2
-        )
-        + "\n"
-    )
-    print(f"results written to {args.json}")
+    write_report(args.json, guest_kernel=guest.kernel_version, cmdline=cmdline, kvmkit_run=kit, qemu=qemu)
     return 0
 
 

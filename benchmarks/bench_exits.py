@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import kvmkit
 from kvmkit import devices
+from report import write_report
 
 HERE = Path(__file__).resolve().parent
 PORT = 0x3F0
@@ -159,18 +159,7 @@ def main() -> int:
             f"{r['case']:28} {r['unit']:8} {r['c']:10.1f} {r['kvmkit']:10.1f} {r['ratio']:6.3f}x  "
             f"{r['goal']} {'met' if r['met'] else 'MISSED'}"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "machine": platform.node(),
-        "kernel": platform.release(),
-        "kvmkit": kvmkit.__version__,
-        "iterations": iterations,
-        "rounds": rounds,
-        "churn_vms": churn,
-        "results": rows,
-    }
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results written to {args.json}")
+    write_report(args.json, iterations=iterations, rounds=rounds, churn_vms=churn, results=rows)
     return 0
 
 

@@ -59,7 +59,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import struct
@@ -74,6 +73,7 @@ from typing import Any, TypeVar
 
 import kvmkit
 from cguest import build_guest, build_host, run_guest
+from report import write_report
 from support import CImage as CGuest
 from support import in_netns, ip, network_namespace
 
@@ -708,17 +708,7 @@ def main() -> int:
             f"{'-' if notified is None else format(notified, '.2f'):>11} "
             f"{'-' if exits is None else format(exits, '.3f'):>10} {delivered:>13}"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "machine": platform.node(),
-        "kernel": platform.release(),
-        "kvmkit": kvmkit.__version__,
-        "rounds": rounds,
-        "settings": settings,
-        "results": rows,
-    }
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results written to {args.json}")
+    write_report(args.json, rounds=rounds, settings=settings, results=rows)
     return 0
 
 

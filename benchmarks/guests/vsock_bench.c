@@ -4,7 +4,6 @@
 
 #define HOST_CID 2
 #define TYPE_STREAM 1
-#define HDR_LEN 44
 #define QUEUE_SIZE 16
 #define RX_BUFS 16
 /* A header and the largest payload, a page apart from the next buffer. */
@@ -16,19 +15,9 @@
 
 _Static_assert(RX_BUFS * RX_STRIDE + VSOCK_MAX_PACKET <= VSOCK_BUFFER_BYTES, "buffers");
 
-enum { OP_REQUEST = 1, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE };
-
-struct hdr {
-    u64 src_cid, dst_cid;
-    u32 src_port, dst_port, len;
-    u16 type, op;
-    u32 flags, buf_alloc, fwd_cnt;
-} __attribute__((packed));
-_Static_assert(sizeof(struct hdr) == HDR_LEN, "virtio_vsock_hdr");
-
 /* What the guest keeps of a received packet once its buffer is back with the device. */
 struct packet {
-    struct hdr h;
+    struct vsock_hdr h;
     u8 first; /* payload byte */
 };
 
@@ -40,12 +29,12 @@ static u8 rx_of_head[VIRTQ_MAX_SIZE];
 static u8 *payload; /* of every streamed packet: only ever sent, so one buffer serves all */
 /* Control packets and one-byte writes, one in flight at a time (settle()). */
 static struct {
-    struct hdr h;
+    struct vsock_hdr h;
     u8 byte;
 } __attribute__((packed)) ctl;
 static bool ctl_in_flight;
 /* The header all streamed packets share: nothing in it changes while the guest streams. */
-static struct hdr bulk;
+static struct vsock_hdr bulk;
 static u64 cid;
 static u32 local_port, peer_port;
 /* Bytes the guest took in, and as many as the device last heard of. */
@@ -55,17 +44,17 @@ static u32 tx_cnt, peer_buf_alloc, peer_fwd_cnt;
 
 static void post_rx(unsigned slot)
 {
-    struct vq_buf b = bench_buf(rx_buf[slot], HDR_LEN + VSOCK_MAX_PACKET, true);
+    struct vq_buf b = bench_buf(rx_buf[slot], VSOCK_HDR_LEN + VSOCK_MAX_PACKET, true);
     int head = vq_submit(&rxq, &b, 1);
     if (head < 0)
         fail(head);
     rx_of_head[head] = (u8)slot;
 }
 
-static struct hdr header(u16 op, u32 len)
+static struct vsock_hdr header(u16 op, u32 len)
 {
     fwd_cnt_told = fwd_cnt;
-    return (struct hdr){.src_cid = cid, .dst_cid = HOST_CID, .src_port = local_port, .dst_port = peer_port,
+    return (struct vsock_hdr){.src_cid = cid, .dst_cid = HOST_CID, .src_port = local_port, .dst_port = peer_port,
                         .len = len, .type = TYPE_STREAM, .op = op, .buf_alloc = BUF_ALLOC, .fwd_cnt = fwd_cnt};
 }
 
@@ -76,10 +65,10 @@ static struct packet receive(void)
     u32 len = 0;
     unsigned slot = rx_of_head[bench_take_used(&rxq, &len)];
     struct packet p;
-    p.h = *(const struct hdr *)rx_buf[slot]; /* a few moves, not the runtime's byte-wise memcpy */
-    p.first = rx_buf[slot][HDR_LEN];
+    p.h = *(const struct vsock_hdr *)rx_buf[slot]; /* a few moves, not the runtime's byte-wise memcpy */
+    p.first = rx_buf[slot][VSOCK_HDR_LEN];
     post_rx(slot);
-    if (len != HDR_LEN + p.h.len || p.h.src_cid != HOST_CID || p.h.dst_cid != cid || p.h.type != TYPE_STREAM)
+    if (len != VSOCK_HDR_LEN + p.h.len || p.h.src_cid != HOST_CID || p.h.dst_cid != cid || p.h.type != TYPE_STREAM)
         fail(ERR_PROTOCOL);
     return p;
 }
@@ -96,7 +85,7 @@ static struct packet expect(u16 op)
         peer_fwd_cnt = p.h.fwd_cnt;
         if (p.h.op == op)
             return p;
-        if (p.h.op != OP_CREDIT_UPDATE)
+        if (p.h.op != VSOCK_OP_CREDIT_UPDATE)
             fail(ERR_PROTOCOL);
     }
 }
@@ -120,7 +109,7 @@ static void send(u16 op, u32 len, u8 byte)
     ctl.h = header(op, len);
     ctl.byte = byte;
     tx_cnt += len;
-    struct vq_buf b = bench_buf(&ctl, HDR_LEN + len, false);
+    struct vq_buf b = bench_buf(&ctl, VSOCK_HDR_LEN + len, false);
     int head = vq_submit(&txq, &b, 1);
     if (head < 0)
         fail(head);
@@ -130,23 +119,23 @@ static void send(u16 op, u32 len, u8 byte)
 static void accept(u32 port)
 {
     struct packet p = receive();
-    if (p.h.op != OP_REQUEST || p.h.dst_port != port)
+    if (p.h.op != VSOCK_OP_REQUEST || p.h.dst_port != port)
         fail(ERR_PROTOCOL);
     local_port = port;
     peer_port = p.h.src_port;
     peer_buf_alloc = p.h.buf_alloc;
     peer_fwd_cnt = p.h.fwd_cnt;
-    send(OP_RESPONSE, 0, 0);
+    send(VSOCK_OP_RESPONSE, 0, 0);
 }
 
 static void round_trips(u32 count)
 {
     for (u32 i = 0; i < count; i++) {
-        struct packet p = expect(OP_RW);
+        struct packet p = expect(VSOCK_OP_RW);
         if (p.h.len != 1)
             fail(ERR_PROTOCOL);
         fwd_cnt++;
-        send(OP_RW, 1, p.first);
+        send(VSOCK_OP_RW, 1, p.first);
     }
 }
 
@@ -160,9 +149,9 @@ static u32 credit(void)
  * in credit updates. */
 static void stream_out(u64 bytes, u32 packet_bytes)
 {
-    struct vq_buf chain[2] = {bench_buf(&bulk, HDR_LEN, false), bench_buf(payload, packet_bytes, false)};
+    struct vq_buf chain[2] = {bench_buf(&bulk, VSOCK_HDR_LEN, false), bench_buf(payload, packet_bytes, false)};
     settle();
-    bulk = header(OP_RW, packet_bytes);
+    bulk = header(VSOCK_OP_RW, packet_bytes);
     u64 packets = bytes / packet_bytes, sent = 0;
     for (u64 done = 0; done < packets;) {
         if (sent < packets && txq.num_free >= 2 && credit() >= packet_bytes) {
@@ -174,7 +163,7 @@ static void stream_out(u64 bytes, u32 packet_bytes)
             bench_take_used(&txq, NULL);
             done++;
         } else {
-            expect(OP_CREDIT_UPDATE);
+            expect(VSOCK_OP_CREDIT_UPDATE);
         }
     }
 }
@@ -182,15 +171,15 @@ static void stream_out(u64 bytes, u32 packet_bytes)
 static void stream_in(u64 bytes)
 {
     for (u64 got = 0; got < bytes;) {
-        struct packet p = expect(OP_RW);
+        struct packet p = expect(VSOCK_OP_RW);
         if (p.h.len == 0 || p.h.len > bytes - got || p.first != (u8)got)
             fail(ERR_PROTOCOL);
         got += p.h.len;
         fwd_cnt += p.h.len;
         if (fwd_cnt - fwd_cnt_told >= BUF_ALLOC / 4)
-            send(OP_CREDIT_UPDATE, 0, 0);
+            send(VSOCK_OP_CREDIT_UPDATE, 0, 0);
     }
-    send(OP_RW, 1, VSOCK_ACK);
+    send(VSOCK_OP_RW, 1, VSOCK_ACK);
 }
 
 int main(u64 arg)
@@ -227,8 +216,8 @@ int main(u64 arg)
     bench_phase_start(2);
     stream_in(plan->stream_bytes);
     bench_phase_end(2);
-    expect(OP_SHUTDOWN);
-    send(OP_RST, 0, 0);
+    expect(VSOCK_OP_SHUTDOWN);
+    send(VSOCK_OP_RST, 0, 0);
     settle();
     return 3;
 }

@@ -11,16 +11,6 @@
 #define MODE_CONNECT 1
 #define MODE_LISTEN 2
 
-enum { OP_REQUEST = 1, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST };
-
-struct hdr {
-    u64 src_cid, dst_cid;
-    u32 src_port, dst_port, len;
-    u16 type, op;
-    u32 flags, buf_alloc, fwd_cnt;
-} __attribute__((packed));
-_Static_assert(sizeof(struct hdr) == 44, "virtio_vsock_hdr");
-
 struct params {
     u64 base;
     u32 mode;
@@ -32,7 +22,7 @@ struct params {
 } __attribute__((packed));
 
 struct packet {
-    struct hdr h;
+    struct vsock_hdr h;
     u8 data[MAX_DATA];
 };
 
@@ -59,14 +49,14 @@ static void post_rx(unsigned slot)
 }
 
 /* Waits for the next packet from the device, checks its addressing and copies it into `rx`. */
-static const struct hdr *receive(void)
+static const struct vsock_hdr *receive(void)
 {
     u32 len = 0;
     int head = vq_wait_used(&rxq, &len);
     if (head < 0)
         fail(head);
     unsigned slot = rx_of_head[head];
-    const struct hdr *h = &rx_bufs[slot].h;
+    const struct vsock_hdr *h = &rx_bufs[slot].h;
     CHECK(len >= sizeof *h && len == sizeof *h + h->len && len <= sizeof rx_bufs[slot]);
     CHECK(h->src_cid == HOST_CID && h->dst_cid == cid && h->type == TYPE_STREAM);
     memcpy(&rx, &rx_bufs[slot], len);
@@ -75,12 +65,12 @@ static const struct hdr *receive(void)
 }
 
 /* The next packet of the connection, past credit updates (the guest never runs short). */
-static const struct hdr *receive_on_connection(void)
+static const struct vsock_hdr *receive_on_connection(void)
 {
     for (;;) {
-        const struct hdr *h = receive();
+        const struct vsock_hdr *h = receive();
         CHECK(h->src_port == peer_port && h->dst_port == local_port);
-        if (h->op != OP_CREDIT_UPDATE)
+        if (h->op != VSOCK_OP_CREDIT_UPDATE)
             return h;
     }
 }
@@ -88,7 +78,7 @@ static const struct hdr *receive_on_connection(void)
 static void send(u16 op, u32 flags, const void *payload, u32 len)
 {
     CHECK(len <= MAX_DATA);
-    tx.h = (struct hdr){
+    tx.h = (struct vsock_hdr){
         .src_cid = cid,
         .dst_cid = HOST_CID,
         .src_port = local_port,
@@ -114,12 +104,12 @@ static void send(u16 op, u32 flags, const void *payload, u32 len)
 /* Shuts the connection down both ways and waits for the device to end it. */
 static void close_connection(void)
 {
-    send(OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, NULL, 0);
+    send(VSOCK_OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, NULL, 0);
     for (;;) {
-        const struct hdr *h = receive_on_connection();
-        if (h->op == OP_RST)
+        const struct vsock_hdr *h = receive_on_connection();
+        if (h->op == VSOCK_OP_RST)
             return;
-        CHECK(h->op == OP_SHUTDOWN); /* the host may close its end first */
+        CHECK(h->op == VSOCK_OP_SHUTDOWN); /* the host may close its end first */
     }
 }
 
@@ -127,20 +117,20 @@ static int connect_to_host(const struct params *p)
 {
     local_port = GUEST_PORT;
     peer_port = p->port;
-    send(OP_REQUEST, 0, NULL, 0);
-    const struct hdr *h = receive_on_connection();
-    if (h->op == OP_RST) {
+    send(VSOCK_OP_REQUEST, 0, NULL, 0);
+    const struct vsock_hdr *h = receive_on_connection();
+    if (h->op == VSOCK_OP_RST) {
         print("rst\n");
         return 1;
     }
-    CHECK(h->op == OP_RESPONSE);
+    CHECK(h->op == VSOCK_OP_RESPONSE);
     CHECK(h->buf_alloc >= p->data_len); /* the device has room for the data */
-    send(OP_RW, 0, p->data, p->data_len);
+    send(VSOCK_OP_RW, 0, p->data, p->data_len);
 
     u32 got = 0, device_fwd_cnt = 0;
     while (got < p->data_len) {
         h = receive_on_connection();
-        CHECK(h->op == OP_RW && h->len > 0 && got + h->len <= p->data_len);
+        CHECK(h->op == VSOCK_OP_RW && h->len > 0 && got + h->len <= p->data_len);
         memcpy(data + got, rx.data, h->len);
         got += h->len;
         fwd_cnt += h->len;
@@ -160,39 +150,39 @@ static int accept_from_host(const struct params *p)
 {
     u32 refusals = 0;
     for (;;) {
-        const struct hdr *h = receive();
-        CHECK(h->op == OP_REQUEST);
+        const struct vsock_hdr *h = receive();
+        CHECK(h->op == VSOCK_OP_REQUEST);
         local_port = h->dst_port;
         peer_port = h->src_port;
         if (h->dst_port == p->port)
             break;
-        send(OP_RST, 0, NULL, 0);
+        send(VSOCK_OP_RST, 0, NULL, 0);
         print("refused ");
         print_dec(h->dst_port);
         print("\n");
         if (++refusals == p->max_refusals)
             return 2;
     }
-    send(OP_RESPONSE, 0, NULL, 0);
+    send(VSOCK_OP_RESPONSE, 0, NULL, 0);
     print("accepted from port ");
     print_dec(peer_port);
     print("\n");
 
     u32 got = 0, packets = 0, told = 0; /* told: the fwd_cnt the device heard last */
     for (;;) {
-        const struct hdr *h = receive_on_connection();
-        if (h->op == OP_SHUTDOWN) {
+        const struct vsock_hdr *h = receive_on_connection();
+        if (h->op == VSOCK_OP_SHUTDOWN) {
             CHECK(h->flags & SHUTDOWN_SEND);
             break;
         }
-        CHECK(h->op == OP_RW && h->len > 0);
+        CHECK(h->op == VSOCK_OP_RW && h->len > 0);
         CHECK(got + h->len - told <= buf_alloc); /* within the credit the guest gave */
         CHECK(got + h->len <= sizeof data);
         memcpy(data + got, rx.data, h->len);
         got += h->len;
         packets++;
         fwd_cnt = got;
-        send(OP_CREDIT_UPDATE, 0, NULL, 0);
+        send(VSOCK_OP_CREDIT_UPDATE, 0, NULL, 0);
         told = fwd_cnt;
     }
     for (u32 i = 0; i < got / 2; i++) {
@@ -200,7 +190,7 @@ static int accept_from_host(const struct params *p)
         data[i] = data[got - 1 - i];
         data[got - 1 - i] = t;
     }
-    send(OP_RW, 0, data, got);
+    send(VSOCK_OP_RW, 0, data, got);
     close_connection();
     print("received ");
     print_dec(got);

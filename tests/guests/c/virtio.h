@@ -162,4 +162,23 @@ void virtio_config_read_bytes(const struct virtio_dev *dev, u32 offset, void *bu
 u32 virtio_irq_status(const struct virtio_dev *dev);
 void virtio_irq_ack(const struct virtio_dev *dev, u32 bits);
 
+/* virtio-vsock: the header in front of every packet, and its operations (stream sockets). */
+struct vsock_hdr {
+    u64 src_cid, dst_cid;
+    u32 src_port, dst_port, len;
+    u16 type, op;
+    u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+#define VSOCK_HDR_LEN 44
+_Static_assert(sizeof(struct vsock_hdr) == VSOCK_HDR_LEN, "virtio_vsock_hdr");
+enum {
+    VSOCK_OP_REQUEST = 1,
+    VSOCK_OP_RESPONSE,
+    VSOCK_OP_RST,
+    VSOCK_OP_SHUTDOWN,
+    VSOCK_OP_RW,
+    VSOCK_OP_CREDIT_UPDATE,
+    VSOCK_OP_CREDIT_REQUEST,
+};
+
 #endif /* VIRTIO_H */
