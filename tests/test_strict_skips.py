@@ -1,10 +1,12 @@
 """Self-test of conftest.py's KVM gate and --strict-skips guard (needs neither KVM nor kvmkit).
 
 Each case runs pytest in a subprocess on a scratch directory holding a copy of this suite's
-conftest.py whose KVM device path is redirected to a file that does or does not exist.
+conftest.py (and the support.py it imports) whose KVM device path is redirected to a file
+that does or does not exist.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +102,8 @@ def test_strict_skips(tmp_path, case):
     assert conftest.count(DEVICE_LINE) == 1, "conftest.py no longer defines KVM_DEVICE as expected"
     (tmp_path / "conftest.py").write_text(conftest.replace(DEVICE_LINE, f"KVM_DEVICE = {str(device)!r}"))
     (tmp_path / "test_case.py").write_text(body)
+    # conftest.py imports the helpers it shares with the benchmarks.
+    shutil.copy(CONFTEST.with_name("support.py"), tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
 
     args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rsx", str(tmp_path)]
