@@ -16,12 +16,14 @@ const MAX_REQUEST: usize = 64 << 10;
 pub struct Rng {
     counters: Arc<DeviceCounters>,
     active: Option<ActiveQueues>,
+    /// Where random bytes wait on their way into guest buffers; allocated once.
+    scratch: Vec<u8>,
 }
 
 impl Rng {
     /// A new device, not yet set up by a driver.
     pub fn new() -> Self {
-        Self { counters: Arc::default(), active: None }
+        Self { counters: Arc::default(), active: None, scratch: vec![0; MAX_REQUEST] }
     }
 }
 
@@ -32,9 +34,8 @@ impl Default for Rng {
 }
 
 /// Fills the chain's writable buffers with random bytes; returns how many it wrote.
-fn fill(chain: DescriptorChain<&GuestMemory>, counters: &DeviceCounters) -> u32 {
+fn fill(chain: DescriptorChain<&GuestMemory>, random: &mut [u8], counters: &DeviceCounters) -> u32 {
     let memory = chain.memory();
-    let mut random = vec![0u8; MAX_REQUEST];
     let mut written = 0usize;
     for desc in chain.clone().writable() {
         let len = (desc.len() as usize).min(MAX_REQUEST - written);
@@ -88,8 +89,10 @@ impl VirtioDevice for Rng {
 
     fn process_queue(&mut self, _index: usize) {
         let Some(active) = &mut self.active else { return };
-        let counters = &self.counters;
-        serve_queue(&mut active.queues[0], &active.memory, &active.interrupt, |chain| Some(fill(chain, counters)));
+        let (counters, scratch) = (&self.counters, &mut self.scratch);
+        serve_queue(&mut active.queues[0], &active.memory, &active.interrupt, |chain| {
+            Some(fill(chain, scratch, counters))
+        });
     }
 
     fn counters(&self) -> &Arc<DeviceCounters> {
