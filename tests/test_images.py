@@ -330,7 +330,7 @@ def test_compressed_modules_are_unpacked_and_built_in_ones_skipped(initrd, tmp_p
     (module_dir / "kernel/drivers/virtio/virtio.ko.zst").write_bytes(compressed)
     (module_dir / "modules.builtin").write_text("kernel/drivers/virtio/virtio_ring.ko\n")
 
-    tree = images._KernelTree.load(module_dir)
+    tree = images.KernelTree.load(module_dir)
     assert tree.load_order(["virtio_blk"]) == [
         ("lib/modules/9.9.9-test/kernel/drivers/virtio/virtio.ko", real["virtio.ko"]),
         ("lib/modules/9.9.9-test/kernel/drivers/block/virtio_blk.ko", real["virtio_blk.ko"]),

@@ -56,6 +56,15 @@ class ImageError(KvmkitError):
     """A guest image cannot be read or built: not a bzImage, a failed download, no apt."""
 
 
+class NestedError(KvmkitError):
+    """The nested machine (:mod:`kvmkit.nested`) cannot run a command: no QEMU, no kernel package,
+    a kernel module that does not load, a machine that does not boot."""
+
+
+class NestedTimeout(NestedError, TimeoutError):
+    """The command in the nested machine did not end in time; the machine was stopped."""
+
+
 __all__ = [
     "BootError",
     "ConfigError",
@@ -68,6 +77,8 @@ __all__ = [
     "KvmError",
     "KvmUnavailableError",
     "KvmkitError",
+    "NestedError",
+    "NestedTimeout",
     "VmStateError",
     "WaitTimeout",
 ]

@@ -297,7 +297,7 @@ def _elf_section(elf: bytes, wanted: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class _KernelTree:
+class KernelTree:
     """The modules of an unpacked kernel package: their files, and which are built in."""
 
     module_dir: Path
@@ -305,7 +305,7 @@ class _KernelTree:
     builtin: frozenset[str]
 
     @classmethod
-    def load(cls, module_dir: Path) -> _KernelTree:
+    def load(cls, module_dir: Path) -> KernelTree:
         files = {}
         for path in sorted((module_dir / "kernel").rglob("*.ko*")):
             name = _module_name(path.name)
@@ -316,7 +316,9 @@ class _KernelTree:
         builtin = frozenset(name for line in lines if (name := _module_name(Path(line).name)))
         return cls(module_dir, files, builtin)
 
-    def load_order(self, wanted: Iterable[str]) -> list[tuple[str, bytes]]:
+    def load_order(
+        self, wanted: Iterable[str], needed_by: str = "the default guest"
+    ) -> list[tuple[str, bytes]]:
         """``(path in the initramfs, ELF bytes)`` of ``wanted`` and their dependencies, each after
         what it depends on; built-in modules are left out."""
         ordered: list[tuple[str, bytes]] = []
@@ -336,7 +338,7 @@ class _KernelTree:
             ordered.append((f"lib/modules/{self.module_dir.name}/{relative}", module))
 
         for name in wanted:
-            visit(name, "the default guest")
+            visit(name, needed_by)
         return ordered
 
 
@@ -387,9 +389,19 @@ def build_initramfs(busybox: bytes, modules: Sequence[tuple[str, bytes]]) -> byt
 
 
 @dataclass(frozen=True)
-class _Package:
+class Package:
     name: str
     version: str
+
+    @property
+    def release(self) -> str:
+        """A kernel package's release (``linux-image-6.1.0-9-amd64`` -> ``6.1.0-9-amd64``)."""
+        return self.name.removeprefix("linux-image-")
+
+    @property
+    def cache_key(self) -> str:
+        """A directory name for things built from this version of the package."""
+        return re.sub(r"[^A-Za-z0-9.+~-]", "_", f"{self.release}_{self.version}")
 
 
 def _run(command: Sequence[str], cwd: Path | None = None) -> str:
@@ -404,7 +416,7 @@ def _run(command: Sequence[str], cwd: Path | None = None) -> str:
     return done.stdout
 
 
-def _require_tools() -> None:
+def require_tools() -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         raise ImageError(
@@ -413,44 +425,44 @@ def _require_tools() -> None:
         )
 
 
-def _kernel_package_name() -> str | None:
-    """The versioned kernel package the cloud metapackage depends on, if apt knows it."""
+def _kernel_package_name(metapackage: str) -> str | None:
+    """The versioned kernel package ``metapackage`` depends on, if apt knows it."""
     try:
-        depends = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
+        depends = _run(["apt-cache", "depends", metapackage])
     except ImageError:
         return None
     match = re.search(r"^\s*\|?Depends:\s*(linux-image-[^\s<>]+)", depends, re.MULTILINE)
     return match.group(1) if match else None
 
 
-def _candidate(name: str) -> _Package:
+def candidate(name: str) -> Package:
     """The version of ``name`` that apt would download."""
     policy = _run(["apt-cache", "policy", name])
     match = re.search(r"^\s*Candidate:\s*(\S+)", policy, re.MULTILINE)
     if match is None or match.group(1) == "(none)":
         raise ImageError(f"apt has no downloadable version of {name}; run `apt-get update` or {INSTEAD}")
-    return _Package(name, match.group(1))
+    return Package(name, match.group(1))
 
 
-def _resolve_kernel() -> _Package:
-    """The kernel package of the default guest, updating apt's lists once if they lack it."""
-    name = _kernel_package_name()
+def resolve_kernel(metapackage: str = KERNEL_METAPACKAGE) -> Package:
+    """The kernel package ``metapackage`` points to, updating apt's lists once if they lack it."""
+    name = _kernel_package_name(metapackage)
     if name is None:
-        log.info("apt knows no %s; running apt-get update", KERNEL_METAPACKAGE)
+        log.info("apt knows no %s; running apt-get update", metapackage)
         try:
             _run(["apt-get", "update"])
         except ImageError as error:
             raise ImageError(f"{error}\n(apt-get update needs root; run it, or {INSTEAD})") from error
-        name = _kernel_package_name()
+        name = _kernel_package_name(metapackage)
     if name is None:
         raise ImageError(
-            f"apt knows no {KERNEL_METAPACKAGE}, the kernel of the default guest (it is in Debian's "
-            f"main archive); add Debian to the apt sources or {INSTEAD}"
+            f"apt knows no {metapackage} (it is in Debian's main archive); add Debian to the apt "
+            f"sources or {INSTEAD}"
         )
-    return _candidate(name)
+    return candidate(name)
 
 
-def _fetch(package: _Package, work: Path) -> Path:
+def fetch_package(package: Package, work: Path) -> Path:
     """Downloads ``package`` with apt-get and unpacks it into a directory of its own."""
     log.info("downloading %s %s", package.name, package.version)
     downloads = work / "debs"
@@ -481,15 +493,11 @@ def default_guest(cache_dir: Path | str | None = None) -> GuestImage:
     Needs apt-get, apt-cache and dpkg-deb; the first call for a kernel version downloads about
     30 MB. Later calls reuse the cached build (they still ask apt which kernel is current).
     """
-    _require_tools()
-    kernel = _resolve_kernel()
-    release = kernel.name.removeprefix("linux-image-")
-    key = re.sub(r"[^A-Za-z0-9.+~-]", "_", f"{release}_{kernel.version}")
-    target = cache_root(cache_dir) / "guests" / key
-    if target.is_dir():
-        log.info("using the cached default guest in %s", target)
-    else:
-        _build_guest(kernel, release, target)
+    require_tools()
+    kernel = resolve_kernel()
+    release = kernel.release
+    target = cache_root(cache_dir) / "guests" / kernel.cache_key
+    build_cached(target, "the default guest", lambda staging: _build_into(staging, kernel, release))
     return GuestImage(
         kernel=target / "bzImage",
         vmlinux=target / "vmlinux",
@@ -499,15 +507,18 @@ def default_guest(cache_dir: Path | str | None = None) -> GuestImage:
     )
 
 
-def _build_guest(kernel: _Package, release: str, target: Path) -> None:
-    """Builds the guest in a staging directory next to ``target`` and renames it into place, so
-    that ``target`` exists only complete, even with concurrent builders."""
+def build_cached(target: Path, what: str, build: Callable[[Path], None]) -> None:
+    """Unless ``target`` exists, runs ``build`` on a staging directory next to it and renames that
+    into place, so that ``target`` exists only complete, even with concurrent builders."""
+    if target.is_dir():
+        log.info("using %s cached in %s", what, target)
+        return
     started = time.monotonic()
-    log.info("building the default guest (kernel %s) in %s", release, target)
+    log.info("building %s in %s", what, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _build_into(staging, kernel, release)
+        build(staging)
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the guest from other users of the cache
         try:
             staging.rename(target)
@@ -517,21 +528,21 @@ def _build_guest(kernel: _Package, release: str, target: Path) -> None:
             log.info("another process built %s first; using it", target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("built the default guest in %.1f s", time.monotonic() - started)
+    log.info("built %s in %.1f s", what, time.monotonic() - started)
 
 
-def _build_into(staging: Path, kernel: _Package, release: str) -> None:
+def _build_into(staging: Path, kernel: Package, release: str) -> None:
     """Writes bzImage, vmlinux and initrd.cpio into ``staging``."""
     work = staging / "work"
-    kernel_root = _fetch(kernel, work)
-    busybox_root = _fetch(_candidate(BUSYBOX_PACKAGE), work)
+    kernel_root = fetch_package(kernel, work)
+    busybox_root = fetch_package(candidate(BUSYBOX_PACKAGE), work)
 
     bzimage = (kernel_root / "boot" / f"vmlinuz-{release}").read_bytes()
     (staging / "bzImage").write_bytes(bzimage)
     log.info("extracting vmlinux")
     (staging / "vmlinux").write_bytes(extract_vmlinux(bzimage))
 
-    tree = _KernelTree.load(_module_dir(kernel_root, release))
+    tree = KernelTree.load(module_dir(kernel_root, release))
     modules = tree.load_order(GUEST_MODULES)
     log.info("initramfs modules: %s", ", ".join(Path(path).stem for path, _ in modules))
     busybox = (busybox_root / "bin" / "busybox").read_bytes()
@@ -539,7 +550,7 @@ def _build_into(staging: Path, kernel: _Package, release: str) -> None:
     shutil.rmtree(work)
 
 
-def _module_dir(kernel_root: Path, release: str) -> Path:
+def module_dir(kernel_root: Path, release: str) -> Path:
     """``lib/modules/<release>`` of an unpacked kernel package (``usr/lib`` on merged-/usr)."""
     for lib in ("lib", "usr/lib"):
         candidate = kernel_root / lib / "modules" / release

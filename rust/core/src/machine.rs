@@ -106,7 +106,9 @@ impl Machine {
         }
         let vm = Vm::new(&kvm, config)?;
         let vcpus = (0..config.vcpus)
-            .map(|index| Vcpu::new(vm.fd(), index, config.vcpus, kvm.supported_cpuid(), &config.cpuid_edits))
+            .map(|index| {
+                Vcpu::new(vm.fd(), index, config.vcpus, config.irqchip, kvm.supported_cpuid(), &config.cpuid_edits)
+            })
             .collect::<Result<Vec<_>>>()?;
         let state = State {
             vcpus,

@@ -3,7 +3,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, VcpuFd, VmFd};
 
-use crate::arch::x86_64::cpuid::{self, CpuidEdit};
+use crate::arch::x86_64::cpuid::{self, CpuidEdit, VcpuPlatform};
 use crate::arch::x86_64::lapic;
 use crate::error::{Error, Result};
 use crate::vstate::exit::InternalError;
@@ -28,14 +28,28 @@ pub struct Vcpu {
 
 impl Vcpu {
     /// Creates vCPU `index` of `count` and gives it the host's supported CPUID, normalized for
-    /// its APIC id and the topology, then `edits`.
-    pub fn new(vm: &VmFd, index: u32, count: u32, supported: &CpuId, edits: &[CpuidEdit]) -> Result<Self> {
+    /// its APIC id, the topology and the platform (`irqchip`: KVM's LAPIC), then `edits`.
+    pub fn new(
+        vm: &VmFd,
+        index: u32,
+        count: u32,
+        irqchip: bool,
+        supported: &CpuId,
+        edits: &[CpuidEdit],
+    ) -> Result<Self> {
         let fd = vm.create_vcpu(u64::from(index)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         let xsave_size = vm.check_extension_int(Cap::Xsave2);
         let mxcsr_via_xsave = vm.check_extension(Cap::Xsave) && xsave_size <= KVM_XSAVE_SIZE;
+        let tsc_khz = if vm.check_extension(Cap::GetTscKhz) { fd.get_tsc_khz().ok() } else { None };
+        let platform = VcpuPlatform {
+            index,
+            count,
+            tsc_khz: tsc_khz.filter(|&khz| khz > 0),
+            tsc_deadline: irqchip && vm.check_extension(Cap::TscDeadlineTimer),
+        };
         let vcpu = Self { index, fd, mxcsr_via_xsave };
         let mut entries = supported.as_slice().to_vec();
-        cpuid::normalize(&mut entries, index, count);
+        cpuid::normalize(&mut entries, &platform);
         for edit in edits {
             edit.apply(&mut entries);
         }

@@ -8,7 +8,20 @@ const LEAF_CACHE: u32 = 0x4;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+/// KVM's signature leaf: EAX is the highest hypervisor leaf, EBX..EDX "KVMKVMKVM".
+const LEAF_HYPERVISOR: u32 = 0x4000_0000;
+/// The timing leaf hypervisors agree on: EAX the TSC and EBX the LAPIC bus frequency, in kHz.
+const LEAF_HYPERVISOR_TIMING: u32 = 0x4000_0010;
+/// KVM's LAPIC timer counts at 1 GHz.
+const KVM_APIC_BUS_KHZ: u32 = 1_000_000;
 const EDX_HTT: u32 = 1 << 28;
+/// "Running under a hypervisor": without it Linux never looks for KVM's leaves, so never uses
+/// kvm-clock and cannot calibrate its TSC on a VM without HPET. KVM does not report it as
+/// supported (some paravirtualized KVMs do).
+const ECX_HYPERVISOR: u32 = 1 << 31;
+/// The LAPIC timer's TSC-deadline mode: KVM emulates it with an in-kernel LAPIC, but leaves
+/// announcing it to the VMM.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
 
@@ -77,12 +90,27 @@ impl CpuidEdit {
     }
 }
 
-/// Fills in what the host's supported CPUID cannot know: the vCPU's APIC id and the topology
-/// (one package of `count` single-threaded cores).
-pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u32, count: u32) {
-    let apic_id = index;
+/// What a vCPU's CPUID says beyond the host's supported set: who it is and what the VM has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuPlatform {
+    /// The vCPU's index, which is also its APIC id.
+    pub index: u32,
+    /// How many vCPUs the VM has (one package of single-threaded cores).
+    pub count: u32,
+    /// The guest's TSC frequency, when KVM tells it.
+    pub tsc_khz: Option<u32>,
+    /// Whether the LAPIC is KVM's (and KVM has its TSC-deadline timer).
+    pub tsc_deadline: bool,
+}
+
+/// Fills in what the host's supported CPUID cannot know: the vCPU's APIC id, the topology, the
+/// hypervisor-present bit, the TSC-deadline timer and the TSC frequency (leaf 0x4000_0010, added
+/// after KVM's own leaves when KVM reports them).
+pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, platform: &VcpuPlatform) {
+    let VcpuPlatform { index: apic_id, count, tsc_khz, tsc_deadline } = *platform;
     // Bits of the APIC id that number the cores.
     let core_bits = u32::BITS - (count.max(1) - 1).leading_zeros();
+    let mut kvm_leaves = false;
     for entry in entries.iter_mut() {
         match entry.function {
             LEAF_FEATURES => {
@@ -92,6 +120,16 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u32, count: u32) {
                 } else {
                     entry.edx &= !EDX_HTT;
                 }
+                entry.ecx |= ECX_HYPERVISOR;
+                if tsc_deadline {
+                    entry.ecx |= ECX_TSC_DEADLINE;
+                } else {
+                    entry.ecx &= !ECX_TSC_DEADLINE;
+                }
+            }
+            LEAF_HYPERVISOR if tsc_khz.is_some() => {
+                entry.eax = entry.eax.max(LEAF_HYPERVISOR_TIMING);
+                kvm_leaves = true;
             }
             LEAF_CACHE => {
                 let level = (entry.eax >> 5) & 0x7;
@@ -113,6 +151,15 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u32, count: u32) {
             _ => {}
         }
     }
+    if let (true, Some(khz)) = (kvm_leaves, tsc_khz) {
+        entries.retain(|entry| entry.function != LEAF_HYPERVISOR_TIMING);
+        entries.push(kvm_cpuid_entry2 {
+            function: LEAF_HYPERVISOR_TIMING,
+            eax: khz,
+            ebx: KVM_APIC_BUS_KHZ,
+            ..Default::default()
+        });
+    }
 }
 
 #[cfg(test)]
@@ -131,10 +178,14 @@ mod tests {
         }
     }
 
+    fn platform(index: u32, count: u32) -> VcpuPlatform {
+        VcpuPlatform { index, count, tsc_khz: None, tsc_deadline: false }
+    }
+
     #[test]
     fn each_vcpu_gets_its_apic_id_and_the_topology() {
-        let mut entries = [leaf(1, 0), leaf(0xb, 0), leaf(0xb, 1), leaf(0xb, 2), leaf(0x8000_0008, 0)];
-        normalize(&mut entries, 3, 4);
+        let mut entries = vec![leaf(1, 0), leaf(0xb, 0), leaf(0xb, 1), leaf(0xb, 2), leaf(0x8000_0008, 0)];
+        normalize(&mut entries, &platform(3, 4));
         assert_eq!(entries[0].ebx >> 24, 3);
         assert_eq!((entries[0].ebx >> 16) & 0xff, 4);
         assert_eq!(entries[0].edx & EDX_HTT, EDX_HTT);
@@ -146,10 +197,39 @@ mod tests {
 
     #[test]
     fn a_single_vcpu_has_no_htt_and_zero_core_bits() {
-        let mut entries = [leaf(1, 0), leaf(0xb, 1)];
-        normalize(&mut entries, 0, 1);
+        let mut entries = vec![leaf(1, 0), leaf(0xb, 1)];
+        normalize(&mut entries, &platform(0, 1));
         assert_eq!((entries[0].ebx >> 24, entries[0].edx & EDX_HTT), (0, 0));
         assert_eq!((entries[1].eax, entries[1].ebx), (0, 1));
+    }
+
+    #[test]
+    fn the_guest_learns_it_runs_on_a_hypervisor_and_its_timers() {
+        let mut features = leaf(1, 0);
+        features.ecx = 0;
+        let mut entries = vec![features, leaf(LEAF_HYPERVISOR, 0)];
+        entries[1].eax = 0x4000_0001;
+        let with_lapic = VcpuPlatform { tsc_khz: Some(2_450_000), tsc_deadline: true, ..platform(0, 1) };
+        normalize(&mut entries, &with_lapic);
+        assert_eq!(entries[0].ecx, ECX_HYPERVISOR | ECX_TSC_DEADLINE);
+        assert_eq!(entries[1].eax, LEAF_HYPERVISOR_TIMING);
+        let timing = entries.iter().find(|e| e.function == LEAF_HYPERVISOR_TIMING).expect("timing leaf");
+        assert_eq!((timing.eax, timing.ebx, timing.ecx, timing.edx), (2_450_000, KVM_APIC_BUS_KHZ, 0, 0));
+        // Normalizing again (a later set_cpuid) keeps one timing leaf.
+        normalize(&mut entries, &with_lapic);
+        assert_eq!(entries.iter().filter(|e| e.function == LEAF_HYPERVISOR_TIMING).count(), 1);
+    }
+
+    #[test]
+    fn no_timing_leaf_without_kvm_leaves_or_a_known_frequency() {
+        let mut entries = vec![leaf(1, 0)];
+        normalize(&mut entries, &VcpuPlatform { tsc_khz: Some(1000), ..platform(0, 1) });
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].ecx & (ECX_HYPERVISOR | ECX_TSC_DEADLINE), ECX_HYPERVISOR);
+        let mut entries = vec![leaf(LEAF_HYPERVISOR, 0)];
+        entries[0].eax = 0x4000_0001;
+        normalize(&mut entries, &platform(0, 1));
+        assert_eq!((entries.len(), entries[0].eax), (1, 0x4000_0001));
     }
 
     #[test]
