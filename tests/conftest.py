@@ -4,6 +4,10 @@
   objcopy); a guest that includes ``bits.inc`` is assembled for the given mode.
 * Tests marked ``kvm`` are skipped with the exact reason ``"no /dev/kvm"`` when /dev/kvm
   does not exist; the ``make_vm``/``boot`` fixtures apply the same gate.
+* Tests marked ``hw_kvm`` need a KVM with hardware semantics (a Linux guest to its user space):
+  they run on hardware KVM and inside the nested machine (``kvmkit nested``), and are skipped with
+  :data:`HW_KVM_SKIP_REASON` on a paravirtualized KVM (``kvm_pvm``). ``scripts/test.sh`` deselects
+  them there and runs them in the nested machine instead.
 * ``--strict-skips`` makes the session fail when any test was skipped for another reason
   (or for "no /dev/kvm" although /dev/kvm exists), so CI cannot go green by skipping.
 
@@ -34,6 +38,8 @@ from support import C_DEBUG_PORT, C_EXIT_PORT, C_STACK_TOP, CImage, build_c_gues
 GUEST_DIR = Path(__file__).parent / "guests"
 KVM_DEVICE = "/dev/kvm"
 KVM_SKIP_REASON = "no /dev/kvm"
+HW_KVM_SKIP_REASON = "this KVM is paravirtualized (kvm_pvm); run hw_kvm tests through `kvmkit nested`"
+PARAVIRTUAL_KVM = "/sys/module/kvm_pvm"
 LOAD_ADDR = 0x1000  # every guest is loaded and entered here
 MODE_BITS = {"real": 16, "protected": 32, "long": 64}
 # One loadable segment at 1 MiB, where kernels go, with the notes (PVH entry) in another.
@@ -73,13 +79,21 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", f"kvm: needs {KVM_DEVICE}; skipped with reason '{KVM_SKIP_REASON}' when it is absent"
     )
+    config.addinivalue_line(
+        "markers",
+        "hw_kvm: needs a KVM with hardware semantics (Linux guests to user space); on a paravirtualized "
+        "KVM run it inside the nested machine",
+    )
     if config.getoption("--strict-skips"):
         config.pluginmanager.register(StrictSkips(), "kvmkit-strict-skips")
 
 
 def pytest_runtest_setup(item):
-    if item.get_closest_marker("kvm") is not None and not have_kvm():
+    hardware = item.get_closest_marker("hw_kvm") is not None
+    if (hardware or item.get_closest_marker("kvm") is not None) and not have_kvm():
         pytest.skip(KVM_SKIP_REASON)
+    if hardware and os.path.exists(PARAVIRTUAL_KVM):
+        pytest.skip(HW_KVM_SKIP_REASON)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import kvmkit
-from kvmkit.errors import KvmkitError
+from kvmkit.errors import KvmkitError, NestedError
 from kvmkit.exits import ExitReason
 
 # How a Linux guest ends itself on kvmkit's platform: `poweroff` (ACPI S5) or `reboot` (the
@@ -81,6 +81,21 @@ def _run(args: argparse.Namespace) -> int:
     if vm.boot_time is not None:
         print(f"[kvmkit] boot time (init's boot-timer write): {vm.boot_time * 1e3:.0f} ms", file=sys.stderr)
     return _RUN_STATUS.get(exit_.reason, 1)
+
+
+def _nested(args: argparse.Namespace) -> int:
+    from kvmkit import nested
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise NestedError("give the command to run after --, e.g. kvmkit nested -- uname -a")
+    return nested.run(
+        command,
+        writable=args.writable,
+        timeout=args.timeout,
+        cpus=args.cpus,
+        memory=args.memory,
+    )
 
 
 def _add_devices(vm: kvmkit.VM, args: argparse.Namespace) -> None:
@@ -185,6 +200,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--rng", action="store_true", help="a virtio entropy device")
     run.set_defaults(func=_run)
+    nested = commands.add_parser(
+        "nested",
+        help="run a command on a KVM with hardware semantics, inside an emulated machine",
+        description="Boots QEMU's emulated AMD machine with kvm_amd (built once from Debian packages and "
+        "cached) and runs CMD there with the host's files (read-only, changes kept in memory), in the "
+        "current directory; exits with CMD's status.",
+    )
+    nested.add_argument(
+        "--writable",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="share this host folder read-write, at the same path (repeatable)",
+    )
+    nested.add_argument("--timeout", type=float, help="stop the machine after this many seconds")
+    nested.add_argument("--cpus", type=int, default=1, help="emulated CPUs (default 1)")
+    nested.add_argument("--memory", default="4G", help="the machine's memory (default 4G)")
+    nested.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
+    nested.set_defaults(func=_nested)
     return parser
 
 
