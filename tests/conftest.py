@@ -84,6 +84,10 @@ def pytest_configure(config):
         "hw_kvm: needs a KVM with hardware semantics (Linux guests to user space); on a paravirtualized "
         "KVM run it inside the nested machine",
     )
+    config.addinivalue_line(
+        "markers",
+        "standard_kvm: a core test that scripts/test.sh also runs in the nested machine (standard KVM)",
+    )
     if config.getoption("--strict-skips"):
         config.pluginmanager.register(StrictSkips(), "kvmkit-strict-skips")
 

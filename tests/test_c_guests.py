@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-pytestmark = pytest.mark.kvm
+pytestmark = [pytest.mark.kvm, pytest.mark.standard_kvm]
 
 M32, M64 = 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 VIRTIO_BASE = 0xD000_0000  # in the MMIO gap, where a 2 MiB VM has no RAM

@@ -9,7 +9,7 @@ Guest conventions (tests/guests/pio_*.S, mmio_*.S):
 import pytest
 from kvmkit import ExitReason, devices
 
-pytestmark = pytest.mark.kvm
+pytestmark = [pytest.mark.kvm, pytest.mark.standard_kvm]
 
 HANG_GUARD = 10.0
 PORT = 0x3F8

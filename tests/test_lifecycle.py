@@ -9,7 +9,7 @@ import pytest
 from kvmkit import ExitReason
 from kvmkit.errors import VmStateError, WaitTimeout
 
-pytestmark = pytest.mark.kvm
+pytestmark = [pytest.mark.kvm, pytest.mark.standard_kvm]
 
 LOAD_ADDR = 0x1000
 HANG_GUARD = 10.0  # a run that should end by itself gets this long before we call it a hang

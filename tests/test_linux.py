@@ -8,7 +8,6 @@ partly under instruction emulation and stops early, so these tests assert what e
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 
@@ -126,29 +125,10 @@ def test_default_guest_boots_as_far_as_the_host_allows(guest, tmp_path, record_p
                 assert entry.encode() in console.output
             record_property("furthest_milestone", "int3 self-test (emulation failure)")
             return
+        # On hardware KVM: test_linux_guest.py checks the shell and the devices in detail.
         console.expect(READY_MARKER.encode(), timeout=300)
-        assert vm.boot_time is not None
         console.sendline("echo hello-$((6 * 7))")
         console.expect(b"hello-42", timeout=30)
-        check_virtio_from_linux(console, image, rng)
         console.sendline("exit")
         assert vm.wait(timeout=60).reason is ExitReason.RESET
-        record_property("furthest_milestone", "shell, virtio devices checked, then reset")
-
-
-def check_virtio_from_linux(console, image, rng) -> None:
-    """The default guest's shell sees the disk's size and contents and reads the entropy device."""
-    console.sendline("echo size=$(cat /sys/block/vda/size)")
-    console.expect(f"size={image.stat().st_size // 512}".encode(), timeout=30)
-    console.sendline("echo serial=$(cat /sys/block/vda/serial)")
-    console.expect(b"serial=kvmkit-test-disk", timeout=30)
-    first_sector = image.read_bytes()[:512]
-    console.sendline("dd if=/dev/vda bs=512 count=1 2>/dev/null | md5sum")
-    console.expect(hashlib.md5(first_sector).hexdigest().encode(), timeout=30)
-    console.sendline("echo rng=$(cat /sys/class/misc/hw_random/rng_current)")
-    console.expect(rb"rng=virtio_rng\.\d+", timeout=30)
-    console.sendline("echo got=$(head -c 64 /dev/hwrng | wc -c)")
-    console.expect(b"got=64", timeout=30)
-    assert rng.stats.bytes_to_guest >= 64
-    console.sendline("ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/ | grep -c virtio")
-    console.expect(rb"\r\n1\r\n", timeout=30)
+        record_property("furthest_milestone", "shell, then reset")

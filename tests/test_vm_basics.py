@@ -4,7 +4,7 @@ import pytest
 from kvmkit import CpuidEdit
 from kvmkit.errors import GuestMemoryError
 
-pytestmark = pytest.mark.kvm
+pytestmark = [pytest.mark.kvm, pytest.mark.standard_kvm]
 
 LOAD_ADDR = 0x1000
 M32 = 0xFFFF_FFFF

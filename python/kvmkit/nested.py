@@ -180,6 +180,11 @@ mount -t overlay -o lowerdir=/mnt/host,upperdir=/mnt/rw/upper,workdir=/mnt/rw/wo
 R=/mnt/root
 for dir in proc sys dev; do mount --move /$dir $R/$dir; done
 mkdir -p $R/dev/pts $R/dev/shm
+# What udev would add to a devtmpfs, and programs expect.
+ln -sf /proc/self/fd $R/dev/fd
+ln -sf /proc/self/fd/0 $R/dev/stdin
+ln -sf /proc/self/fd/1 $R/dev/stdout
+ln -sf /proc/self/fd/2 $R/dev/stderr
 mount -t devpts -o ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs tmpfs $R/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs $R/run
