@@ -278,7 +278,14 @@ def test_fpu_mxcsr(make_vm):
     assert cpu.fpu.mxcsr == 0x9F80
 
 
-MSR_VALUES = {0x174: 0x23, 0x175: 0xFFFF_8000_1234_5000, 0x176: 0x0000_7FFF_DEAD_B000}  # IA32_SYSENTER_*
+# IA32_SYSENTER_CS, and the 64-bit FS, GS and kernel GS bases (SYSENTER_ESP/EIP are 32 bits wide
+# on AMD processors, and KVM keeps them so for an AMD guest).
+MSR_VALUES = {
+    0x174: 0x23,
+    0xC000_0100: 0xFFFF_8000_1234_5000,
+    0xC000_0101: 0x7FFF_DEAD_B000,
+    0xC000_0102: 0x42_0000,
+}
 
 
 def test_msr_roundtrip(make_vm):
@@ -293,7 +300,7 @@ def test_msr_roundtrip(make_vm):
 
 @pytest.mark.parametrize(
     "index, host_value, guest_value",
-    [(0x174, 0x23, 0x1B), (0x175, 0xFFFF_8000_1234_5000, 0x0000_7FFF_9ABC_0000)],
+    [(0x174, 0x23, 0x1B), (0xC000_0102, 0xFFFF_8000_1234_5000, 0x0000_7FFF_9ABC_0000)],
 )
 def test_guest_msr_access(boot, run_halt, index, host_value, guest_value):
     """msr.S: ECX = MSR; RDMSR into EDI:ESI, then WRMSR from EBP:EBX."""
