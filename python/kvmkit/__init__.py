@@ -12,8 +12,9 @@ Rust devices, and run it at KVM speed::
         print(vm.run(timeout=5).reason)
 """
 
-from kvmkit import devices, errors, virtio
+from kvmkit import agent, devices, errors, virtio
 from kvmkit._core import __version__
+from kvmkit.agent import ExecResult
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, CpuidEntry, CpuMode, DescriptorTable, Fpu, Regs, Segment, SRegs, Vcpu
 from kvmkit.exits import Exit, ExitReason
@@ -26,6 +27,7 @@ __all__ = [
     "CpuidEdit",
     "CpuidEntry",
     "DescriptorTable",
+    "ExecResult",
     "Exit",
     "ExitReason",
     "Fpu",
@@ -34,6 +36,7 @@ __all__ = [
     "Segment",
     "Vcpu",
     "__version__",
+    "agent",
     "devices",
     "errors",
     "parse_size",

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmkit.agent import ExecResult
+
 
 class KvmkitError(Exception):
     """Base class of every kvmkit error."""
@@ -56,6 +61,38 @@ class ImageError(KvmkitError):
     """A guest image cannot be read or built: not a bzImage, a failed download, no apt."""
 
 
+class AgentError(KvmkitError):
+    """The guest agent (:mod:`kvmkit.agent`) cannot be used: the VM has no vsock device or does
+    not run, the agent does not answer (it refuses or resets connections until the deadline), it
+    refused a request, or its reply breaks the protocol."""
+
+
+class AgentTimeout(AgentError, TimeoutError):
+    """A command run through the guest agent did not end in time (the agent killed its process
+    group), or the agent did not reply in time. ``stdout`` and ``stderr`` hold the output that
+    came before."""
+
+    def __init__(self, message: str, stdout: bytes = b"", stderr: bytes = b"") -> None:
+        super().__init__(message)
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class CommandFailed(AgentError):
+    """A command run with ``check=True`` ended with a non-zero status; ``result`` is its
+    :class:`~kvmkit.agent.ExecResult` (stdout, stderr, status)."""
+
+    def __init__(self, message: str, result: ExecResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class GuestOSError(AgentError, OSError):
+    """Something the guest agent did in the guest failed: a file that cannot be opened, read or
+    written, a program that cannot be executed. ``errno`` is the guest's error number and
+    ``strerror`` its message."""
+
+
 class NestedError(KvmkitError):
     """The nested machine (:mod:`kvmkit.nested`) cannot run a command: no QEMU, no kernel package,
     a kernel module that does not load, a machine that does not boot."""
@@ -66,11 +103,15 @@ class NestedTimeout(NestedError, TimeoutError):
 
 
 __all__ = [
+    "AgentError",
+    "AgentTimeout",
     "BootError",
+    "CommandFailed",
     "ConfigError",
     "ConsoleTimeout",
     "DeviceError",
     "GuestMemoryError",
+    "GuestOSError",
     "ImageError",
     "IoRangeConflictError",
     "KvmCapabilityError",

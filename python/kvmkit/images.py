@@ -2,14 +2,17 @@
 
 The default guest is built from parts any Debian machine can get with apt: the kernel that the
 ``linux-image-cloud-amd64`` metapackage points to (small, and made for VMs) and ``busybox-static``.
-Its initramfs holds busybox, the kernel's virtio modules and an ``/init`` that signals kvmkit's
-boot timer, prints :data:`READY_MARKER` and runs a shell on the console. The result is cached per
-kernel package version, so only the first call downloads and builds anything.
+Its initramfs holds busybox, the kernel's virtio modules, kvmkit's guest agent (``guests/agent.c``,
+compiled with the host's C compiler; see :mod:`kvmkit.agent`) and an ``/init`` that starts the
+agent, signals kvmkit's boot timer, prints :data:`READY_MARKER` and runs a shell on the console.
+The result is cached per kernel package version and recipe (the agent's source and ``/init``), so
+only the first call downloads and builds anything.
 """
 
 from __future__ import annotations
 
 import bz2
+import hashlib
 import logging
 import lzma
 import os
@@ -22,16 +25,25 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
 from kvmkit._core import Initramfs
+from kvmkit.agent import AGENT_PORT
 from kvmkit.errors import ImageError
 from kvmkit.vm import DEFAULT_CMDLINE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CMDLINE", "READY_MARKER", "GuestImage", "default_guest", "extract_vmlinux"]
+__all__ = [
+    "DEFAULT_CMDLINE",
+    "READY_MARKER",
+    "GuestImage",
+    "build_agent",
+    "default_guest",
+    "extract_vmlinux",
+]
 
 #: The line the default guest prints on its console once it is up.
 READY_MARKER = "kvmkit-guest-ready"
@@ -57,6 +69,15 @@ INIT_APPLETS = ("sh", "mount", "insmod", "devmem", "setsid", "cttyhack", "reboot
 #: Empty directories of the guest's root: mount points, and the targets of ``busybox --install``.
 ROOT_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "etc", "root")
 TOOLS = ("apt-get", "apt-cache", "dpkg-deb")
+#: The guest agent: its source in the package, where the initramfs has it, how it is compiled.
+AGENT_SOURCE = "guests/agent.c"
+AGENT_PATH = "sbin/kvmkit-agent"
+AGENT_CC = "cc"
+AGENT_CFLAGS = ("-static", "-O2", "-Wall")
+#: The driver whose presence makes /init start the agent.
+VSOCK_DRIVER = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport"
+#: What a cached default guest holds; part of its cache key, with /init and the agent.
+IMAGE_LAYOUT = "bzImage vmlinux initrd.cpio\n"
 INSTEAD = "pass --kernel and --initrd to boot a kernel and initramfs of your own instead"
 
 ELF_MAGIC = b"\x7fELF"
@@ -350,9 +371,16 @@ def _module_stem(filename: str) -> str:
 # --------------------------------------------------------------------------- initramfs
 
 
-def init_script(modules: Sequence[str]) -> str:
-    """The guest's ``/init``: mounts, loads ``modules`` in order, reports ready, runs a shell."""
+def init_script(modules: Sequence[str], agent: str | None = AGENT_PATH) -> str:
+    """The guest's ``/init``: mounts, loads ``modules`` in order, starts the guest agent at
+    ``agent`` (if not None) when the vsock driver is there, reports ready, runs a shell."""
     loads = "".join(f"load /{path}\n" for path in modules)
+    start_agent = (
+        f"# kvmkit's guest agent (VM.exec, put_file, get_file) listens on vsock port {AGENT_PORT}.\n"
+        f"[ -d {VSOCK_DRIVER} ] && /{agent} < /dev/null &\n"
+        if agent is not None
+        else ""
+    )
     return f"""#!/bin/sh
 # /init of the kvmkit default guest.
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin
@@ -361,7 +389,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 /bin/busybox --install -s
 load() {{ insmod "$1" || echo "kvmkit: cannot load $1" >&2; }}
-{loads}# Stop kvmkit's boot timer: one byte to the guest physical address it watches.
+{loads}{start_agent}# Stop kvmkit's boot timer: one byte to the guest physical address it watches.
 devmem {BOOT_TIMER_ADDR:#x} 8 {BOOT_TIMER_VALUE}
 echo {READY_MARKER}
 setsid cttyhack sh
@@ -369,8 +397,11 @@ reboot -f
 """
 
 
-def build_initramfs(busybox: bytes, modules: Sequence[tuple[str, bytes]]) -> bytes:
-    """An uncompressed initramfs with busybox, ``modules`` (loaded in order) and ``/init``."""
+def build_initramfs(
+    busybox: bytes, modules: Sequence[tuple[str, bytes]], agent: bytes | None = None
+) -> bytes:
+    """An uncompressed initramfs with busybox, ``modules`` (loaded in order), the guest agent's
+    executable ``agent`` (started by /init) if given, and ``/init``."""
     archive = Initramfs()
     for directory in ROOT_DIRS:
         archive.add_dir(directory, 0o700 if directory == "root" else 0o755)
@@ -381,8 +412,55 @@ def build_initramfs(busybox: bytes, modules: Sequence[tuple[str, bytes]]) -> byt
         archive.add_symlink(f"bin/{applet}", "busybox")
     for path, data in modules:
         archive.add_file(path, data, 0o644)
-    archive.add_file("init", init_script([path for path, _ in modules]).encode(), 0o755)
+    if agent is not None:
+        archive.add_file(AGENT_PATH, agent, 0o755)
+    script = init_script([path for path, _ in modules], AGENT_PATH if agent is not None else None)
+    archive.add_file("init", script.encode(), 0o755)
     return archive.finish()
+
+
+def agent_source() -> bytes:
+    """The C source of the guest agent, as shipped in the package."""
+    return resources.files("kvmkit").joinpath(AGENT_SOURCE).read_bytes()
+
+
+def build_agent(output: Path | str, cc: str = AGENT_CC) -> None:
+    """Compiles the guest agent into the static executable ``output`` with the host's compiler.
+
+    Raises :class:`ImageError` when there is no compiler, or it cannot link statically (Debian's
+    ``gcc`` with ``libc6-dev`` can).
+    """
+    how = "install a C compiler and static C library (Debian: apt-get install gcc libc6-dev)"
+    compiler = shutil.which(cc)
+    if compiler is None:
+        raise ImageError(f"building the guest agent needs a C compiler, but there is no `{cc}`; {how}")
+    output = Path(output)
+    with tempfile.TemporaryDirectory(prefix="kvmkit-agent-") as work:
+        source = Path(work) / "agent.c"
+        source.write_bytes(agent_source())
+        command = [compiler, *AGENT_CFLAGS, "-o", str(output), str(source)]
+        log.info("compiling the guest agent")
+        log.debug("running %s", " ".join(command))
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ImageError(
+            f"compiling the guest agent failed (`{' '.join(command)}`, exit {done.returncode}); "
+            f"{how}:\n{done.stderr.strip()}"
+        )
+
+
+def guest_recipe() -> str:
+    """A short hash of what goes into the default guest besides the kernel: /init, the agent's
+    source and how it is compiled, the layout. A change to any of them makes a new cache entry."""
+    recipe = hashlib.sha256()
+    for part in (
+        IMAGE_LAYOUT,
+        init_script(GUEST_MODULES),
+        repr((ROOT_DIRS, INIT_APPLETS, AGENT_PATH, AGENT_CFLAGS)),
+    ):
+        recipe.update(part.encode() + b"\0")
+    recipe.update(agent_source())
+    return recipe.hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- Debian packages
@@ -490,13 +568,14 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
 def default_guest(cache_dir: Path | str | None = None) -> GuestImage:
     """The default Linux guest, built on first use from Debian's cloud kernel and busybox.
 
-    Needs apt-get, apt-cache and dpkg-deb; the first call for a kernel version downloads about
-    30 MB. Later calls reuse the cached build (they still ask apt which kernel is current).
+    Needs apt-get, apt-cache and dpkg-deb, and a C compiler that links statically for the guest
+    agent (:func:`build_agent`); the first call for a kernel version downloads about 30 MB. Later
+    calls reuse the cached build (they still ask apt which kernel is current).
     """
     require_tools()
     kernel = resolve_kernel()
     release = kernel.release
-    target = cache_root(cache_dir) / "guests" / kernel.cache_key
+    target = cache_root(cache_dir) / "guests" / f"{kernel.cache_key}-{guest_recipe()}"
     build_cached(target, "the default guest", lambda staging: _build_into(staging, kernel, release))
     return GuestImage(
         kernel=target / "bzImage",
@@ -534,6 +613,9 @@ def build_cached(target: Path, what: str, build: Callable[[Path], None]) -> None
 def _build_into(staging: Path, kernel: Package, release: str) -> None:
     """Writes bzImage, vmlinux and initrd.cpio into ``staging``."""
     work = staging / "work"
+    work.mkdir()
+    # First, so that a missing compiler fails before the downloads.
+    build_agent(work / "kvmkit-agent")
     kernel_root = fetch_package(kernel, work)
     busybox_root = fetch_package(candidate(BUSYBOX_PACKAGE), work)
 
@@ -546,7 +628,8 @@ def _build_into(staging: Path, kernel: Package, release: str) -> None:
     modules = tree.load_order(GUEST_MODULES)
     log.info("initramfs modules: %s", ", ".join(Path(path).stem for path, _ in modules))
     busybox = (busybox_root / "bin" / "busybox").read_bytes()
-    (staging / "initrd.cpio").write_bytes(build_initramfs(busybox, modules))
+    agent = (work / "kvmkit-agent").read_bytes()
+    (staging / "initrd.cpio").write_bytes(build_initramfs(busybox, modules, agent))
     shutil.rmtree(work)
 
 

@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal, TypeVar, Union
 
 from kvmkit import _core
+from kvmkit.agent import Agent, Command, ExecResult, PathArg
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, Vcpu
 from kvmkit.devices import Device
-from kvmkit.errors import BootError, ConfigError, VmStateError, WaitTimeout
+from kvmkit.errors import AgentError, BootError, ConfigError, VmStateError, WaitTimeout
 from kvmkit.exits import Exit
 from kvmkit.virtio import Disk, Net, Rng, VirtioDevice, Vsock
 
@@ -95,6 +96,7 @@ class VM:
         self.vcpus: list[Vcpu] = [Vcpu(self._core, i) for i in range(cpus)]
         self._console: Console | None = None
         self._virtio: list[VirtioDevice] = []
+        self._agent: Agent | None = None
         _live.add(self)
         log.debug("created VM with %d vCPU(s), memory %s", cpus, [(hex(a), s) for a, s in layout])
 
@@ -246,6 +248,52 @@ class VM:
     def boot_time(self) -> float | None:
         """Seconds from the first start until the guest's init wrote to the boot timer."""
         return self._core.boot_time
+
+    # The guest agent
+
+    @property
+    def agent(self) -> Agent:
+        """The client of the guest agent (:mod:`kvmkit.agent`) on the VM's first vsock device.
+        Raises :class:`~kvmkit.errors.AgentError` when the VM has no vsock device."""
+        if self._agent is None:
+            vsock = next((device for device in self._virtio if isinstance(device, Vsock)), None)
+            if vsock is None:
+                raise AgentError(
+                    "this VM has no vsock device, which the guest agent needs: add one with "
+                    "add_vsock(cid, uds_path) before boot_linux"
+                )
+            me = weakref.ref(self)  # the agent must not keep its VM alive
+            self._agent = Agent(vsock, alive=lambda: (vm := me()) is not None and vm.running)
+        return self._agent
+
+    def exec(
+        self,
+        command: Command,
+        *,
+        input: Buffer | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+    ) -> ExecResult:
+        """Runs ``command`` in the guest through its agent (kvmkit's default guest runs one; the VM
+        needs a vsock device): a str through ``/bin/sh -c``, a list as argv, with ``input`` on its
+        stdin. Returns ``ExecResult(stdout, stderr, status)``. Waits for the agent to come up, for
+        ``timeout`` seconds at most when given (the whole call; the command is killed at the end
+        of it and :class:`~kvmkit.errors.AgentTimeout` raised). ``check=True`` raises
+        :class:`~kvmkit.errors.CommandFailed` for a non-zero status. See
+        :meth:`kvmkit.agent.Agent.exec`."""
+        return self.agent.exec(command, input=input, timeout=timeout, check=check)
+
+    def put_file(
+        self, path: PathArg, data: Buffer | str, mode: int = 0o644, *, timeout: float | None = None
+    ) -> None:
+        """Writes ``data`` to the guest file ``path`` (created or truncated, given ``mode``)
+        through the guest agent."""
+        self.agent.put_file(path, data, mode, timeout=timeout)
+
+    def get_file(self, path: PathArg, *, timeout: float | None = None) -> bytes:
+        """The contents of the guest file ``path``, read through the guest agent. A file the guest
+        cannot read raises :class:`~kvmkit.errors.GuestOSError` with its errno."""
+        return self.agent.get_file(path, timeout=timeout)
 
     # Running
 
