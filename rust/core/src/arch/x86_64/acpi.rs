@@ -8,8 +8,8 @@
 //! writes to enter S5, that is, to power off. On a hardware-reduced platform Linux leaves the
 //! 8259 PIC and the PIT alone and sets up no ISA interrupt of its own accord: a legacy device gets
 //! its interrupt only if the DSDT describes it. So the DSDT describes the PC devices kvmkit's
-//! Linux platform has: COM1, the i8042 and the CMOS RTC, and any virtio-mmio devices, which a
-//! kernel without virtio-mmio command-line support finds nowhere else.
+//! Linux platform has: COM1 and the CMOS RTC (not the i8042, see `IAPC_BOOT_ARCH`), and any
+//! virtio-mmio devices, which a kernel without virtio-mmio command-line support finds nowhere else.
 //!
 //! The bytes are laid out as one block at `ACPI_TABLES_ADDR`, each table on a 16-byte boundary:
 //! the RSDP, which the guest finds by scanning the BIOS area, then the XSDT it points at, the FADT
@@ -20,9 +20,7 @@ use thiserror::Error;
 
 use super::mptable::{APIC_ADDR, IOAPIC_ADDR, MAX_CPUS};
 use super::table_checksum;
-use crate::devices::{
-    ACPI_SLEEP_PORT, CMOS_PORT_BASE, CMOS_PORT_SIZE, I8042_PORT_BASE, S5_SLEEP_TYPE, SERIAL_PORT_SIZE,
-};
+use crate::devices::{ACPI_SLEEP_PORT, CMOS_PORT_BASE, CMOS_PORT_SIZE, S5_SLEEP_TYPE, SERIAL_PORT_SIZE};
 use crate::linux::{COM1_GSI, COM1_PORT};
 
 /// Where the tables go: the start of the BIOS area (0xE0000–0xFFFFF) that a guest without EFI
@@ -87,14 +85,15 @@ const HYPERVISOR_ID: [u8; 8] = *b"KVMKIT  ";
 
 /// IA-PC boot architecture flag: the platform has devices on an ISA/LPC bus (COM1, the RTC).
 const BOOT_ARCH_LEGACY_DEVICES: u16 = 1 << 0;
-/// IA-PC boot architecture flag: an 8042 keyboard controller answers at ports 0x60 and 0x64.
-/// With an FADT of revision 2 or later, Linux takes the flag's absence to mean there is none.
-const BOOT_ARCH_8042: u16 = 1 << 1;
+/// IA-PC boot architecture flag (bit 1, "8042"), left clear on purpose: kvmkit's i8042 only takes
+/// the reset command, and with an FADT of revision 2 or later Linux takes the flag's absence to
+/// mean there is no keyboard controller, so it skips a probe that would time out (about 1.5 s).
+/// Its reboot still writes the reset command to port 0x64.
 /// IA-PC boot architecture flag: there is no VGA hardware to probe.
 const BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 /// The CMOS RTC at port 0x70 is present, so "CMOS RTC not present" (bit 5) stays clear, and
 /// MSI and PCIe ASPM (bits 3 and 4) are left for a future PCI bus to use.
-const IAPC_BOOT_ARCH: u16 = BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_8042 | BOOT_ARCH_VGA_NOT_PRESENT;
+const IAPC_BOOT_ARCH: u16 = BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_VGA_NOT_PRESENT;
 
 /// The CMOS register that holds the century, where kvmkit's RTC keeps it as PC firmware does;
 /// Linux reads the year's century from the register the FADT names.
@@ -162,7 +161,6 @@ const EXTENDED_IRQ_EDGE: u8 = 1 << 1;
 
 /// Plug and Play ids of the devices, as the guest's drivers match them.
 const HID_16550_UART: u32 = eisa_id(*b"PNP0501");
-const HID_PS2_KEYBOARD: u32 = eisa_id(*b"PNP0303");
 const HID_CMOS_RTC: u32 = eisa_id(*b"PNP0B00");
 /// The id Linux's virtio-mmio driver matches; it has no EISA form, so it is a string.
 const HID_VIRTIO_MMIO: &[u8] = b"LNRO0005";
@@ -170,12 +168,6 @@ const HID_VIRTIO_MMIO: &[u8] = b"LNRO0005";
 pub const MAX_VIRTIO_SLOTS: usize = 256;
 /// Memory32Fixed descriptors hold 32-bit addresses.
 const MEMORY32_LIMIT: u64 = 1 << 32;
-
-/// The i8042's data and command ports, and the keyboard's ISA interrupt (which kvmkit's i8042
-/// never raises; the driver still needs it to claim the device).
-const I8042_DATA_PORT: u64 = I8042_PORT_BASE;
-const I8042_COMMAND_PORT: u64 = I8042_PORT_BASE + 4;
-const I8042_KEYBOARD_IRQ: u32 = 1;
 
 /// The MADT's fixed part: the header, the local APIC address and the flags.
 const MADT_FIXED_LEN: usize = HEADER_LEN + 8;
@@ -422,7 +414,7 @@ fn io_port_register(port: u64) -> [u8; GAS_LEN] {
 /// system bus, each with its Plug and Play id and the resources it uses, so the guest's drivers
 /// bind to them and route their interrupts through the I/O APIC.
 fn dsdt(virtio: &[VirtioMmioSlot]) -> Vec<u8> {
-    let mut devices = [com1(), i8042(), rtc()].concat();
+    let mut devices = [com1(), rtc()].concat();
     for (index, slot) in virtio.iter().enumerate() {
         devices.extend(virtio_mmio_device(index, slot));
     }
@@ -440,15 +432,6 @@ fn soft_off() -> Vec<u8> {
 fn com1() -> Vec<u8> {
     let resources = resource_template(&[&io_port_descriptor(COM1_PORT, SERIAL_PORT_SIZE), &irq_descriptor(COM1_GSI)]);
     legacy_device(*b"COM1", HID_16550_UART, &resources)
-}
-
-fn i8042() -> Vec<u8> {
-    let resources = resource_template(&[
-        &io_port_descriptor(I8042_DATA_PORT, 1),
-        &io_port_descriptor(I8042_COMMAND_PORT, 1),
-        &irq_descriptor(I8042_KEYBOARD_IRQ),
-    ]);
-    legacy_device(*b"PS2K", HID_PS2_KEYBOARD, &resources)
 }
 
 /// The RTC without an interrupt: kvmkit's raises none, and without one Linux polls it instead of
@@ -1100,7 +1083,7 @@ mod tests {
         let fadt = parse(&tables).fadt.body;
         let field = |offset: usize| &fadt[offset - 36..];
         assert_eq!(u32_at(field(112), 0), (1 << 20) | (1 << 10), "HW_REDUCED_ACPI and RESET_REG_SUP");
-        assert_eq!(u16_at(field(109), 0), 0b111, "legacy devices, 8042, no VGA; CMOS RTC present");
+        assert_eq!(u16_at(field(109), 0), 0b101, "legacy devices, no 8042 to probe, no VGA; CMOS RTC present");
         assert_eq!(field(131)[0], 3, "FADT minor revision");
         assert_eq!(&field(268)[..8], b"KVMKIT  ", "hypervisor vendor identity");
         assert_eq!(field(108)[0], 0x32, "CMOS century register");
@@ -1117,11 +1100,13 @@ mod tests {
         assert!(field(148)[..244 - 148].iter().all(|&b| b == 0), "no extended PM or GPE blocks");
     }
 
+    /// COM1 and the RTC.
+    const LEGACY_DEVICES: usize = 2;
+
     #[test]
-    fn dsdt_describes_com1_the_i8042_and_the_rtc() {
+    fn dsdt_describes_com1_and_the_rtc() {
         let expected = vec![
             legacy(b"COM1", 0x0105_d041, vec![io(0x3f8, 8), Resource::Irq { mask: 1 << 4 }]),
-            legacy(b"PS2K", 0x0303_d041, vec![io(0x60, 1), io(0x64, 1), Resource::Irq { mask: 1 << 1 }]),
             legacy(b"RTC_", 0x000b_d041, vec![io(0x70, 2)]),
         ];
         assert_eq!(dsdt_devices(&acpi_tables(1, &[]).unwrap()), expected);
@@ -1161,11 +1146,11 @@ mod tests {
         for slots in [0, 1, 3] {
             let virtio = virtio_slots(slots);
             let devices = dsdt_devices(&acpi_tables(2, &virtio).unwrap());
-            assert_eq!(devices.len(), 3 + slots as usize);
+            assert_eq!(devices.len(), LEGACY_DEVICES + slots as usize);
             let names = [b"VR00", b"VR01", b"VR02"];
             let expected: Vec<Device> =
                 virtio.iter().enumerate().map(|(i, slot)| virtio_device(i as u64, names[i], *slot)).collect();
-            assert_eq!(devices[3..], expected, "{slots} virtio devices");
+            assert_eq!(devices[LEGACY_DEVICES..], expected, "{slots} virtio devices");
         }
     }
 
@@ -1257,7 +1242,7 @@ mod tests {
         assert!(dsdt(&[]).len() <= DSDT_BASE_MAX_LEN, "the DSDT without virtio devices fits its bound");
         assert!(dsdt(&most_virtio).len() <= DSDT_MAX_LEN, "the DSDT fits the room before the MADT");
         let parsed = parse(&largest);
-        assert_eq!(dsdt_contents(&parsed.dsdt).1.len(), 3 + MAX_VIRTIO_SLOTS);
+        assert_eq!(dsdt_contents(&parsed.dsdt).1.len(), LEGACY_DEVICES + MAX_VIRTIO_SLOTS);
         assert_eq!(madt_entries(&parsed.madt).2.len(), MAX_CPUS as usize + 2);
         for offset in [RSDP_OFFSET, XSDT_OFFSET, FADT_OFFSET, DSDT_OFFSET, madt_offset(dsdt(&most_virtio).len())] {
             assert_eq!(offset % 16, 0);
