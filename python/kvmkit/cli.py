@@ -32,7 +32,15 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_linux(args.command, cpus=args.cpus)
     print(f"\n[kvmkit] guest stopped: {result.exit} after {result.seconds:.1f} s")
     if result.command_output is not None:
-        print(f"[kvmkit] `{args.command}` printed: {result.command_output.strip()}")
+        print(f"[kvmkit] `{args.command}` printed on the console: {result.command_output.strip()}")
+        if result.exec_result is None:
+            print("[kvmkit] the guest agent did not answer")
+            return 1
+        done = result.exec_result
+        print(
+            f"[kvmkit] vm.exec({args.command!r}) through the guest agent: status {done.status}, "
+            f"stdout {done.stdout.decode(errors='replace').strip()!r}"
+        )
         return 0 if result.exit.reason in _GUEST_SHUTDOWN else 1
     print(f"[kvmkit] the guest stopped early; furthest boot milestone: {result.milestone or 'none'}")
     if kvm is nested.HostKvm.PARAVIRTUAL:

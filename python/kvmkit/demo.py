@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
 
-from kvmkit.errors import ConsoleTimeout
+from kvmkit.agent import ExecResult
+from kvmkit.errors import AgentError, ConsoleTimeout
 from kvmkit.exits import Exit
 from kvmkit.vm import VM
 
@@ -21,6 +24,7 @@ NAME_PORT = 0xE8
 CONSOLE_PORT = 0xE9
 LOAD_ADDR = 0x10_0000
 STACK_TOP = 0x8_0000
+GUEST_CID = 3
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,9 @@ class LinuxDemoResult:
     milestone: str | None
     """The furthest boot milestone the console showed."""
     command_output: str | None
-    """What the command printed, if the guest got as far as running it."""
+    """What the command printed on the console, if the guest got as far as running it."""
+    exec_result: ExecResult | None
+    """What the same command gave through the guest agent (``vm.exec``)."""
     seconds: float
 
 
@@ -89,8 +95,9 @@ def furthest_milestone(output: bytes) -> str | None:
 def run_linux(
     command: str = "uname -a", cpus: int = 2, timeout: float = 900.0, echo: bool = True
 ) -> LinuxDemoResult:
-    """Boots the default guest, runs ``command`` in its shell and powers it off. On hosts whose
-    KVM cannot run an unmodified kernel to the end, returns how far it got."""
+    """Boots the default guest, runs ``command`` in its shell on the console and once more through
+    the guest agent, and powers it off. On hosts whose KVM cannot run an unmodified kernel to the
+    end, returns how far it got."""
     from kvmkit.images import READY_MARKER, default_guest
 
     guest = default_guest()
@@ -98,21 +105,26 @@ def run_linux(
     if os.path.exists(PARAVIRTUAL_KVM):
         cmdline += " " + EMULATOR_SAFE_CMDLINE
     started = time.perf_counter()
-    with VM(memory="256M", cpus=cpus, irqchip=True, pit=True) as vm:
+    with (
+        tempfile.TemporaryDirectory(prefix="kvmkit-demo-") as work,
+        VM(memory="256M", cpus=cpus, irqchip=True, pit=True) as vm,
+    ):
+        vm.add_vsock(GUEST_CID, os.path.join(work, "vsock.sock"))
         console = vm.boot_linux(guest.vmlinux, initrd=guest.initrd, cmdline=cmdline)
         if echo:
-            console.log_to("/dev/stdout")
+            console.log_to(f"/proc/self/fd/{sys.stdout.fileno()}")
         vm.start()
-        output = None
+        output = result = None
         try:
             console.expect(READY_MARKER.encode(), timeout=timeout)
             console.sendline(f"echo kvmkit-begin; {command}; echo kvmkit-end")
             console.expect(rb"kvmkit-begin\r?\n")
             output = console.expect(rb"(?s)(.*?)kvmkit-end", timeout=60).group(1).decode(errors="replace")
-            console.sendline("exit")
-        except ConsoleTimeout:
+            result = vm.exec(command, timeout=60)
+            console.sendline("poweroff -f")
+        except (ConsoleTimeout, AgentError):
             vm.stop()
         exit_ = vm.wait(timeout=60)
         return LinuxDemoResult(
-            exit_, furthest_milestone(console.output), output, time.perf_counter() - started
+            exit_, furthest_milestone(console.output), output, result, time.perf_counter() - started
         )
