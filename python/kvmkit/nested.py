@@ -254,7 +254,7 @@ def run(
         argv = _qemu_argv(qemu, image, exchange, shares, cpus, memory_mib)
         log.debug("starting the nested machine: %s", shlex.join(argv))
         boot_log = _Machine(argv, output or sys.stdout.buffer).wait(timeout)
-        return _status(exchange, boot_log)
+        return check_status(exchange, boot_log)
 
 
 def _run_script(command: Sequence[str], cwd: Path, env: Mapping[str, str] | None) -> str:
@@ -372,7 +372,8 @@ class _Machine:
             self.process.wait()
 
 
-def _status(exchange: Path, boot_log: bytes) -> int:
+def check_status(exchange: Path, boot_log: bytes) -> int:
+    """The command's exit status from the exchange folder, or the error that kept it from ending."""
     error = exchange / "error"
     if error.exists():
         raise NestedError(f"the nested machine could not run the command: {error.read_text().strip()}")
