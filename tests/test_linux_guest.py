@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import struct
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,12 +213,29 @@ def test_the_guest_configures_eth0_and_pings_the_host(booted):
     assert GUEST_IP in neighbours
 
 
-def test_the_vsock_driver_is_bound(booted):
-    shell(
-        booted.console,
-        "echo bound=$(ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/ | grep -c virtio)",
-        "bound=1",
-    )
+def test_vsock_both_ways(booted):
+    """The host reaches the guest agent's listener, and a guest program reaches ``Vsock.listen``."""
+    assert booted.vm.exec(["echo", "host-to-guest"], timeout=SHELL_TIMEOUT).stdout == b"host-to-guest\n"
+    answered = threading.Event()
+
+    def answer(listener: socket.socket) -> None:
+        connection, _ = listener.accept()
+        with connection:
+            asked = b""
+            while chunk := connection.recv(4096):
+                asked += chunk
+            connection.sendall(b"host-answers:" + asked.strip())
+        answered.set()
+
+    with booted.vsock.listen(5000) as listener:
+        listener.settimeout(SHELL_TIMEOUT)
+        server = threading.Thread(target=answer, args=(listener,), daemon=True)
+        server.start()
+        shell(
+            booted.console, "echo guest-asks | kvmkit-agent --connect 5000; echo", "host-answers:guest-asks"
+        )
+        server.join(SHELL_TIMEOUT)
+    assert answered.is_set()
 
 
 # --------------------------------------------------------------------------- the command line

@@ -96,5 +96,7 @@ def test_a_machine_that_cannot_run_the_command_says_why(tmp_path):
     ):
         nested.check_status(exchange, b"")
     (exchange / "error").unlink()
-    with pytest.raises(NestedError, match="stopped before the command ended; its console:\nbooting\nKernel panic"):
+    with pytest.raises(
+        NestedError, match="stopped before the command ended; its console:\nbooting\nKernel panic"
+    ):
         nested.check_status(exchange, b"booting\nKernel panic - not syncing\n")

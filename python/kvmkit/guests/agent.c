@@ -5,7 +5,10 @@
  * vsock port AGENT_PORT (1024), and on the host kvmkit.agent (VM.exec, VM.put_file, VM.get_file)
  * talks to it through the vsock device's Unix socket. Each connection is served by a forked child,
  * so a command that hangs holds up only its own connection. `kvmkit-agent --unix PATH` listens on
- * a Unix socket instead, which lets the host test the agent without a VM.
+ * a Unix socket instead, which lets the host test the agent without a VM. `kvmkit-agent --connect
+ * PORT` is a client for the other direction: it connects to the host (CID 2) on vsock port PORT,
+ * sends its stdin, half-closes, and copies what the host sends back to stdout until the host
+ * closes; it exits 0, or 1 if the connection fails.
  *
  * Build: cc -static -O2 -o kvmkit-agent agent.c (kvmkit.images does it for the default guest).
  *
@@ -585,13 +588,63 @@ static int listen_on(const char *unix_path)
     return -1;
 }
 
+/* Copies everything readable from `from` to `to`; false on EOF or an error. */
+static bool pump(int from, int to)
+{
+    char buf[16384];
+    ssize_t n = read(from, buf, sizeof buf);
+    if (n <= 0)
+        return false;
+    for (ssize_t done = 0; done < n;) {
+        ssize_t w = write(to, buf + done, (size_t)(n - done));
+        if (w <= 0)
+            return false;
+        done += w;
+    }
+    return true;
+}
+
+/* The --connect client: stdin to the host's vsock port, its answer to stdout. */
+static int connect_to_host(const char *port_text)
+{
+    char *end;
+    unsigned long port = strtoul(port_text, &end, 10);
+    if (*port_text == '\0' || *end != '\0' || port > UINT32_MAX) {
+        fprintf(stderr, "kvmkit-agent: not a port number: %s\n", port_text);
+        return 2;
+    }
+    struct sockaddr_vm addr = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_HOST, .svm_port = (unsigned)port};
+    int sock = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) != 0) {
+        fprintf(stderr, "kvmkit-agent: cannot connect to the host's port %lu: %s\n", port, strerror(errno));
+        return 1;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    struct pollfd fds[2] = {{.fd = STDIN_FILENO, .events = POLLIN}, {.fd = sock, .events = POLLIN}};
+    for (;;) {
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return 1;
+        }
+        if (fds[0].revents && !pump(STDIN_FILENO, sock)) {
+            shutdown(sock, SHUT_WR);
+            fds[0].fd = -1; /* poll ignores it from now on */
+        }
+        if (fds[1].revents && !pump(sock, STDOUT_FILENO))
+            return 0;
+    }
+}
+
 int main(int argc, char **argv)
 {
     const char *unix_path = NULL;
+    if (argc == 3 && strcmp(argv[1], "--connect") == 0)
+        return connect_to_host(argv[2]);
     if (argc == 3 && strcmp(argv[1], "--unix") == 0) {
         unix_path = argv[2];
     } else if (argc != 1) {
-        fprintf(stderr, "usage: kvmkit-agent [--unix PATH]\n");
+        fprintf(stderr, "usage: kvmkit-agent [--unix PATH | --connect PORT]\n");
         return 2;
     }
     /* Pipes must not take descriptors 0-2, or a command's dup2 onto them would be a no-op. */
