@@ -337,3 +337,28 @@ def test_compressed_modules_are_unpacked_and_built_in_ones_skipped(initrd, tmp_p
     ]
     with pytest.raises(ImageError, match="no module virtio_net"):
         tree.load_order(["virtio_net"])
+
+
+def test_apts_answer_is_remembered_until_its_lists_change(tmp_path, monkeypatch):
+    asked: list[list[str]] = []
+    answers = {
+        "depends": "linux-image-cloud-amd64\n  Depends: linux-image-9.9.9-1-cloud-amd64\n",
+        "policy": "linux-image-9.9.9-1-cloud-amd64:\n  Installed: (none)\n  Candidate: 9.9.9-1\n",
+    }
+
+    def fake_apt(command, cwd=None):
+        asked.append(command)
+        return answers[command[1]]
+
+    stamp = [1]
+    monkeypatch.setattr(images, "_run", fake_apt)
+    monkeypatch.setattr(images, "_apt_lists_stamp", lambda: stamp[0])
+    first = images.resolve_kernel(cache_dir=tmp_path)
+    assert (first.name, first.version) == ("linux-image-9.9.9-1-cloud-amd64", "9.9.9-1")
+    assert len(asked) == 2
+    assert images.resolve_kernel(cache_dir=tmp_path) == first
+    assert len(asked) == 2, "apt was asked again although its lists did not change"
+    stamp[0] = 2  # apt-get update
+    answers["policy"] = answers["policy"].replace("9.9.9-1\n", "9.9.9-2\n")
+    assert images.resolve_kernel(cache_dir=tmp_path).version == "9.9.9-2"
+    assert len(asked) == 4

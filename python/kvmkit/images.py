@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bz2
 import hashlib
+import json
 import logging
 import lzma
 import os
@@ -522,8 +523,50 @@ def candidate(name: str) -> Package:
     return Package(name, match.group(1))
 
 
-def resolve_kernel(metapackage: str = KERNEL_METAPACKAGE) -> Package:
-    """The kernel package ``metapackage`` points to, updating apt's lists once if they lack it."""
+def resolve_kernel(metapackage: str = KERNEL_METAPACKAGE, cache_dir: Path | str | None = None) -> Package:
+    """The kernel package ``metapackage`` points to, updating apt's lists once if they lack it.
+
+    Asking apt takes seconds (far more under an emulator), and its answer changes only when its
+    package lists do; so the answer is remembered in the cache with the lists' modification time.
+    """
+    memo = cache_root(cache_dir) / "apt-resolved.json"
+    lists = _apt_lists_stamp()
+    remembered = _read_json(memo).get(metapackage)
+    if isinstance(remembered, dict) and lists is not None and remembered.get("lists") == lists:
+        return Package(str(remembered["name"]), str(remembered["version"]))
+    package = _resolve_with_apt(metapackage)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        answers = _read_json(memo)
+        answers[metapackage] = {"name": package.name, "version": package.version, "lists": _apt_lists_stamp()}
+        staging = memo.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(answers, indent=1))
+        staging.replace(memo)
+    except OSError as error:
+        log.debug("cannot remember apt's answer in %s: %s", memo, error)
+    return package
+
+
+APT_LISTS = Path("/var/lib/apt/lists")
+
+
+def _apt_lists_stamp() -> int | None:
+    """When apt's package lists last changed (``apt-get update`` renames new lists into place)."""
+    try:
+        return APT_LISTS.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _resolve_with_apt(metapackage: str) -> Package:
     name = _kernel_package_name(metapackage)
     if name is None:
         log.info("apt knows no %s; running apt-get update", metapackage)
@@ -573,7 +616,7 @@ def default_guest(cache_dir: Path | str | None = None) -> GuestImage:
     calls reuse the cached build (they still ask apt which kernel is current).
     """
     require_tools()
-    kernel = resolve_kernel()
+    kernel = resolve_kernel(cache_dir=cache_dir)
     release = kernel.release
     target = cache_root(cache_dir) / "guests" / f"{kernel.cache_key}-{guest_recipe()}"
     build_cached(target, "the default guest", lambda staging: _build_into(staging, kernel, release))

@@ -115,7 +115,7 @@ def prepare(cache_dir: Path | str | None = None) -> NestedImage:
     """The nested machine's kernel and initramfs, built on first use from Debian packages."""
     try:
         require_tools()
-        kernel = resolve_kernel(KERNEL_METAPACKAGE)
+        kernel = resolve_kernel(KERNEL_METAPACKAGE, cache_dir)
         # A change to /init or the modules makes a new build.
         recipe = hashlib.sha256((IMAGE_LAYOUT + _init_script(MODULES)).encode()).hexdigest()[:12]
         target = cache_root(cache_dir) / "nested" / f"{kernel.cache_key}-{recipe}"
