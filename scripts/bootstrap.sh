@@ -15,8 +15,14 @@ command -v cc >/dev/null || missing+=(gcc)
 # The default guest's agent is linked statically, against glibc's static library.
 printf 'int main(void) { return 0; }\n' | cc -static -x c -o /dev/null - 2>/dev/null || missing+=(libc6-dev)
 command -v cpio >/dev/null || missing+=(cpio)
+command -v ip >/dev/null || missing+=(iproute2)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# Without a KVM that can boot Linux guests (none, or paravirtualized), the demo and the Linux tests
+# run in the nested machine, which is QEMU's.
+if [ ! -w /dev/kvm ] || [ -e /sys/module/kvm_pvm ]; then
+    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+fi
 if ((${#missing[@]})); then
     say "installing Debian packages: ${missing[*]}"
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
