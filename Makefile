@@ -14,6 +14,7 @@ bench:           ## exit latency, VM churn, boot time and virtio I/O against the
 	.venv/bin/python benchmarks/bench_exits.py
 	.venv/bin/python benchmarks/bench_boot.py
 	.venv/bin/python benchmarks/bench_virtio.py
+	.venv/bin/python benchmarks/bench_linux_virtio.py
 
 fuzz:            ## run each fuzz target for FUZZ_SECONDS (default 60)
 	scripts/fuzz.sh

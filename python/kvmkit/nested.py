@@ -60,8 +60,19 @@ __all__ = ["HostKvm", "NestedImage", "host_kvm", "prepare", "run"]
 #: Debian's generic kernel: the cloud flavour has ``kvm_amd`` but no 9p.
 KERNEL_METAPACKAGE = "linux-image-amd64"
 #: What the machine loads (their dependencies come along): KVM, the 9p shares and the overlay
-#: over them, and what kvmkit's tests use inside (taps in network namespaces).
-MODULES = ("kvm_amd", "9p", "9pnet_virtio", "virtio_pci", "overlay", "tun", "veth")
+#: over them, what kvmkit's tests use inside (taps in network namespaces), and the vhost back
+#: ends QEMU's network and vsock devices use there (benchmarks/bench_linux_virtio.py).
+MODULES = (
+    "kvm_amd",
+    "9p",
+    "9pnet_virtio",
+    "virtio_pci",
+    "overlay",
+    "tun",
+    "veth",
+    "vhost_net",
+    "vhost_vsock",
+)
 QEMU = "qemu-system-x86_64"
 PARAVIRTUAL_KVM = Path("/sys/module/kvm_pvm")
 KVM_DEVICE = Path("/dev/kvm")
