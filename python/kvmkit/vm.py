@@ -14,7 +14,7 @@ from kvmkit.agent import Agent, Command, ExecResult, PathArg
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, Vcpu
 from kvmkit.devices import Device
-from kvmkit.errors import AgentError, BootError, ConfigError, VmStateError, WaitTimeout
+from kvmkit.errors import AgentError, ConfigError, VmStateError, WaitTimeout
 from kvmkit.exits import Exit
 from kvmkit.virtio import Disk, Net, Rng, VirtioDevice, Vsock
 
@@ -40,14 +40,9 @@ DEFAULT_CMDLINE = (
 """A command line for a guest on kvmkit's platform: COM1 console, reset through the i8042."""
 
 
-def _read(image: str | os.PathLike[str] | bytes) -> bytes:
-    if isinstance(image, bytes):
-        return image
-    try:
-        with open(image, "rb") as file:
-            return file.read()
-    except OSError as error:
-        raise BootError(f"cannot read {os.fspath(image)}: {error.strerror}") from error
+def _image(image: str | os.PathLike[str] | bytes) -> str | bytes:
+    """Bytes as they are; a path as a string, which the core reads straight into guest memory."""
+    return image if isinstance(image, bytes) else os.fspath(image)
 
 
 def parse_size(size: Size) -> int:
@@ -233,7 +228,7 @@ class VM:
         and ACPI tables, COM1 console, i8042, ACPI sleep control, CMOS RTC, boot timer) and points
         vCPU 0 at its entry. Needs ``irqchip=True``. Returns the console, also at :attr:`console`;
         :meth:`run` or :meth:`start` boots."""
-        self._core.boot_linux(_read(kernel), None if initrd is None else _read(initrd), cmdline)
+        self._core.boot_linux(_image(kernel), None if initrd is None else _image(initrd), cmdline)
         self._console = Console(self._core)
         return self._console
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_cpuid_entry2;
 use kvmkit_core::arch::x86_64::cpuid::{CpuidEdit, CpuidRegister};
 use kvmkit_core::arch::x86_64::mode::CpuMode;
-use kvmkit_core::boot::LinuxBoot;
+use kvmkit_core::boot::{Image, LinuxBoot};
 use kvmkit_core::linux::{self, LinuxPlatform};
 use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
 use kvmkit_core::vstate::memory;
@@ -103,6 +103,15 @@ fn attach_for_life(body: &mut dyn FnMut()) {
     }
     let body = OnThisThread(body);
     Python::attach(|py| py.detach(move || body.run()));
+}
+
+/// A kernel or initrd given as bytes (copied) or as a path (opened, read later into guest memory).
+fn image(value: &Bound<'_, PyAny>) -> PyResult<Image> {
+    if let Ok(bytes) = value.cast::<PyBytes>() {
+        return Ok(bytes.as_bytes().to_vec().into());
+    }
+    let path: std::path::PathBuf = value.extract()?;
+    Image::open(&path).map_err(kvmkit_core::Error::from).py()
 }
 
 fn seconds(timeout: f64) -> PyResult<Duration> {
@@ -295,9 +304,18 @@ impl Vm {
     }
 
     /// Loads a Linux kernel with its platform devices; the console then collects COM1's output.
+    /// The kernel and initrd are bytes or paths; files are read straight into guest memory.
     #[pyo3(signature = (kernel, initrd, cmdline))]
-    fn boot_linux(&self, py: Python<'_>, kernel: Vec<u8>, initrd: Option<Vec<u8>>, cmdline: String) -> PyResult<()> {
+    fn boot_linux(
+        &self,
+        py: Python<'_>,
+        kernel: &Bound<'_, PyAny>,
+        initrd: Option<&Bound<'_, PyAny>>,
+        cmdline: String,
+    ) -> PyResult<()> {
         let machine = self.machine()?;
+        let kernel = image(kernel)?;
+        let initrd = initrd.map(image).transpose()?;
         let boot = LinuxBoot { kernel, initrd, cmdline };
         let platform = py.detach(|| linux::boot_linux(&machine, &boot)).py()?;
         *self.linux.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(platform));

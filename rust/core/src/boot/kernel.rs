@@ -6,7 +6,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{KernelLoader, KernelLoaderResult};
 use vm_memory::GuestAddress;
 
-use super::BootError;
+use super::{BootError, Image};
 use crate::arch::x86_64::layout::{HIGH_MEMORY_START, PVH_INFO_ADDR, ZERO_PAGE_ADDR};
 use crate::vstate::memory::GuestMemory;
 
@@ -96,39 +96,60 @@ impl Kernel {
     }
 }
 
-/// Loads a bzImage or an ELF `vmlinux` into `memory`.
-pub fn load(memory: &GuestMemory, image: &[u8]) -> Result<Kernel, BootError> {
+/// How much of an image's start tells its format and, for a bzImage, its setup header.
+const HEAD_SIZE: usize = 0x1000;
+
+/// Loads a bzImage or an ELF `vmlinux` into `memory`. An image in a file is read from it straight
+/// into guest memory, segment by segment.
+pub fn load(memory: &GuestMemory, image: &Image) -> Result<Kernel, BootError> {
     let highmem = Some(GuestAddress(HIGH_MEMORY_START));
-    let failed = |e: linux_loader::loader::Error| BootError::Load(e.to_string());
-    if image.get(HDRS_OFFSET..HDRS_OFFSET + 4) == Some(HDRS) {
-        check_bzimage(image)?;
-        let loaded = BzImage::load(memory, None, &mut Cursor::new(image), highmem).map_err(failed)?;
-        return Ok(Kernel { loaded, format: Format::BzImage });
+    let head = image.head(HEAD_SIZE)?;
+    let format = if head.get(HDRS_OFFSET..HDRS_OFFSET + 4) == Some(HDRS) {
+        check_bzimage(&head, image.len())?;
+        Format::BzImage
+    } else if head.starts_with(ELF_MAGIC) {
+        Format::Elf
+    } else {
+        return Err(BootError::NotAKernel("no bzImage setup header and no ELF magic"));
+    };
+    let loaded = match image {
+        Image::Bytes(bytes) => load_from(memory, format, &mut Cursor::new(&bytes[..]), highmem),
+        Image::File { file, .. } => load_from(memory, format, &mut &**file, highmem),
     }
-    if image.starts_with(ELF_MAGIC) {
-        let loaded = Elf::load(memory, None, &mut Cursor::new(image), highmem).map_err(failed)?;
-        return Ok(Kernel { loaded, format: Format::Elf });
+    .map_err(|e| BootError::Load(e.to_string()))?;
+    Ok(Kernel { loaded, format })
+}
+
+fn load_from<F>(
+    memory: &GuestMemory,
+    format: Format,
+    image: &mut F,
+    highmem: Option<GuestAddress>,
+) -> linux_loader::loader::Result<KernelLoaderResult>
+where
+    F: std::io::Read + vm_memory::ReadVolatile + std::io::Seek,
+{
+    match format {
+        Format::BzImage => BzImage::load(memory, None, image, highmem),
+        Format::Elf => Elf::load(memory, None, image, highmem),
     }
-    Err(BootError::NotAKernel("no bzImage setup header and no ELF magic"))
 }
 
 /// Rejects bzImages that are cut short or lack the 64-bit entry point, which the loader would
-/// otherwise accept and leave to fail inside the guest.
-fn check_bzimage(image: &[u8]) -> Result<(), BootError> {
-    let u16_at = |at: usize| image.get(at..at + 2).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |at: usize| image.get(at..at + 4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+/// otherwise accept and leave to fail inside the guest. `head` is the image's start, `len` its
+/// length.
+fn check_bzimage(head: &[u8], len: u64) -> Result<(), BootError> {
+    let u16_at = |at: usize| head.get(at..at + 2).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |at: usize| head.get(at..at + 4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     let version = u16_at(0x206);
-    let setup_sects = match image.get(0x1f1).copied().unwrap_or(0) {
+    let setup_sects = match head.get(0x1f1).copied().unwrap_or(0) {
         0 => 4,
-        n => usize::from(n),
+        n => u64::from(n),
     };
-    let protected_mode_size = u32_at(0x1f4) as usize * 16;
+    let protected_mode_size = u64::from(u32_at(0x1f4)) * 16;
     let expected = (setup_sects + 1) * 512 + protected_mode_size;
-    if image.len() < expected {
-        return Err(BootError::Load(format!(
-            "the bzImage is truncated: {} bytes, its header says {expected}",
-            image.len()
-        )));
+    if len < expected {
+        return Err(BootError::Load(format!("the bzImage is truncated: {len} bytes, its header says {expected}")));
     }
     if version < 0x020c || u16_at(0x236) & XLF_KERNEL_64 == 0 {
         return Err(BootError::Not64Bit(version));
@@ -166,7 +187,7 @@ pub(crate) mod tests {
     #[test]
     fn bzimage_enters_at_startup_64() {
         let memory = guest_memory(32 << 20);
-        let kernel = load(&memory, &fake_bzimage(0x1000, XLF_KERNEL_64)).unwrap();
+        let kernel = load(&memory, &fake_bzimage(0x1000, XLF_KERNEL_64).into()).unwrap();
         assert_eq!(kernel.entry_point(), EntryPoint::Linux64 { addr: 0x10_0200, zero_page: ZERO_PAGE_ADDR });
         assert_eq!((kernel.end(), kernel.cmdline_max(), kernel.initrd_addr_max()), (0x10_1000, 2048, 0x7fff_ffff));
     }
@@ -176,9 +197,9 @@ pub(crate) mod tests {
         let memory = guest_memory(32 << 20);
         let mut truncated = fake_bzimage(0x1000, XLF_KERNEL_64);
         truncated.truncate(truncated.len() - 1);
-        assert!(matches!(load(&memory, &truncated), Err(BootError::Load(m)) if m.contains("truncated")));
-        assert!(matches!(load(&memory, &fake_bzimage(0x1000, 0)), Err(BootError::Not64Bit(0x020f))));
-        assert!(matches!(load(&memory, b"just some text\n"), Err(BootError::NotAKernel(_))));
-        assert!(matches!(load(&memory, b"\x7fELF broken"), Err(BootError::Load(_))));
+        assert!(matches!(load(&memory, &truncated.into()), Err(BootError::Load(m)) if m.contains("truncated")));
+        assert!(matches!(load(&memory, &fake_bzimage(0x1000, 0).into()), Err(BootError::Not64Bit(0x020f))));
+        assert!(matches!(load(&memory, &b"just some text\n".to_vec().into()), Err(BootError::NotAKernel(_))));
+        assert!(matches!(load(&memory, &b"\x7fELF broken".to_vec().into()), Err(BootError::Load(_))));
     }
 }

@@ -10,19 +10,108 @@ pub mod kernel;
 /// What the kernel reads at entry: the zero page with its e820 map, or the PVH start info.
 pub mod params;
 
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
 use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::x86_64::layout::{CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY_START};
 use crate::vstate::memory::{self, GuestMemory, MemoryError, PAGE_SIZE};
 pub use kernel::{EntryPoint, Kernel};
 
+/// A kernel or initrd image: bytes in memory, or an open file that loading reads straight into
+/// guest memory (one copy, from the page cache, with no buffer in between). Cloning shares it.
+#[derive(Debug, Clone)]
+pub enum Image {
+    /// The image's bytes.
+    Bytes(Arc<[u8]>),
+    /// A file and its length.
+    File {
+        /// The open file (read with explicit offsets or after seeking to its start).
+        file: Arc<File>,
+        /// Its length in bytes.
+        len: u64,
+    },
+}
+
+impl Default for Image {
+    fn default() -> Self {
+        Self::Bytes(Arc::from(Vec::new()))
+    }
+}
+
+impl From<Vec<u8>> for Image {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self::Bytes(bytes.into())
+    }
+}
+
+impl Image {
+    /// Opens the file at `path`; [`BootError::Read`] when it cannot be opened or is not a file.
+    pub fn open(path: &Path) -> Result<Self, BootError> {
+        let failed = |e: std::io::Error| BootError::Read { path: path.display().to_string(), reason: e.to_string() };
+        let file = File::open(path).map_err(failed)?;
+        let metadata = file.metadata().map_err(failed)?;
+        if !metadata.is_file() {
+            return Err(failed(std::io::Error::other("not a regular file")));
+        }
+        Ok(Self::File { file: Arc::new(file), len: metadata.len() })
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Self::Bytes(bytes) => bytes.len() as u64,
+            Self::File { len, .. } => *len,
+        }
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Up to `max` bytes from its start (fewer when it is shorter).
+    pub fn head(&self, max: usize) -> Result<Vec<u8>, BootError> {
+        let len = usize::try_from(self.len()).unwrap_or(usize::MAX).min(max);
+        match self {
+            Self::Bytes(bytes) => Ok(bytes[..len].to_vec()),
+            Self::File { file, .. } => {
+                let mut head = vec![0; len];
+                file.read_exact_at(&mut head, 0).map_err(|e| BootError::Load(format!("cannot read the image: {e}")))?;
+                Ok(head)
+            }
+        }
+    }
+
+    /// Copies the whole image into guest memory at `addr`.
+    pub fn copy_to(&self, memory: &GuestMemory, addr: u64) -> Result<(), BootError> {
+        match self {
+            Self::Bytes(bytes) => Ok(memory::write(memory, addr, bytes)?),
+            Self::File { file, len } => {
+                let len = usize::try_from(*len).map_err(|_| MemoryError::OutOfRange { addr, len: usize::MAX })?;
+                let mut reader = &**file;
+                reader.seek(SeekFrom::Start(0)).map_err(|e| BootError::Load(format!("cannot read the image: {e}")))?;
+                memory.read_exact_volatile_from(GuestAddress(addr), &mut reader, len).map_err(|e| match e {
+                    vm_memory::GuestMemoryError::IOError(e) => BootError::Load(format!("cannot read the image: {e}")),
+                    _ => BootError::Memory(MemoryError::OutOfRange { addr, len }),
+                })
+            }
+        }
+    }
+}
+
 /// A Linux kernel to boot.
 #[derive(Debug, Clone, Default)]
 pub struct LinuxBoot {
     /// The kernel image: a bzImage or an uncompressed ELF `vmlinux`.
-    pub kernel: Vec<u8>,
+    pub kernel: Image,
     /// An initramfs, if any.
-    pub initrd: Option<Vec<u8>>,
+    pub initrd: Option<Image>,
     /// The command line.
     pub cmdline: String,
 }
@@ -30,6 +119,14 @@ pub struct LinuxBoot {
 /// A kernel, command line or initrd that cannot be booted.
 #[derive(Debug, Error)]
 pub enum BootError {
+    /// The image file cannot be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// What the host said.
+        reason: String,
+    },
     /// Neither a bzImage nor an ELF file.
     #[error("the kernel image is neither a bzImage nor an ELF vmlinux ({0})")]
     NotAKernel(&'static str),
@@ -102,17 +199,55 @@ fn place_initrd(
     memory: &GuestMemory,
     kernel: &Kernel,
     (low_start, low_size): (u64, u64),
-    image: &[u8],
+    image: &Image,
 ) -> Result<(u64, u64), BootError> {
     let limit = kernel.initrd_addr_max().min(low_start + low_size - 1);
     let floor = kernel.end().next_multiple_of(PAGE_SIZE);
-    let size = image.len() as u64;
+    let size = image.len();
     let top = (limit + 1) & !(PAGE_SIZE - 1);
     let room = top.saturating_sub(floor);
     if size > room {
-        return Err(BootError::InitrdTooLarge { size: image.len(), room, limit });
+        return Err(BootError::InitrdTooLarge { size: image.len() as usize, room, limit });
     }
     let addr = (top - size) & !(PAGE_SIZE - 1);
-    memory::write(memory, addr, image)?;
+    image.copy_to(memory, addr)?;
     Ok((addr, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::kernel::tests::{fake_bzimage, guest_memory};
+
+    #[test]
+    fn a_file_loads_as_its_bytes_do() {
+        let dir = std::env::temp_dir().join(format!("kvmkit-image-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (kernel_path, initrd_path) = (dir.join("kernel"), dir.join("initrd"));
+        let (kernel, initrd) = (fake_bzimage(0x2000, 1), (0..5000u32).map(|i| i as u8).collect::<Vec<_>>());
+        std::fs::write(&kernel_path, &kernel).unwrap();
+        std::fs::write(&initrd_path, &initrd).unwrap();
+        let cmdline = "console=ttyS0".to_string();
+        let from_bytes = LinuxBoot { kernel: kernel.into(), initrd: Some(initrd.into()), cmdline: cmdline.clone() };
+        let from_files = LinuxBoot {
+            kernel: Image::open(&kernel_path).unwrap(),
+            initrd: Some(Image::open(&initrd_path).unwrap()),
+            cmdline,
+        };
+        let (a, b) = (guest_memory(64 << 20), guest_memory(64 << 20));
+        assert_eq!(load(&a, &from_bytes, None).unwrap(), load(&b, &from_files, None).unwrap());
+        let (mut left, mut right) = (vec![0u8; 64 << 20], vec![0u8; 64 << 20]);
+        memory::read(&a, 0, &mut left).unwrap();
+        memory::read(&b, 0, &mut right).unwrap();
+        assert!(left == right, "guest memory differs");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_file_is_a_read_error() {
+        let error = Image::open(Path::new("/nonexistent/kvmkit/vmlinux")).unwrap_err();
+        assert!(matches!(&error, BootError::Read { path, .. } if path == "/nonexistent/kvmkit/vmlinux"));
+        assert!(error.to_string().starts_with("cannot read /nonexistent/kvmkit/vmlinux: "));
+        assert!(matches!(Image::open(Path::new("/")), Err(BootError::Read { .. })));
+    }
 }

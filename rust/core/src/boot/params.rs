@@ -151,8 +151,8 @@ mod tests {
     fn loading_a_bzimage_writes_cmdline_initrd_and_zero_page() {
         let memory = guest_memory(64 << 20);
         let boot = LinuxBoot {
-            kernel: fake_bzimage(0x2000, 1),
-            initrd: Some(vec![0x5a; 5000]),
+            kernel: fake_bzimage(0x2000, 1).into(),
+            initrd: Some(vec![0x5a; 5000].into()),
             cmdline: "console=ttyS0 panic=-1".into(),
         };
         let entry = load(&memory, &boot, None).unwrap();
@@ -176,8 +176,8 @@ mod tests {
     fn bad_boot_inputs_are_typed_errors() {
         let memory = guest_memory(4 << 20);
         let boot = |cmdline: &str, initrd: usize| LinuxBoot {
-            kernel: fake_bzimage(0x2000, 1),
-            initrd: Some(vec![0; initrd]),
+            kernel: fake_bzimage(0x2000, 1).into(),
+            initrd: Some(vec![0; initrd].into()),
             cmdline: cmdline.into(),
         };
         assert!(matches!(

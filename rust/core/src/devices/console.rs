@@ -22,6 +22,9 @@ struct State {
     /// Bytes written in all, so offsets stay valid after old output is dropped.
     total: u64,
     copies: Vec<Box<dyn Write + Send>>,
+    /// Readers waiting for output: appending wakes them only when there are some, so a guest
+    /// writing its console byte by byte makes no system call per byte while nobody waits.
+    waiting: usize,
 }
 
 impl ConsoleOutput {
@@ -44,8 +47,11 @@ impl ConsoleOutput {
         state.kept.drain(..excess);
         state.total += data.len() as u64;
         state.copies.retain_mut(|copy| copy.write_all(data).and_then(|()| copy.flush()).is_ok());
+        let waiting = state.waiting > 0;
         drop(state);
-        self.grew.notify_all();
+        if waiting {
+            self.grew.notify_all();
+        }
     }
 
     /// Bytes written so far.
@@ -63,7 +69,9 @@ impl ConsoleOutput {
             if left.is_zero() {
                 break;
             }
+            state.waiting += 1;
             state = self.grew.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
+            state.waiting -= 1;
         }
         let oldest = state.total - state.kept.len() as u64;
         let start = offset.clamp(oldest, state.total);

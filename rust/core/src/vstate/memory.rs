@@ -1,12 +1,128 @@
 use std::ops::Range;
 
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use crate::config::MemoryRegionConfig;
 
-pub use vm_memory::GuestMemoryMmap as GuestMemory;
+/// The size of a transparent huge page, and the alignment of guest RAM in the host.
+const HUGE_PAGE_SIZE: usize = 2 << 20;
+/// Regions at least this large are backed by transparent huge pages. Smaller VMs (bare-metal
+/// guests, tests, VM churn) touch a few pages each, of which a huge page would clear 2 MiB.
+const HUGE_PAGE_MIN_REGION: u64 = 32 << 20;
+const MAP_PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+const MAP_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+/// Guest RAM: one anonymous host mapping per region, owned here and unmapped when the last user
+/// drops it.
+///
+/// Regions of [`HUGE_PAGE_MIN_REGION`] or more start at a 2 MiB-aligned host address (so host
+/// and guest addresses agree modulo 2 MiB) and are advised for transparent huge pages, as QEMU
+/// does with guest RAM: the host then backs them with 2 MiB pages where it can, and KVM maps the
+/// guest with 2 MiB nested page table entries, so a booting guest takes a fraction of the nested
+/// page faults (each an exit into the host kernel) it would with 4 KiB pages.
+#[derive(Debug)]
+pub struct GuestMemory {
+    // Fields drop in order: the regions (which do not own their memory) before the mappings.
+    regions: GuestMemoryMmap,
+    _mappings: Vec<Mapping>,
+}
+
+impl GuestMemoryBackend for GuestMemory {
+    type R = GuestRegionMmap;
+
+    fn num_regions(&self) -> usize {
+        self.regions.num_regions()
+    }
+
+    fn find_region(&self, addr: GuestAddress) -> Option<&GuestRegionMmap> {
+        self.regions.find_region(addr)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &GuestRegionMmap> {
+        self.regions.iter()
+    }
+}
+
+impl GuestMemory {
+    /// Anonymous memory for `ranges` (`(guest address, size)`, sorted, non-overlapping, sizes page
+    /// multiples), without the checks of [`create`].
+    pub fn from_ranges(ranges: &[(GuestAddress, usize)]) -> std::io::Result<Self> {
+        let mut mappings = Vec::with_capacity(ranges.len());
+        let mut regions = Vec::with_capacity(ranges.len());
+        for &(guest_addr, size) in ranges {
+            let mapping = Mapping::new(size, size as u64 >= HUGE_PAGE_MIN_REGION)?;
+            // SAFETY: the mapping is `size` bytes, readable and writable, mapped with MAP_FLAGS,
+            // and lives as long as the region: both are kept in this struct, the regions dropped
+            // first.
+            let region = unsafe { MmapRegion::build_raw(mapping.addr.cast(), size, MAP_PROT, MAP_FLAGS) }
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            mappings.push(mapping);
+            regions.push(
+                GuestRegionMmap::new(region, guest_addr)
+                    .ok_or_else(|| std::io::Error::other("a memory region wraps around the address space"))?,
+            );
+        }
+        let regions = GuestMemoryMmap::from_regions(regions).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Self { regions, _mappings: mappings })
+    }
+}
+
+/// An anonymous mapping, unmapped on drop.
+#[derive(Debug)]
+struct Mapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; who may access it, and how, is up to its users (guest
+// memory is shared by design between vCPUs, devices and the host).
+unsafe impl Send for Mapping {}
+// SAFETY: as for Send.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes; with `huge`, at a 2 MiB-aligned address and advised for huge pages.
+    fn new(len: usize, huge: bool) -> std::io::Result<Self> {
+        let pad = if huge { HUGE_PAGE_SIZE } else { 0 };
+        let total = len.checked_add(pad).ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: a new anonymous mapping at an address the kernel picks; nothing else is touched.
+        let raw = unsafe { libc::mmap(std::ptr::null_mut(), total, MAP_PROT, MAP_FLAGS, -1, 0) };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        if !huge {
+            return Ok(Self { addr: raw, len });
+        }
+        let start = raw as usize;
+        let aligned = start.next_multiple_of(HUGE_PAGE_SIZE);
+        let (head, tail) = (aligned - start, start + total - (aligned + len));
+        // SAFETY: the head and tail are parts of the mapping just made that nothing uses; what is
+        // kept is `[aligned, aligned + len)`. madvise only advises on that range.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+            // Hosts without transparent huge pages refuse the advice; the memory works the same.
+            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+        Ok(Self { addr: aligned as *mut libc::c_void, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` and is unmapped only here, after every region
+        // over it has gone (see `GuestMemory`).
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
 
 /// Guest RAM is mapped in pages of this size.
 pub const PAGE_SIZE: u64 = 4096;
