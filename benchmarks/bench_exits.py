@@ -4,7 +4,10 @@ The C program (``baseline.c``) is the floor of this machine: the same guests, th
 ``KVM_RUN`` loop, no abstraction. Each figure is the median of several alternating rounds, and
 each kvmkit figure is reported as a ratio to the C one measured alongside it.
 
-Usage: python benchmarks/bench_exits.py [--quick] [--json PATH]
+Where this host's KVM is paravirtualized (``kvm_pvm``) or missing, it runs itself inside kvmkit's
+nested machine (``--where`` chooses).
+
+Usage: python benchmarks/bench_exits.py [--quick] [--json PATH] [--where auto|here|nested]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import kvmkit
+import placement
 from kvmkit import devices
 from report import write_report
 
@@ -106,7 +110,11 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer exits and rounds (a smoke run)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "exits.json")
+    placement.add_argument(parser)
     args = parser.parse_args()
+    status = placement.relaunch(args, __file__, args.json.parent, cpus=1)
+    if status is not None:
+        return status
     iterations, rounds, churn = (8192, 2, 200) if args.quick else (65536, 9, 1000)
 
     def null_on(space: str) -> Callable[[kvmkit.VM], None]:
@@ -159,7 +167,15 @@ def main() -> int:
             f"{r['case']:28} {r['unit']:8} {r['c']:10.1f} {r['kvmkit']:10.1f} {r['ratio']:6.3f}x  "
             f"{r['goal']} {'met' if r['met'] else 'MISSED'}"
         )
-    write_report(args.json, iterations=iterations, rounds=rounds, churn_vms=churn, results=rows)
+    print(f"on {placement.describe()}")
+    write_report(
+        args.json,
+        where=placement.describe(),
+        iterations=iterations,
+        rounds=rounds,
+        churn_vms=churn,
+        results=rows,
+    )
     return 0
 
 

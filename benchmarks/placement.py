@@ -1,0 +1,47 @@
+"""Where a benchmark runs: on this host's KVM when it has hardware semantics, else inside
+kvmkit's nested machine (``kvmkit.nested``), which gives a KVM with hardware semantics on a host
+whose KVM is paravirtualized (``kvm_pvm``) or missing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kvmkit import nested
+
+#: Memory of the nested machine when a benchmark runs there.
+NESTED_MEMORY = "2G"
+
+
+def add_argument(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--where auto|here|nested`` to a benchmark's command line."""
+    parser.add_argument(
+        "--where",
+        choices=["auto", "here", "nested"],
+        default="auto",
+        help="here: on this host's KVM; nested: inside kvmkit's nested machine; auto (default): "
+        "nested unless this host's KVM has hardware semantics",
+    )
+
+
+def describe() -> str:
+    """Which machine this process runs on, for reports."""
+    return "the nested machine" if nested.inside() else f"this host ({nested.host_kvm().value} KVM)"
+
+
+def relaunch(args: argparse.Namespace, script: str, results: Path, cpus: int = 2) -> int | None:
+    """Runs ``script`` again with the same arguments inside the nested machine, with the folder
+    ``results`` shared back, when ``--where`` asks for it; returns its exit status, or None when
+    the benchmark should run here."""
+    if args.where == "here" or nested.inside():
+        return None
+    if args.where == "auto" and nested.host_kvm() is nested.HostKvm.HARDWARE:
+        return None
+    results.mkdir(parents=True, exist_ok=True)
+    print(
+        f"running in kvmkit's nested machine ({cpus} CPUs, {NESTED_MEMORY}); it takes a while to boot",
+        flush=True,
+    )
+    argv = [sys.executable, str(Path(script).resolve()), *sys.argv[1:], "--where", "here"]
+    return nested.run(argv, writable=[results.resolve()], cpus=cpus, memory=NESTED_MEMORY)
