@@ -28,6 +28,7 @@ SECTORS = IMAGE_SIZE // SECTOR
 
 VERSION_1 = 1 << 32
 BLK_F_SEG_MAX, BLK_F_RO, BLK_F_BLK_SIZE, BLK_F_FLUSH = 1 << 2, 1 << 5, 1 << 6, 1 << 9
+RING_F_EVENT_IDX = 1 << 29  # offered; this driver does not take it
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 ID_LEN = 20
@@ -140,8 +141,8 @@ def test_disk_negotiates_and_reads_sectors_into_scattered_buffers(make_vm, run_c
 
     assert run.text.startswith(f"capacity={SECTORS}\n")
     assert run.capacity == SECTORS
-    assert run.offered == VERSION_1 | BLK_F_FLUSH | BLK_F_SEG_MAX | BLK_F_BLK_SIZE
-    assert run.features == run.offered
+    assert run.offered == VERSION_1 | BLK_F_FLUSH | BLK_F_SEG_MAX | BLK_F_BLK_SIZE | RING_F_EVENT_IDX
+    assert run.features == run.offered & ~RING_F_EVENT_IDX
     assert run.blk_size == SECTOR
     assert run.seg_max >= len(scattered)
     assert run.answers == [(S_OK, 512 + 1), (S_OK, 4096 + 1), (S_OK, 512 + 1)]

@@ -21,7 +21,7 @@ use virtio_bindings::virtio_blk;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
-use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, TYPE_BLOCK};
+use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, F_EVENT_IDX, TYPE_BLOCK};
 use crate::vstate::memory::GuestMemory;
 
 /// Bytes in a sector, the unit of the capacity and of request offsets.
@@ -637,7 +637,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        F_FLUSH | F_SEG_MAX | F_BLK_SIZE | if self.disk.read_only { F_RO } else { 0 }
+        F_FLUSH | F_SEG_MAX | F_BLK_SIZE | F_EVENT_IDX | if self.disk.read_only { F_RO } else { 0 }
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -868,7 +868,7 @@ mod tests {
     fn read_only_device_offers_ro_and_refuses_writes() {
         let Setup { image, mut driver } = setup(true, F_FLUSH | F_RO);
         assert!(driver.device.lock().unwrap().read_only());
-        assert_eq!(driver.device_features(), F_VERSION_1 | F_FLUSH | F_SEG_MAX | F_BLK_SIZE | F_RO);
+        assert_eq!(driver.device_features(), F_VERSION_1 | F_FLUSH | F_SEG_MAX | F_BLK_SIZE | F_EVENT_IDX | F_RO);
         driver.write_mem(DATA, &[0x11; 512]);
         assert_eq!(request(&mut driver, T_OUT, 0, &[(DATA, 512, false)]), (1, S_IOERR));
         assert_eq!(image.contents(), pattern(SECTORS), "the image is unchanged");
@@ -881,7 +881,7 @@ mod tests {
     #[test]
     fn offers_flush_seg_max_and_blk_size_but_not_ro_when_writable() {
         let Setup { driver, .. } = setup(false, F_FLUSH);
-        assert_eq!(driver.device_features(), F_VERSION_1 | F_FLUSH | F_SEG_MAX | F_BLK_SIZE);
+        assert_eq!(driver.device_features(), F_VERSION_1 | F_FLUSH | F_SEG_MAX | F_BLK_SIZE | F_EVENT_IDX);
         assert_eq!(driver.read(0x08), TYPE_BLOCK);
         driver.write(0x30, 0);
         assert_eq!(driver.read(0x34), 256, "queue size");

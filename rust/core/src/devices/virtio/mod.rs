@@ -96,8 +96,13 @@ pub trait VirtioDevice: Send {
 /// Takes the chains the driver made available on `queue`, one at a time, and hands each to
 /// `serve`, which returns how many bytes it wrote into the chain's buffers, or `None` to leave
 /// the chain (and those after it) on the ring for later, when the back end cannot take it now.
-/// Interrupts the driver once if any chain was used; a ring the driver corrupted marks the
-/// device broken.
+/// Interrupts the driver once if any chain was used (unless its `used_event` says it does not
+/// want to hear yet, with [`F_EVENT_IDX`]); a ring the driver corrupted marks the device broken.
+///
+/// While it drains the ring the driver is asked not to notify (`VRING_USED_F_NO_NOTIFY`, or with
+/// [`F_EVENT_IDX`] an `avail_event` left behind): each notification costs the guest an exit and
+/// the device a wake-up, and the device will see those chains anyway. Notifications are enabled
+/// again before it returns, and the ring checked once more, so that no chain is missed.
 pub fn serve_queue(
     queue: &mut Queue,
     memory: &GuestMemory,
@@ -107,22 +112,36 @@ pub fn serve_queue(
     if !queue.ready() {
         return; // a notification for a queue the driver never set up: nothing to serve
     }
+    let broken_ring = |e| interrupt.mark_broken(&format!("bad available ring: {e}"));
     let mut used = false;
-    loop {
-        let chain = match queue.iter(memory) {
-            Ok(mut available) => available.next(),
-            Err(e) => return interrupt.mark_broken(&format!("bad available ring: {e}")),
-        };
-        let Some(chain) = chain else { break };
-        let head = chain.head_index();
-        let Some(written) = serve(chain) else {
-            queue.go_to_previous_position();
-            break;
-        };
-        if let Err(e) = queue.add_used(memory, head, written) {
-            return interrupt.mark_broken(&format!("cannot return a used buffer: {e}"));
+    'drain: loop {
+        if let Err(e) = queue.disable_notification(memory) {
+            return broken_ring(e);
         }
-        used = true;
+        loop {
+            let chain = match queue.iter(memory) {
+                Ok(mut available) => available.next(),
+                Err(e) => return broken_ring(e),
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let Some(written) = serve(chain) else {
+                queue.go_to_previous_position();
+                if let Err(e) = queue.enable_notification(memory) {
+                    return broken_ring(e);
+                }
+                break 'drain;
+            };
+            if let Err(e) = queue.add_used(memory, head, written) {
+                return interrupt.mark_broken(&format!("cannot return a used buffer: {e}"));
+            }
+            used = true;
+        }
+        match queue.enable_notification(memory) {
+            Ok(true) => continue, // chains came while notifications were off
+            Ok(false) => break,
+            Err(e) => return broken_ring(e),
+        }
     }
     if used && queue.needs_notification(memory).unwrap_or(true) {
         interrupt.signal_used();

@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use tap::{NetError, Tap, VNET_HDR_LEN};
 
-use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, TYPE_NET};
+use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, F_EVENT_IDX, TYPE_NET};
 use crate::vstate::memory::GuestMemory;
 
 const QUEUE_SIZE: u16 = 256;
@@ -63,7 +63,7 @@ const F_STATUS: u64 = feature(bindings::VIRTIO_NET_F_STATUS);
 
 /// The features to offer for a tap that accepts `offloads` (`TUN_F_*`).
 fn offered_features(offloads: u32) -> u64 {
-    let mut features = F_MAC | F_STATUS;
+    let mut features = F_MAC | F_STATUS | F_EVENT_IDX;
     // Both directions need checksum offload first; segmentation builds on it.
     if offloads & libc::TUN_F_CSUM != 0 {
         features |= F_CSUM | F_GUEST_CSUM;
@@ -472,7 +472,7 @@ mod tests {
     #[test]
     fn offered_features_follow_the_taps_offloads() {
         use libc::{TUN_F_CSUM as CSUM, TUN_F_TSO4 as TSO4, TUN_F_TSO6 as TSO6};
-        let base = F_MAC | F_STATUS;
+        let base = F_MAC | F_STATUS | F_EVENT_IDX;
         assert_eq!(offered_features(0), base);
         assert_eq!(offered_features(CSUM), base | F_CSUM | F_GUEST_CSUM);
         assert_eq!(offered_features(CSUM | TSO4), base | F_CSUM | F_GUEST_CSUM | F_HOST_TSO4 | F_GUEST_TSO4);

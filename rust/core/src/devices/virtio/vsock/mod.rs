@@ -24,7 +24,7 @@ use event_manager::{EventOps, EventSet};
 use self::connection::BUF_ALLOC;
 use self::muxer::Muxer;
 use self::packet::{read_header, read_payload, Buffers, HEADER_SIZE, TYPE_STREAM};
-use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, TYPE_VSOCK};
+use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, F_EVENT_IDX, TYPE_VSOCK};
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -178,7 +178,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn features(&self) -> u64 {
-        0
+        F_EVENT_IDX
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -253,7 +253,7 @@ fn offers_the_guest_cid_in_its_configuration() {
     assert_eq!(guest.config(0, 8), [4, 3, 2, 1, 0, 0, 0, 0]);
     assert_eq!(guest.config(2, 4), [2, 1, 0, 0]);
     assert_eq!(guest.config(8, 4), [0; 4], "nothing past the CID");
-    assert_eq!(guest.device_features(), F_VERSION_1, "stream sockets need no feature bits");
+    assert_eq!(guest.device_features(), F_VERSION_1 | F_EVENT_IDX, "stream sockets need no feature bits of their own");
     let device = guest.device.lock().unwrap();
     assert_eq!((device.device_type(), device.queue_max_sizes(), device.guest_cid()), (TYPE_VSOCK, &[256; 3][..], CID));
 }
