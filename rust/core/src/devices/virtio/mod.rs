@@ -114,10 +114,15 @@ pub fn serve_queue(
     }
     let broken_ring = |e| interrupt.mark_broken(&format!("bad available ring: {e}"));
     let mut used = false;
+    // Passes since one took a chain. A chain that comes as a pass ends is taken by the next one;
+    // a second pass in a row that takes nothing although the ring says there is more means it
+    // cannot be read as it claims, and the device stops there rather than spin.
+    let mut idle_passes = 0;
     'drain: loop {
         if let Err(e) = queue.disable_notification(memory) {
             return broken_ring(e);
         }
+        idle_passes += 1;
         loop {
             let chain = match queue.iter(memory) {
                 Ok(mut available) => available.next(),
@@ -136,10 +141,11 @@ pub fn serve_queue(
                 return interrupt.mark_broken(&format!("cannot return a used buffer: {e}"));
             }
             used = true;
+            idle_passes = 0;
         }
         match queue.enable_notification(memory) {
-            Ok(true) => continue, // chains came while notifications were off
-            Ok(false) => break,
+            Ok(true) if idle_passes < 2 => continue, // chains came while notifications were off
+            Ok(_) => break,
             Err(e) => return broken_ring(e),
         }
     }
