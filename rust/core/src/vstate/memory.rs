@@ -19,7 +19,7 @@ const MAP_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::M
 /// Guest RAM: one anonymous host mapping per region, owned here and unmapped when the last user
 /// drops it.
 ///
-/// Regions of [`HUGE_PAGE_MIN_REGION`] or more start at a 2 MiB-aligned host address (so host
+/// Regions of 32 MiB (`HUGE_PAGE_MIN_REGION`) or more start at a 2 MiB-aligned host address (so host
 /// and guest addresses agree modulo 2 MiB) and are advised for transparent huge pages, as QEMU
 /// does with guest RAM: the host then backs them with 2 MiB pages where it can, and KVM maps the
 /// guest with 2 MiB nested page table entries, so a booting guest takes a fraction of the nested
