@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +53,9 @@ from typing import Protocol
 import kvmkit
 from kvmkit import nested
 from kvmkit._core import Initramfs
+from kvmkit.errors import ConsoleTimeout
 from kvmkit.images import READY_MARKER, GuestImage, default_guest
+from kvmkit.virtio import DeviceStats
 from report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -74,6 +76,8 @@ NESTED_MEMORY = "2G"
 #: Seconds a case may take (everything runs about 15 times slower in the nested machine).
 CASE_TIMEOUT = 300.0
 BOOT_TIMEOUT = 180.0
+#: Tries per VM run (see attempt()).
+ATTEMPTS = 3
 #: A whole line of the program's output (the console may show a line before its end has come).
 RESULT = re.compile(rb"IOBENCH-(RESULT|ERROR) ([^\r\n]*)\r?\n")
 
@@ -81,6 +85,7 @@ RESULT = re.compile(rb"IOBENCH-(RESULT|ERROR) ([^\r\n]*)\r?\n")
 @dataclass(frozen=True)
 class Case:
     name: str
+    device: str  # "block", "net" or "vsock"
     args: tuple[str, ...]  # after the program's name
     unit: str
 
@@ -89,12 +94,19 @@ def cases(image_mib: int, quick: bool) -> list[Case]:
     stream_mib = 64 if quick else 256
     random_reads = 1000 if quick else 4000
     return [
-        Case("seq read 1 MiB", ("seqread", "/dev/vda", str(MIB), str(image_mib)), "MB/s"),
-        Case("seq write 1 MiB", ("seqwrite", "/dev/vda", str(MIB), str(image_mib)), "MB/s"),
-        Case("rand read 4 KiB QD1", ("randread", "/dev/vda", "4096", str(random_reads), "1"), "IOPS"),
-        Case("rand read 4 KiB 4 threads", ("randread", "/dev/vda", "4096", str(random_reads), "4"), "IOPS"),
-        Case("net tcp guest->host", ("tcp", HOST_ADDR, str(TCP_PORT), str(stream_mib)), "MB/s"),
-        Case("vsock guest->host", ("vsock", "2", str(VSOCK_PORT), str(stream_mib)), "MB/s"),
+        Case("seq read 1 MiB", "block", ("seqread", "/dev/vda", str(MIB), str(image_mib)), "MB/s"),
+        Case("seq write 1 MiB", "block", ("seqwrite", "/dev/vda", str(MIB), str(image_mib)), "MB/s"),
+        Case(
+            "rand read 4 KiB QD1", "block", ("randread", "/dev/vda", "4096", str(random_reads), "1"), "IOPS"
+        ),
+        Case(
+            "rand read 4 KiB 4 threads",
+            "block",
+            ("randread", "/dev/vda", "4096", str(random_reads), "4"),
+            "IOPS",
+        ),
+        Case("net tcp guest->host", "net", ("tcp", HOST_ADDR, str(TCP_PORT), str(stream_mib)), "MB/s"),
+        Case("vsock guest->host", "vsock", ("vsock", "2", str(VSOCK_PORT), str(stream_mib)), "MB/s"),
     ]
 
 
@@ -211,8 +223,15 @@ def address_tap(netns: str, tap: str, timeout: float = 30.0) -> None:
     ip(netns, "link", "set", tap, "up")
 
 
-def run_cases(console: Console, the_cases: list[Case]) -> dict[str, float]:
-    """Runs each case in the guest's shell; its figure by name."""
+#: kvmkit's device counters by device kind, taken before and after each case.
+Counters = Callable[[], dict[str, DeviceStats]]
+
+
+def run_cases(
+    console: Console, the_cases: list[Case], counters: Counters | None = None
+) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+    """Runs each case in the guest's shell: its figure by name, and with ``counters`` what its
+    device counted meanwhile (requests, interrupts, notifications)."""
     console.expect(READY_MARKER.encode(), BOOT_TIMEOUT)
     program = "/" + TOOL_IN_GUEST
     console.sendline(f"ip addr add {GUEST_ADDR}/24 dev eth0 && ip link set eth0 up && echo net-up")
@@ -227,14 +246,21 @@ def run_cases(console: Console, the_cases: list[Case]) -> dict[str, float]:
             time.sleep(1)
         else:
             raise RuntimeError(f"{warm[0]} from the guest fails: {text.decode(errors='replace')}")
-    figures = {}
+    figures, counts = {}, {}
     for case in the_cases:
+        before = counters() if counters is not None else {}
         console.sendline(f"{program} {' '.join(case.args)}")
         kind, text = console.expect(RESULT.pattern, CASE_TIMEOUT).groups()
         if kind != b"RESULT":
             raise RuntimeError(f"{case.name}: {text.decode(errors='replace')}")
         figures[case.name] = float(text.split()[1])
-    return figures
+        if counters is not None:
+            old, new = before[case.device], counters()[case.device]
+            counts[case.name] = {
+                key: getattr(new, key) - getattr(old, key)
+                for key in ("requests", "interrupts", "notifications")
+            }
+    return figures, counts
 
 
 @dataclass(frozen=True)
@@ -255,13 +281,17 @@ class Setup:
         return self.logs / f"{side}-{time.strftime('%H%M%S')}.log"
 
 
-def run_kvmkit(s: Setup) -> dict[str, float]:
+Outcome = tuple[dict[str, float], dict[str, dict[str, int]]]
+
+
+def run_kvmkit(s: Setup) -> Outcome:
     uds = Path(tempfile.mkdtemp(dir=s.workdir)) / "vsock"
     with kvmkit.VM(memory=MEMORY, cpus=1, irqchip=True, pit=True) as vm:
-        vm.add_disk(s.image)
-        in_netns(s.netns, lambda: vm.add_net(TAPS["kvmkit"]))
+        disk = vm.add_disk(s.image)
+        net = in_netns(s.netns, lambda: vm.add_net(TAPS["kvmkit"]))
         address_tap(s.netns, TAPS["kvmkit"])
-        vm.add_vsock(GUEST_CID, uds)
+        vsock = vm.add_vsock(GUEST_CID, uds)
+        devices = {"block": disk, "net": net, "vsock": vsock}
         console = vm.boot_linux(s.guest.vmlinux, initrd=s.initrd, cmdline=s.guest.cmdline)
         log = s.log("kvmkit")
         if log is not None:
@@ -270,7 +300,7 @@ def run_kvmkit(s: Setup) -> dict[str, float]:
         with sink(tcp_sink), sink([str(s.tool), "sink", "unix", f"{uds}_{VSOCK_PORT}"]):
             vm.start()
             try:
-                return run_cases(console, s.cases)
+                return run_cases(console, s.cases, lambda: {k: d.stats for k, d in devices.items()})
             finally:
                 vm.stop()
                 vm.wait(timeout=30)
@@ -294,7 +324,7 @@ def qemu_command(s: Setup) -> list[str]:
     ]  # fmt: skip
 
 
-def run_qemu(s: Setup) -> dict[str, float]:
+def run_qemu(s: Setup) -> Outcome:
     tcp_sink = ["ip", "netns", "exec", s.netns, str(s.tool), "sink", "tcp", str(TCP_PORT)]
     with sink(tcp_sink), sink([str(s.tool), "sink", "vsock", str(VSOCK_PORT)]):
         process = subprocess.Popen(
@@ -317,6 +347,22 @@ def run_qemu(s: Setup) -> dict[str, float]:
 
 def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values) if values else 0.0
+
+
+def attempt(side: str, setup: Setup, failures: list[dict[str, str]]) -> Outcome:
+    """One VM's run of every case, tried again (up to ATTEMPTS times) when the guest does not
+    get through: under the nested machine's emulated SVM a guest kernel now and then crashes
+    while it boots, whichever VMM runs it. Each failure is kept for the report."""
+    for number in range(1, ATTEMPTS + 1):
+        try:
+            return run_kvmkit(setup) if side == "kvmkit" else run_qemu(setup)
+        except (TimeoutError, RuntimeError, ConsoleTimeout) as error:
+            why = str(error).strip().splitlines()
+            failures.append({"side": side, "error": "\n".join(why[:1] + why[-12:])})
+            print(f"  {side} attempt {number} failed: {why[0] if why else error!r}", flush=True)
+            if number == ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 def run_here(args: argparse.Namespace) -> int:
@@ -347,12 +393,16 @@ def run_here(args: argparse.Namespace) -> int:
             flush=True,
         )
         rounds: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
+        device_counts: list[dict[str, dict[str, int]]] = []  # kvmkit's, per round
+        failures: list[dict[str, str]] = []
         for round_ in range(args.rounds):
             order = SIDES if round_ % 2 == 0 else SIDES[::-1]
             for side in order:
                 started = time.monotonic()
-                figures = run_kvmkit(setup) if side == "kvmkit" else run_qemu(setup)
+                figures, counts = attempt(side, setup, failures)
                 rounds[side].append(figures)
+                if side == "kvmkit":
+                    device_counts.append(counts)
                 shown = ", ".join(f"{name} {value:.0f}" for name, value in figures.items())
                 print(
                     f"  round {round_ + 1} {side} ({time.monotonic() - started:.0f} s): {shown}", flush=True
@@ -360,14 +410,24 @@ def run_here(args: argparse.Namespace) -> int:
 
     rows = []
     print(f"\nmedians of {args.rounds} alternating rounds, measured in the guest, on {where}")
-    print(f"{'case':28} {'unit':5} {'kvmkit':>9} {'QEMU':>9} {'ratio':>6}  spread kvmkit / QEMU")
+    print(
+        f"{'case':28} {'unit':5} {'kvmkit':>9} {'QEMU':>9} {'ratio':>6}  {'spread kvmkit/QEMU':>18}"
+        "  kvmkit irq/req notify/req"
+    )
     for case in setup.cases:
         kit = [r[case.name] for r in rounds["kvmkit"]]
         qemu = [r[case.name] for r in rounds["qemu"]]
         k, q = statistics.median(kit), statistics.median(qemu)
+        per_request = {
+            key: statistics.median(
+                c[case.name][key] / max(c[case.name]["requests"], 1) for c in device_counts
+            )
+            for key in ("interrupts", "notifications")
+        }
         print(
             f"{case.name:28} {case.unit:5} {k:9.1f} {q:9.1f} {k / q:5.2f}x  "
-            f"{spread(kit):.0%} / {spread(qemu):.0%}"
+            f"{f'{spread(kit):.0%} / {spread(qemu):.0%}':>18}"
+            f"  {per_request['interrupts']:14.2f} {per_request['notifications']:10.2f}"
         )
         rows.append(
             {
@@ -381,6 +441,9 @@ def run_here(args: argparse.Namespace) -> int:
                 "kvmkit_spread": spread(kit),
                 "qemu_spread": spread(qemu),
                 "guest_command": " ".join(case.args),
+                "kvmkit_interrupts_per_request": per_request["interrupts"],
+                "kvmkit_notifications_per_request": per_request["notifications"],
+                "kvmkit_device_counts": [c[case.name] for c in device_counts],
             }
         )
     write_report(
@@ -396,6 +459,7 @@ def run_here(args: argparse.Namespace) -> int:
             ["qemu-system-x86_64", "--version"], capture_output=True, text=True
         ).stdout.splitlines()[0],
         results=rows,
+        failed_attempts=failures,
     )
     return 0
 
