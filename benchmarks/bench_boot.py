@@ -331,7 +331,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=HERE / "results" / "boot.json")
     placement.add_argument(parser)
     args = parser.parse_args()
-    status = placement.relaunch(args, __file__, args.json.parent, cpus=max(args.cpus))
+    status = placement.relaunch(args, __file__, args.json.parent, cpus=max(args.cpus), linux=True)
     return run_here(args) if status is None else status
 
 

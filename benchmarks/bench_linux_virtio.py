@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Protocol
 
 import kvmkit
-from kvmkit import nested
+import placement
 from kvmkit._core import Initramfs
 from kvmkit.errors import ConsoleTimeout
 from kvmkit.images import READY_MARKER, GuestImage, default_guest
@@ -71,8 +71,6 @@ TCP_PORT, VSOCK_PORT = 5201, 5202
 HOST_ADDR, GUEST_ADDR = "10.77.0.1", "10.77.0.2"
 TAPS = {"kvmkit": "kvtap0", "qemu": "qmtap0"}
 SIDES = ("kvmkit", "qemu")
-#: Memory of the nested machine: the image lives in its RAM, next to the guest's.
-NESTED_MEMORY = "2G"
 #: Seconds a case may take (everything runs about 15 times slower in the nested machine).
 CASE_TIMEOUT = 300.0
 BOOT_TIMEOUT = 180.0
@@ -367,7 +365,7 @@ def attempt(side: str, setup: Setup, failures: list[dict[str, str]]) -> Outcome:
 
 def run_here(args: argparse.Namespace) -> int:
     guest = default_guest()
-    where = "the nested machine" if nested.inside() else f"this host ({nested.host_kvm().value} KVM)"
+    where = placement.describe()
     image_mib = 64 if args.quick else 256
     with (
         tempfile.TemporaryDirectory(prefix="kvmkit-linux-virtio-") as tmp,
@@ -464,40 +462,17 @@ def run_here(args: argparse.Namespace) -> int:
     return 0
 
 
-def relaunch(args: argparse.Namespace) -> int | None:
-    """Runs this script inside the nested machine when ``--where`` asks for it (by default where
-    this host's KVM lacks hardware semantics); its exit status, or None to run here."""
-    if args.where == "here" or nested.inside():
-        return None
-    if args.where == "auto" and nested.host_kvm() is nested.HostKvm.HARDWARE:
-        return None
-    default_guest()  # built here: the nested machine's view of the cache is read-only
-    results = args.json.resolve().parent
-    results.mkdir(parents=True, exist_ok=True)
-    print(
-        f"running in kvmkit's nested machine (2 CPUs, {NESTED_MEMORY}); it takes a while to boot", flush=True
-    )
-    argv = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--where", "here"]
-    return nested.run(argv, writable=[results], cpus=2, memory=NESTED_MEMORY)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (each boots both VMMs)")
     parser.add_argument("--quick", action="store_true", help="a smaller image and shorter streams")
-    parser.add_argument(
-        "--where",
-        choices=["auto", "here", "nested"],
-        default="auto",
-        help="here: this host's KVM; nested: inside kvmkit's nested machine; auto (default): nested "
-        "unless this host's KVM has hardware semantics",
-    )
+    placement.add_argument(parser)
     parser.add_argument("--logs", type=Path, help="a folder for each VM's console output")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "linux_virtio.json")
     args = parser.parse_args()
-    status = relaunch(args)
+    status = placement.relaunch(args, __file__, args.json.parent, linux=True)
     return run_here(args) if status is None else status
 
 

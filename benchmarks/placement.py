@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from kvmkit import nested
+from kvmkit.images import default_guest
 
 #: Memory of the nested machine when a benchmark runs there.
 NESTED_MEMORY = "2G"
@@ -30,14 +31,19 @@ def describe() -> str:
     return "the nested machine" if nested.inside() else f"this host ({nested.host_kvm().value} KVM)"
 
 
-def relaunch(args: argparse.Namespace, script: str, results: Path, cpus: int = 2) -> int | None:
+def relaunch(
+    args: argparse.Namespace, script: str, results: Path, cpus: int = 2, *, linux: bool = False
+) -> int | None:
     """Runs ``script`` again with the same arguments inside the nested machine, with the folder
     ``results`` shared back, when ``--where`` asks for it; returns its exit status, or None when
-    the benchmark should run here."""
+    the benchmark should run here. ``linux``: the benchmark boots the default guest, which is
+    built here first (the nested machine sees the cache read-only, and has no network)."""
     if args.where == "here" or nested.inside():
         return None
     if args.where == "auto" and nested.host_kvm() is nested.HostKvm.HARDWARE:
         return None
+    if linux:
+        default_guest()
     results.mkdir(parents=True, exist_ok=True)
     print(
         f"running in kvmkit's nested machine ({cpus} CPUs, {NESTED_MEMORY}); it takes a while to boot",
