@@ -53,8 +53,10 @@ def test_a_missing_program_exits_127_and_a_slow_one_times_out(machine, tmp_path)
     output = io.BytesIO()
     assert nested.run(["kvmkit-no-such-program"], cwd=tmp_path, output=output, timeout=300) == 127
     assert b"not found" in output.getvalue()
-    with pytest.raises(NestedTimeout, match="did not end within 20 s"):
+    with pytest.raises(NestedTimeout, match="did not end within 20 s") as caught:
         nested.run(["sleep", "600"], cwd=tmp_path, output=io.BytesIO(), timeout=20)
+    # What the machine's CPU was doing when it was stopped, for a hang that shows nothing else.
+    assert str(caught.value).count("RIP=") == 2, caught.value
 
 
 def test_the_command_line_exits_with_the_commands_status(machine, tmp_path):

@@ -21,11 +21,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import io
+import json
 import logging
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -258,13 +260,15 @@ def run(
     for share in shares:
         if not share.path.is_dir():
             raise NestedError(f"a writable share must be an existing folder: {share.path}")
-    with tempfile.TemporaryDirectory(prefix="kvmkit-nested-") as exchange_dir:
-        exchange = Path(exchange_dir)
+    with tempfile.TemporaryDirectory(prefix="kvmkit-nested-") as workdir:
+        # The exchange folder is shared into the machine; QEMU's control socket stays outside it.
+        exchange, control = Path(workdir, "exchange"), Path(workdir, "qmp.sock")
+        exchange.mkdir()
         (exchange / "mounts").write_text("".join(f"{s.tag} {s.path}\n" for s in shares))
         (exchange / "run.sh").write_text(_run_script(command, Path(cwd or os.getcwd()), env))
-        argv = _qemu_argv(qemu, image, exchange, shares, cpus, memory_mib)
+        argv = _qemu_argv(qemu, image, exchange, control, shares, cpus, memory_mib)
         log.debug("starting the nested machine: %s", shlex.join(argv))
-        boot_log = _Machine(argv, output or sys.stdout.buffer).wait(timeout)
+        boot_log = _Machine(argv, control, output or sys.stdout.buffer).wait(timeout)
         return check_status(exchange, boot_log)
 
 
@@ -280,7 +284,13 @@ def _run_script(command: Sequence[str], cwd: Path, env: Mapping[str, str] | None
 
 
 def _qemu_argv(
-    qemu: str, image: NestedImage, exchange: Path, shares: Sequence[_Share], cpus: int, memory_mib: int
+    qemu: str,
+    image: NestedImage,
+    exchange: Path,
+    control: Path,
+    shares: Sequence[_Share],
+    cpus: int,
+    memory_mib: int,
 ) -> list[str]:
     def virtfs(tag: str, path: Path, *options: str) -> list[str]:
         spec = ",".join([f"local,path={path}", f"mount_tag={tag}", "security_model=none", *options])
@@ -295,6 +305,7 @@ def _qemu_argv(
         "-nodefaults", "-no-user-config", "-no-reboot",
         "-display", "none",
         "-serial", "stdio",
+        "-qmp", f"unix:{control},server=on,wait=off",
         "-kernel", str(image.kernel),
         "-initrd", str(image.initrd),
         "-append", "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off",
@@ -309,7 +320,8 @@ def _qemu_argv(
 class _Machine:
     """A running QEMU: its console is kept until the begin marker, then copied to ``output``."""
 
-    def __init__(self, argv: Sequence[str], output: BinaryIO):
+    def __init__(self, argv: Sequence[str], control: Path, output: BinaryIO):
+        self.control = control
         self.output = output
         self.boot_log = bytearray()
         self.began = threading.Event()
@@ -366,7 +378,10 @@ class _Machine:
                     pass
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
-                    raise NestedTimeout(f"the command in the nested machine did not end within {timeout:g} s")
+                    raise NestedTimeout(
+                        f"the command in the nested machine did not end within {timeout:g} s; "
+                        f"its CPUs then (QEMU's view, twice a second apart):\n{self._cpu_states()}"
+                    )
                 if not self.began.is_set() and now >= started + BOOT_TIMEOUT:
                     raise NestedError(
                         f"the nested machine did not start the command within {BOOT_TIMEOUT:g} s; "
@@ -377,10 +392,44 @@ class _Machine:
         self.reader.join(timeout=5)
         return bytes(self.boot_log)
 
+    def _cpu_states(self) -> str:
+        """Every CPU's registers, sampled twice: a machine stuck in one place shows the same RIP."""
+        try:
+            samples = []
+            for _ in range(2):
+                samples.append(_human_monitor(self.control, "info registers -a"))
+                time.sleep(1)
+            return "\n".join(samples)
+        except (OSError, ValueError) as error:
+            return f"(QEMU's monitor did not answer: {error})"
+
     def _kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def _human_monitor(control: Path, command: str) -> str:
+    """The answer of QEMU's human monitor to ``command``, asked through its QMP socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as qmp:
+        qmp.settimeout(5)
+        qmp.connect(str(control))
+        replies = qmp.makefile("rwb")
+
+        def ask(request: dict[str, object]) -> object:
+            replies.write(json.dumps(request).encode() + b"\n")
+            replies.flush()
+            while True:
+                reply = json.loads(replies.readline() or b"null")
+                if reply is None:
+                    raise ValueError("QMP closed the connection")
+                if "return" in reply or "error" in reply:  # skip asynchronous events
+                    return reply.get("return", reply.get("error"))
+
+        json.loads(replies.readline())  # the greeting
+        ask({"execute": "qmp_capabilities"})
+        answer = ask({"execute": "human-monitor-command", "arguments": {"command-line": command}})
+        return str(answer)
 
 
 def check_status(exchange: Path, boot_log: bytes) -> int:
