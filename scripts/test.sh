@@ -14,8 +14,8 @@ say "lint: rustfmt, clippy, ruff, mypy"
 cargo fmt --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc -p kvmkit-core --no-deps --quiet
-.venv/bin/ruff check python tests benchmarks
-.venv/bin/ruff format --check python tests benchmarks
+.venv/bin/ruff check python tests benchmarks fuzz
+.venv/bin/ruff format --check python tests benchmarks fuzz
 .venv/bin/mypy
 
 say "cargo test"
