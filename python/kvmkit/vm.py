@@ -57,9 +57,19 @@ def parse_size(size: Size) -> int:
 
 
 def _memory_layout(memory: Size | Sequence[tuple[int, Size]]) -> list[tuple[int, int]]:
-    if isinstance(memory, (int, str)):
+    if isinstance(memory, (int, str)) and not isinstance(memory, bool):
         return _core.ram_regions(parse_size(memory))
-    return [(int(addr), parse_size(size)) for addr, size in memory]
+    expected = (
+        "memory must be a size (an int, or a string such as '64M') or a list of (guest_addr, size) regions"
+    )
+    if not isinstance(memory, Sequence):
+        raise ConfigError(f"{expected} regions, not {type(memory).__name__}")
+    layout = []
+    for region in memory:
+        if not (isinstance(region, Sequence) and len(region) == 2 and isinstance(region[0], int)):
+            raise ConfigError(f"{expected} regions; {region!r} is not a (guest_addr, size) pair")
+        layout.append((region[0], parse_size(region[1])))
+    return layout
 
 
 class VM:

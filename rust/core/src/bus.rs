@@ -209,22 +209,22 @@ mod tests {
     #[test]
     fn insert_rejects_every_kind_of_overlap() {
         let mut bus = Bus::new();
-        bus.insert(range(0x100, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
+        bus.insert(range(0x100, 0x10), Arc::new(Scratchpad::new(0x10).unwrap())).unwrap();
         for (base, len) in [(0x100, 1), (0xf0, 0x11), (0x10f, 4), (0x104, 2), (0x0, 0x1000)] {
-            let err = bus.insert(range(base, len), Arc::new(Scratchpad::new(1))).unwrap_err();
+            let err = bus.insert(range(base, len), Arc::new(Scratchpad::new(1).unwrap())).unwrap_err();
             assert_eq!(err, BusError::Overlap { new: range(base, len), existing: range(0x100, 0x10) });
         }
         // Neighbours on both sides are fine.
-        bus.insert(range(0xf0, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
-        bus.insert(range(0x110, 1), Arc::new(Scratchpad::new(1))).unwrap();
+        bus.insert(range(0xf0, 0x10), Arc::new(Scratchpad::new(0x10).unwrap())).unwrap();
+        bus.insert(range(0x110, 1), Arc::new(Scratchpad::new(1).unwrap())).unwrap();
         assert_eq!(bus.ranges().map(|r| r.base()).collect::<Vec<_>>(), [0xf0, 0x100, 0x110]);
     }
 
     #[test]
     fn dispatch_reaches_the_right_device_with_its_offset() {
         let mut bus = Bus::new();
-        let low = Arc::new(Scratchpad::new(0x10));
-        let high = Arc::new(Scratchpad::new(0x10));
+        let low = Arc::new(Scratchpad::new(0x10).unwrap());
+        let high = Arc::new(Scratchpad::new(0x10).unwrap());
         bus.insert(range(0x1000, 0x10), low.clone()).unwrap();
         bus.insert(range(0x2000, 0x10), high.clone()).unwrap();
 
@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn accesses_outside_or_straddling_ranges_are_unhandled() {
         let mut bus = Bus::new();
-        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
+        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10).unwrap())).unwrap();
         let mut data = [0u8; 4];
         assert!(!bus.read(0xfff, &mut data).unwrap());
         assert!(!bus.read(0x100e, &mut data).unwrap());
@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn remove_unmaps_only_an_exact_base() {
         let mut bus = Bus::new();
-        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
+        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10).unwrap())).unwrap();
         assert_eq!(bus.remove(0x1004).err(), Some(BusError::NotMapped(0x1004)));
         assert!(bus.remove(0x1000).is_ok());
         assert!(!bus.write(0x1000, &[0]).unwrap());
