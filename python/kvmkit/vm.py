@@ -150,13 +150,32 @@ class VM:
         self, port: int, size: int = 1, read: ReadHandler | None = None, write: WriteHandler | None = None
     ) -> None:
         """Serves ports ``[port, port + size)`` from Python. ``addr`` passed to the handlers is
-        the port accessed. A missing handler acts like an empty bus."""
+        the port accessed. A missing handler acts like an empty bus; a handler that is not
+        callable raises ``TypeError`` here.
+
+        What the handlers see:
+
+        - Each ``in``/``out`` is one call with its size (1, 2 or 4). A string instruction
+          (``rep insb``, ``outsw``, ...) is one call per element, in order, as the CPU makes them.
+        - An access only part of which the range covers (a 4-byte ``out`` to a range of one port,
+          say) reaches no handler: the run ends with ``HANDLER_ERROR`` naming the access and the
+          range, whatever ``unhandled_io`` says. Hook a range that covers the accesses the guest
+          makes.
+        - When a handler raises (the exception comes out of :meth:`run` or :meth:`wait`), the
+          guest has not finished the instruction: resuming the run makes the access again and
+          calls the handler again. So does an unhandled access that ended the run. An exception
+          in the middle of a string instruction repeats the elements of it already served."""
         self._core.add_handler("pio", port, size, read, write)
 
     def hook_mmio(
         self, addr: int, size: int, read: ReadHandler | None = None, write: WriteHandler | None = None
     ) -> None:
-        """Serves guest physical ``[addr, addr + size)`` (where there is no RAM) from Python."""
+        """Serves guest physical ``[addr, addr + size)`` from Python. The range must not overlap
+        guest RAM, whose accesses never leave the guest (:class:`~kvmkit.errors.ConfigError`
+        otherwise). Each access is one call with its size (1 to 8 bytes). As for
+        :meth:`hook_io`, handlers must be callable, an access only partly inside the range ends
+        the run with ``HANDLER_ERROR``, and an access whose handler raised is made again when
+        the run resumes."""
         self._core.add_handler("mmio", addr, size, read, write)
 
     def add_io_device(self, port: int, size: int, device: Device) -> None:
