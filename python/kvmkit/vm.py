@@ -97,7 +97,11 @@ class VM:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
             raise ConfigError(f"cpus must be a positive int, not {cpus!r}")
         layout = _memory_layout(memory)
-        self._core = _core.Vm(layout, cpus, irqchip, pit, unhandled_io, [e._to_core() for e in cpuid])
+        edits = list(cpuid)
+        for edit in edits:
+            if not isinstance(edit, CpuidEdit):
+                raise TypeError(f"cpuid must hold CpuidEdit values, not {type(edit).__name__}")
+        self._core = _core.Vm(layout, cpus, irqchip, pit, unhandled_io, [e._to_core() for e in edits])
         self.vcpus: list[Vcpu] = [Vcpu(self._core, i) for i in range(cpus)]
         self._console: Console | None = None
         self._virtio: list[VirtioDevice] = []
