@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvmkit import devices
+from kvmkit.cpu import CpuidEdit
 from kvmkit.errors import KvmkitError
 
 pytestmark = [pytest.mark.kvm]
@@ -76,6 +77,14 @@ def halting_vm(**kwargs: object) -> kvmkit.VM:
     return vm
 
 
+CPUID_EDITS = st.builds(
+    CpuidEdit,
+    leaf=INTS,
+    register=st.sampled_from(["eax", "ebx", "ecx", "edx", "rax"]),
+    clear=INTS,
+    set=INTS,
+    subleaf=st.one_of(st.none(), INTS),
+)
 VALID_VM = {"memory": "2M", "cpus": 1, "irqchip": False, "pit": False, "unhandled_io": "stop", "cpuid": ()}
 
 
@@ -89,7 +98,7 @@ VALID_VM = {"memory": "2M", "cpus": 1, "irqchip": False, "pit": False, "unhandle
             "irqchip": ANY,
             "pit": ANY,
             "unhandled_io": st.one_of(st.sampled_from(["ignore", "stop", "STOP"]), ANY),
-            "cpuid": st.one_of(ANY, st.lists(ANY, max_size=2)),
+            "cpuid": st.one_of(ANY, st.lists(st.one_of(ANY, CPUID_EDITS), max_size=2)),
         },
     )
 )

@@ -32,6 +32,9 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 /// A CPUID entry as Python sees it: (function, index, flags, eax, ebx, ecx, edx).
 type CpuidTuple = (u32, u32, u32, u32, u32, u32, u32);
 
+/// A CPUID edit as Python gives it: (leaf, subleaf or None, register, clear, set).
+type CpuidEditTuple = (Unsigned<u32>, Option<Unsigned<u32>>, String, Unsigned<u32>, Unsigned<u32>);
+
 #[pyclass(frozen, module = "kvmkit._core")]
 pub struct Vm {
     machine: Mutex<Option<Arc<Machine>>>,
@@ -141,7 +144,7 @@ impl Vm {
         irqchip: bool,
         pit: bool,
         unhandled_io: &str,
-        cpuid_edits: Vec<(u32, Option<u32>, String, u32, u32)>,
+        cpuid_edits: Vec<CpuidEditTuple>,
     ) -> PyResult<Self> {
         let vcpus = vcpus.0;
         let unhandled_io = match unhandled_io {
@@ -155,7 +158,8 @@ impl Vm {
         };
         let cpuid_edits = cpuid_edits
             .into_iter()
-            .map(|(leaf, subleaf, register, clear, set)| {
+            .map(|(Unsigned(leaf), subleaf, register, Unsigned(clear), Unsigned(set))| {
+                let subleaf = subleaf.map(|Unsigned(subleaf)| subleaf);
                 let register: CpuidRegister = register
                     .parse()
                     .map_err(|e: kvmkit_core::arch::x86_64::cpuid::UnknownRegister| config_error(e.to_string()))?;
