@@ -359,3 +359,24 @@ def test_unhandled_access_with_the_stop_policy_stays_pending(make_vm):
     vm.hook_io(PORT, read=lambda port, size: 0x42)
     assert vm.run(timeout=HANG_GUARD).reason == ExitReason.HLT
     assert vm.vcpus[0].reg_read("rax") == 0x1242
+
+
+def test_failed_mmio_read_is_served_again_on_resume(make_vm, run_halt):
+    calls = []
+
+    def read(addr, size):
+        calls.append((addr, size))
+        if len(calls) == 1:
+            raise RuntimeError("not yet")
+        return 0x5A
+
+    # mov al, [MMIO_STOP_BASE]; hlt
+    vm = raw_vm(make_vm, b"\xa0" + MMIO_STOP_BASE.to_bytes(4, "little") + b"\xf4", rax=0x1100)
+    vm.hook_mmio(MMIO_STOP_BASE, 0x1000, read=read)
+
+    with pytest.raises(RuntimeError, match="not yet"):
+        vm.run(timeout=HANG_GUARD)
+    run_halt(vm)
+
+    assert calls == [(MMIO_STOP_BASE, 1)] * 2
+    assert vm.vcpus[0].reg_read("rax") == 0x115A
