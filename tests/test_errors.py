@@ -1,7 +1,10 @@
 """Bad inputs and bad states raise the specific typed errors of kvmkit.errors."""
 
+import threading
+import time
+
 import pytest
-from kvmkit import devices
+from kvmkit import ExitReason, devices
 from kvmkit.errors import (
     ConfigError,
     GuestMemoryError,
@@ -281,3 +284,88 @@ def test_read_handler_returning_a_wrong_type(boot, kind, value):
     with pytest.raises(TypeError):
         vm.run(timeout=HANG_GUARD)
     assert not vm.running
+
+
+# --------------------------------------------------------------------------- arguments at their limits
+
+
+@pytest.mark.parametrize("size", [0, 2**24 + 1, 2**62, 2**63 - 1])
+def test_scratchpad_sizes_beyond_the_limit_are_config_errors(size):
+    with pytest.raises(ConfigError, match="scratchpad"):
+        devices.Scratchpad(size)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("timeout", [1e19, 1.7e308, float(2**64), float("inf")])
+def test_huge_timeouts_wait_without_end(boot, timeout):
+    vm = boot("loop", "protected")
+    vm.start()
+    with pytest.raises(WaitTimeout):
+        vm.wait(0.05)
+    stopper = threading.Timer(0.2, vm.stop)
+    stopper.start()
+    try:
+        assert vm.wait(timeout).reason == ExitReason.STOPPED
+        stopper = threading.Timer(0.2, vm.stop)
+        stopper.start()
+        assert vm.run(timeout=timeout).reason == ExitReason.STOPPED
+    finally:
+        stopper.cancel()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("timeout", [-1.0, -1e19, float("nan"), float("-inf")])
+def test_impossible_timeouts_are_config_errors(boot, timeout):
+    vm = boot("halt_twice", "protected")
+    with pytest.raises(ConfigError):
+        vm.run(timeout=timeout)
+    vm.start()
+    with pytest.raises(ConfigError):
+        vm.wait(timeout)
+    vm.stop()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("memory", [None, 3.5, object(), [(0,)], [("1M", 0)], True], ids=repr)
+def test_memory_of_the_wrong_kind_says_what_it_expects(make_vm, memory):
+    with pytest.raises(ConfigError, match="memory must be a size"):
+        make_vm(memory=memory)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("hook", ["hook_io", "hook_mmio"])
+@pytest.mark.parametrize("role", ["read", "write"])
+@pytest.mark.parametrize("handler", [5, "print", b""], ids=repr)
+def test_handlers_that_cannot_be_called_are_refused_at_once(make_vm, hook, role, handler):
+    vm = make_vm()
+    address = PORT if hook == "hook_io" else MMIO
+    with pytest.raises(TypeError, match=f"{role} handler must be callable"):
+        getattr(vm, hook)(address, 1, **{role: handler})
+    getattr(vm, hook)(address, 1, **{role: nop_read})  # nothing was mapped
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(
+    "map_it",
+    [
+        lambda vm: vm.hook_mmio(0x1000, 0x1000, read=nop_read),
+        lambda vm: vm.hook_mmio(MEM_SIZE - 1, 2, read=nop_read),
+        lambda vm: vm.add_mmio_device(0, 16, devices.Scratchpad(16)),
+    ],
+    ids=["hook-inside", "hook-across-the-end", "device"],
+)
+def test_mmio_over_guest_ram_is_refused(make_vm, map_it):
+    vm = make_vm(memory=MEM_SIZE)
+    with pytest.raises(ConfigError, match="overlaps guest RAM"):
+        map_it(vm)
+    vm.hook_mmio(MEM_SIZE, 0x1000, read=nop_read)  # right after RAM is fine
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("size", [4 << 30, (1 << 63) - 1])
+def test_mem_read_larger_than_guest_memory_fails_before_allocating(make_vm, size):
+    vm = make_vm(memory=MEM_SIZE)
+    started = time.monotonic()
+    with pytest.raises(GuestMemoryError):
+        vm.mem_read(0, size)
+    assert time.monotonic() - started < 1

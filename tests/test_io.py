@@ -240,3 +240,143 @@ def test_stats_count_handled_exits(boot, io_log, run_halt, kind):
     stats = vm.stats
     assert {key: stats[key] for key in expected} == expected
     assert (stats["unhandled_io"], stats["unhandled_mmio"]) == (0, 0)
+
+
+# --------------------------------------------------------------------------- string, partial, failed I/O
+
+CODE_ADDR = 0x1000
+BUF = 0x2000
+# Flat 32-bit code, written as bytes so that these tests need no assembler.
+REP_INSB = bytes([0xFC, 0xF3, 0x6C, 0xF4])  # cld; rep insb (ecx bytes from port dx to [edi]); hlt
+REP_OUTSW = bytes([0xFC, 0xF3, 0x66, 0x6F, 0xF4])  # cld; rep outsw (ecx words from [esi] to port dx); hlt
+IN_AL = bytes([0xEC, 0xF4])  # in al, dx; hlt
+OUT_EAX = bytes([0xEF, 0xF4])  # out dx, eax; hlt
+IN_EAX_DX = bytes([0xED, 0xF4])  # in eax, dx; hlt
+
+
+def raw_vm(make_vm, code, **regs):
+    vm = make_vm()
+    vm.mem_write(CODE_ADDR, code)
+    cpu = vm.vcpus[0]
+    cpu.setup("protected", entry=CODE_ADDR)
+    for name, value in regs.items():
+        cpu.reg_write(name, value)
+    return vm
+
+
+@pytest.mark.parametrize("count", [1, 17, 100, 5000])
+def test_rep_ins_calls_the_read_handler_once_per_element(make_vm, run_halt, count):
+    calls = []
+
+    def read(port, size):
+        calls.append((port, size))
+        return len(calls) & 0xFF  # an int, one value per element
+
+    vm = raw_vm(make_vm, REP_INSB, rdx=PORT, rdi=BUF, rcx=count)
+    vm.hook_io(PORT, read=read)
+
+    run_halt(vm)
+
+    assert calls == [(PORT, 1)] * count
+    assert vm.mem_read(BUF, count) == bytes(i & 0xFF for i in range(1, count + 1))
+    assert vm.vcpus[0].reg_read("rcx") == 0
+
+
+def test_rep_outs_calls_the_write_handler_once_per_element(make_vm, run_halt):
+    words = [0x1111 * i for i in range(1, 10)]
+    vm = raw_vm(make_vm, REP_OUTSW, rdx=PORT, rsi=BUF, rcx=len(words))
+    vm.mem_write(BUF, b"".join(w.to_bytes(2, "little") for w in words))
+    writes = []
+    vm.hook_io(PORT, size=2, write=lambda port, data: writes.append((port, data)))
+
+    run_halt(vm)
+
+    assert writes == [(PORT, w.to_bytes(2, "little")) for w in words]
+
+
+@pytest.mark.parametrize("policy", ["ignore", "stop"])
+@pytest.mark.parametrize("code, write", [(OUT_EAX, True), (IN_EAX_DX, False)], ids=["out-4", "in-4"])
+def test_access_past_the_end_of_a_hooked_range_stops_the_run(make_vm, policy, code, write):
+    vm = raw_vm(lambda: make_vm(unhandled_io=policy), code, rdx=PORT)
+    calls = []
+    vm.hook_io(PORT, read=lambda *a: calls.append(a) or 0, write=lambda *a: calls.append(a))  # size=1
+
+    exit = vm.run(timeout=HANG_GUARD)
+
+    assert exit.reason == ExitReason.HANDLER_ERROR
+    assert "4-byte" in exit.details["message"] and "only partly inside" in exit.details["message"]
+    assert calls == []
+
+
+def test_failed_in_is_served_again_on_resume(make_vm, run_halt):
+    calls = []
+
+    def read(port, size):
+        calls.append(port)
+        if len(calls) == 1:
+            raise RuntimeError("not yet")
+        return 0x77
+
+    vm = raw_vm(make_vm, IN_AL, rax=0x1234, rdx=PORT)
+    vm.hook_io(PORT, read=read)
+    cpu = vm.vcpus[0]
+
+    with pytest.raises(RuntimeError, match="not yet"):
+        vm.run(timeout=HANG_GUARD)
+    assert (cpu.reg_read("rip"), cpu.reg_read("rax")) == (CODE_ADDR, 0x1234)  # before the `in`
+
+    run_halt(vm)
+
+    assert calls == [PORT, PORT]
+    assert cpu.reg_read("rax") == 0x1277
+
+
+def test_failed_rep_ins_is_served_again_on_resume(make_vm, run_halt):
+    calls = []
+
+    def read(port, size):
+        calls.append(port)
+        if len(calls) == 3:
+            raise RuntimeError("not yet")
+        return 0xAB
+
+    vm = raw_vm(make_vm, REP_INSB, rdx=PORT, rdi=BUF, rcx=8)
+    vm.hook_io(PORT, read=read)
+
+    with pytest.raises(RuntimeError):
+        vm.run(timeout=HANG_GUARD)
+    run_halt(vm)
+
+    assert vm.mem_read(BUF, 9) == b"\xab" * 8 + b"\x00"
+    assert vm.vcpus[0].reg_read("rcx") == 0
+
+
+def test_unhandled_access_with_the_stop_policy_stays_pending(make_vm):
+    vm = raw_vm(lambda: make_vm(unhandled_io="stop"), IN_AL, rax=0x1234, rdx=PORT)
+
+    for _ in range(2):
+        assert vm.run(timeout=HANG_GUARD).reason == ExitReason.UNHANDLED_IO
+    vm.hook_io(PORT, read=lambda port, size: 0x42)
+    assert vm.run(timeout=HANG_GUARD).reason == ExitReason.HLT
+    assert vm.vcpus[0].reg_read("rax") == 0x1242
+
+
+def test_failed_mmio_read_is_served_again_on_resume(make_vm, run_halt):
+    calls = []
+
+    def read(addr, size):
+        calls.append((addr, size))
+        if len(calls) == 1:
+            raise RuntimeError("not yet")
+        return 0x5A
+
+    # mov al, [MMIO_STOP_BASE]; hlt
+    vm = raw_vm(make_vm, b"\xa0" + MMIO_STOP_BASE.to_bytes(4, "little") + b"\xf4", rax=0x1100)
+    vm.hook_mmio(MMIO_STOP_BASE, 0x1000, read=read)
+
+    with pytest.raises(RuntimeError, match="not yet"):
+        vm.run(timeout=HANG_GUARD)
+    run_halt(vm)
+
+    assert calls == [(MMIO_STOP_BASE, 1)] * 2
+    assert vm.vcpus[0].reg_read("rax") == 0x115A

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import resource
+import threading
+import time
 
 import kvmkit
 import pytest
 from kvmkit import ExitReason
-from kvmkit.errors import BootError, ConfigError
+from kvmkit.errors import BootError, ConfigError, IoRangeConflictError, KvmkitError, VmStateError
 from kvmkit.images import READY_MARKER
 
 pytestmark = pytest.mark.kvm
@@ -67,6 +70,81 @@ def test_linux_needs_the_irqchip(guest):
 def test_cmdline_longer_than_the_kernel_takes_is_refused(guest):
     with linux_vm() as vm, pytest.raises(BootError, match="command line"):
         vm.boot_linux(guest.kernel, cmdline="x" * 4096)
+
+
+def tiny_bzimage(payload: int = 0x1000) -> bytes:
+    """A bzImage that loads (a 64-bit boot protocol 2.15 header, four setup sectors) but whose
+    kernel is all zeros: enough to set a VM up for Linux without booting anything."""
+    setup_sects = 4
+    image = bytearray((setup_sects + 1) * 512 + payload)
+    image[0x1F1] = setup_sects
+    image[0x1F4:0x1F8] = (payload // 16).to_bytes(4, "little")  # syssize, in 16-byte units
+    image[0x1FE:0x200] = (0xAA55).to_bytes(2, "little")
+    image[0x202:0x206] = b"HdrS"
+    image[0x206:0x208] = (0x020F).to_bytes(2, "little")  # boot protocol version
+    image[0x211] = 0x1  # loadflags: LOADED_HIGH
+    image[0x214:0x218] = (0x10_0000).to_bytes(4, "little")  # code32_start
+    image[0x22C:0x230] = (0x7FFF_FFFF).to_bytes(4, "little")  # initrd_addr_max
+    image[0x236:0x238] = (0x1).to_bytes(2, "little")  # xloadflags: XLF_KERNEL_64
+    image[0x238:0x23C] = (2047).to_bytes(4, "little")  # cmdline_size
+    return bytes(image)
+
+
+def test_tiny_bzimage_sets_the_vm_up():
+    with linux_vm() as vm:
+        vm.boot_linux(tiny_bzimage())
+        assert vm.console.read() == b""
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/dev/null", "/"])
+def test_kernel_that_is_not_a_regular_file_is_refused(path):
+    with linux_vm() as vm, pytest.raises(BootError, match="not a regular file"):
+        vm.boot_linux(path)
+
+
+@pytest.mark.watchdog(30)
+def test_fifo_kernel_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "kernel"
+    os.mkfifo(fifo)
+    with linux_vm() as vm, pytest.raises(BootError, match="not a regular file"):
+        vm.boot_linux(fifo, initrd=fifo)
+
+
+def test_kernel_larger_than_guest_memory_is_refused_before_reading(tmp_path):
+    big = tmp_path / "vmlinux"
+    with open(big, "wb") as f:  # sparse: a GiB of length costs no disk
+        f.write(tiny_bzimage()[:0x1000])
+        f.truncate(1 << 30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    with linux_vm() as vm, pytest.raises(BootError, match="more than the 268435456 bytes of guest memory"):
+        vm.boot_linux(big)
+    assert time.monotonic() - started < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB
+
+
+@pytest.mark.parametrize("cause", ["corrupt-kernel", "port-taken", "mmio-taken"])
+def test_failed_boot_setup_leaves_nothing_behind(cause):
+    kernel = tiny_bzimage()
+    with linux_vm() as vm:
+        if cause == "port-taken":
+            vm.hook_io(0x70, read=lambda addr, size: 0)  # the CMOS ports, mapped after COM1
+        elif cause == "mmio-taken":
+            vm.hook_mmio(0xD000_0000, 0x1000, read=lambda addr, size: 0)  # the boot timer, mapped last
+        with pytest.raises(ConfigError):  # BootError for the kernel, IoRangeConflictError for the rest
+            vm.boot_linux(kernel[: len(kernel) // 2] if cause == "corrupt-kernel" else kernel)
+        with pytest.raises(VmStateError):
+            vm.console  # noqa: B018 -- no console came of it
+        if cause == "port-taken":
+            vm.unhook_io(0x70)
+        elif cause == "mmio-taken":
+            vm.unhook_mmio(0xD000_0000)
+
+        vm.boot_linux(kernel)
+
+        assert vm.console.read() == b""
+        with pytest.raises(IoRangeConflictError):  # now the platform is there, once
+            vm.boot_linux(kernel)
 
 
 def expected_e820(memory: int) -> list[tuple[int, int]]:
@@ -140,3 +218,34 @@ def test_default_guest_boots_as_far_as_the_host_allows(guest, tmp_path, record_p
         console.sendline("exit")
         assert vm.wait(timeout=60).reason is ExitReason.RESET
         record_property("furthest_milestone", "shell, then reset")
+
+
+# 64-bit code for the tiny kernel's entry: "ok\n" to COM1, then hlt.
+SAY_OK = bytes([0x66, 0xBA, 0xF8, 0x03]) + b"".join(bytes([0xB0, c, 0xEE]) for c in b"ok\n") + b"\xf4"
+TINY_ENTRY = 0x10_0200  # code32_start + 0x200, the 64-bit entry
+
+
+@pytest.mark.parametrize("timeout", [1e19, float("inf")])
+def test_console_waits_with_huge_timeouts(timeout):
+    with linux_vm() as vm:
+        console = vm.boot_linux(tiny_bzimage())
+        result: list[bytes] = []
+        reader = threading.Thread(target=lambda: result.append(console.read(timeout)))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive() and result == []  # waiting, not failed
+
+        vm.mem_write(TINY_ENTRY, SAY_OK)
+        vm.run(timeout=1)  # the in-kernel irqchip keeps a halted vCPU waiting: the run times out
+        reader.join(10)
+        assert result == [b"ok\n"]
+
+
+@pytest.mark.parametrize("timeout", [-1.0, float("nan")])
+def test_console_refuses_impossible_timeouts(timeout):
+    with linux_vm() as vm:
+        console = vm.boot_linux(tiny_bzimage())
+        with pytest.raises(ConfigError):
+            console.read(timeout)
+        with pytest.raises(KvmkitError):
+            console.expect(b"never", timeout)

@@ -42,6 +42,7 @@ class NullDevice(Device):
 
 @final
 class Scratchpad(Device):
+    # 1 to 16 MiB (MAX_SCRATCHPAD_SIZE of the core); other sizes raise ConfigError.
     def __new__(cls, size: int) -> Scratchpad: ...
     @property
     def data(self) -> bytes: ...
@@ -119,6 +120,8 @@ class Vm:
     def get_cpuid(self, vcpu: int) -> list[tuple[int, int, int, int, int, int, int]]: ...
     def set_cpuid(self, vcpu: int, entries: list[tuple[int, int, int, int, int, int, int]]) -> None: ...
     def enter_mode(self, vcpu: int, mode: str, entry: int, stack: int | None = None) -> None: ...
+    # Each access (each element of a string instruction) is one call; handlers must be
+    # callable; an access partly outside the range ends the run with a handler error.
     def add_handler(
         self,
         space: str,

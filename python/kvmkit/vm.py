@@ -57,9 +57,19 @@ def parse_size(size: Size) -> int:
 
 
 def _memory_layout(memory: Size | Sequence[tuple[int, Size]]) -> list[tuple[int, int]]:
-    if isinstance(memory, (int, str)):
+    if isinstance(memory, (int, str)) and not isinstance(memory, bool):
         return _core.ram_regions(parse_size(memory))
-    return [(int(addr), parse_size(size)) for addr, size in memory]
+    expected = (
+        "memory must be a size (an int, or a string such as '64M') or a list of (guest_addr, size) regions"
+    )
+    if not isinstance(memory, Sequence):
+        raise ConfigError(f"{expected} regions, not {type(memory).__name__}")
+    layout = []
+    for region in memory:
+        if not (isinstance(region, Sequence) and len(region) == 2 and isinstance(region[0], int)):
+            raise ConfigError(f"{expected} regions; {region!r} is not a (guest_addr, size) pair")
+        layout.append((region[0], parse_size(region[1])))
+    return layout
 
 
 class VM:
@@ -87,7 +97,11 @@ class VM:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
             raise ConfigError(f"cpus must be a positive int, not {cpus!r}")
         layout = _memory_layout(memory)
-        self._core = _core.Vm(layout, cpus, irqchip, pit, unhandled_io, [e._to_core() for e in cpuid])
+        edits = list(cpuid)
+        for edit in edits:
+            if not isinstance(edit, CpuidEdit):
+                raise TypeError(f"cpuid must hold CpuidEdit values, not {type(edit).__name__}")
+        self._core = _core.Vm(layout, cpus, irqchip, pit, unhandled_io, [e._to_core() for e in edits])
         self.vcpus: list[Vcpu] = [Vcpu(self._core, i) for i in range(cpus)]
         self._console: Console | None = None
         self._virtio: list[VirtioDevice] = []
@@ -140,13 +154,32 @@ class VM:
         self, port: int, size: int = 1, read: ReadHandler | None = None, write: WriteHandler | None = None
     ) -> None:
         """Serves ports ``[port, port + size)`` from Python. ``addr`` passed to the handlers is
-        the port accessed. A missing handler acts like an empty bus."""
+        the port accessed. A missing handler acts like an empty bus; a handler that is not
+        callable raises ``TypeError`` here.
+
+        What the handlers see:
+
+        - Each ``in``/``out`` is one call with its size (1, 2 or 4). A string instruction
+          (``rep insb``, ``outsw``, ...) is one call per element, in order, as the CPU makes them.
+        - An access only part of which the range covers (a 4-byte ``out`` to a range of one port,
+          say) reaches no handler: the run ends with ``HANDLER_ERROR`` naming the access and the
+          range, whatever ``unhandled_io`` says. Hook a range that covers the accesses the guest
+          makes.
+        - When a handler raises (the exception comes out of :meth:`run` or :meth:`wait`), the
+          guest has not finished the instruction: resuming the run makes the access again and
+          calls the handler again. So does an unhandled access that ended the run. An exception
+          in the middle of a string instruction repeats the elements of it already served."""
         self._core.add_handler("pio", port, size, read, write)
 
     def hook_mmio(
         self, addr: int, size: int, read: ReadHandler | None = None, write: WriteHandler | None = None
     ) -> None:
-        """Serves guest physical ``[addr, addr + size)`` (where there is no RAM) from Python."""
+        """Serves guest physical ``[addr, addr + size)`` from Python. The range must not overlap
+        guest RAM, whose accesses never leave the guest (:class:`~kvmkit.errors.ConfigError`
+        otherwise). Each access is one call with its size (1 to 8 bytes). As for
+        :meth:`hook_io`, handlers must be callable, an access only partly inside the range ends
+        the run with ``HANDLER_ERROR``, and an access whose handler raised is made again when
+        the run resumes."""
         self._core.add_handler("mmio", addr, size, read, write)
 
     def add_io_device(self, port: int, size: int, device: Device) -> None:

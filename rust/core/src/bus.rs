@@ -2,8 +2,9 @@
 //!
 //! Lookup is `O(log n)`: a binary search of a vector of ranges sorted by base, which for the
 //! handful of ranges a VM maps is a few compares in one cache line or two, on every exit.
-//! An access is dispatched only when it lies entirely inside one range; anything else is
-//! unhandled and left to the caller's policy.
+//! An access is dispatched only when it lies entirely inside one range. One that reaches no range
+//! is unhandled and left to the caller's policy; one that a range covers only in part is an
+//! error (see [`Bus::read`]).
 
 use std::fmt;
 use std::sync::Arc;
@@ -155,18 +156,41 @@ impl Bus {
         range.contains(addr, size).then_some((*range, device))
     }
 
+    /// A range that `[addr, addr + size)` overlaps without lying inside it.
+    fn straddled(&self, addr: u64, size: u64) -> Option<BusRange> {
+        let access = BusRange::new(addr, size)?;
+        let (range, _) = self.devices.get(self.after(access.last()).checked_sub(1)?)?;
+        (range.overlaps(&access) && !range.contains(addr, size)).then_some(*range)
+    }
+
     /// Reads through the device at `addr`; `Ok(false)` when nothing is mapped there.
+    ///
+    /// An access that a range covers only in part (a 4-byte `in` from a 1-port range, say) fails
+    /// rather than being dropped or split: the device would get bytes outside the range it
+    /// claimed, or miss part of the access, and either goes unnoticed; failing names the access
+    /// and the range, so that the range can be made to fit.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<bool, DeviceError> {
         match self.resolve(addr, data.len() as u64) {
             Some((range, device)) => device.read(range.base, addr - range.base, data).map(|()| true),
-            None => Ok(false),
+            None => self.outside(addr, data.len(), "read from"),
         }
     }
 
-    /// Writes through the device at `addr`; `Ok(false)` when nothing is mapped there.
+    /// Writes through the device at `addr`; `Ok(false)` when nothing is mapped there. An access
+    /// that a range covers only in part fails, as for [`read`](Self::read).
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<bool, DeviceError> {
         match self.resolve(addr, data.len() as u64) {
             Some((range, device)) => device.write(range.base, addr - range.base, data).map(|()| true),
+            None => self.outside(addr, data.len(), "write to"),
+        }
+    }
+
+    /// The result of an access no range holds: unhandled, or an error if it straddles a range.
+    fn outside(&self, addr: u64, size: usize, access: &str) -> Result<bool, DeviceError> {
+        match self.straddled(addr, size as u64) {
+            Some(range) => Err(DeviceError::Failed(format!(
+                "{size}-byte {access} {addr:#x} is only partly inside the mapped range {range}"
+            ))),
             None => Ok(false),
         }
     }
@@ -209,22 +233,22 @@ mod tests {
     #[test]
     fn insert_rejects_every_kind_of_overlap() {
         let mut bus = Bus::new();
-        bus.insert(range(0x100, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
+        bus.insert(range(0x100, 0x10), Arc::new(Scratchpad::new(0x10).unwrap())).unwrap();
         for (base, len) in [(0x100, 1), (0xf0, 0x11), (0x10f, 4), (0x104, 2), (0x0, 0x1000)] {
-            let err = bus.insert(range(base, len), Arc::new(Scratchpad::new(1))).unwrap_err();
+            let err = bus.insert(range(base, len), Arc::new(Scratchpad::new(1).unwrap())).unwrap_err();
             assert_eq!(err, BusError::Overlap { new: range(base, len), existing: range(0x100, 0x10) });
         }
         // Neighbours on both sides are fine.
-        bus.insert(range(0xf0, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
-        bus.insert(range(0x110, 1), Arc::new(Scratchpad::new(1))).unwrap();
+        bus.insert(range(0xf0, 0x10), Arc::new(Scratchpad::new(0x10).unwrap())).unwrap();
+        bus.insert(range(0x110, 1), Arc::new(Scratchpad::new(1).unwrap())).unwrap();
         assert_eq!(bus.ranges().map(|r| r.base()).collect::<Vec<_>>(), [0xf0, 0x100, 0x110]);
     }
 
     #[test]
     fn dispatch_reaches_the_right_device_with_its_offset() {
         let mut bus = Bus::new();
-        let low = Arc::new(Scratchpad::new(0x10));
-        let high = Arc::new(Scratchpad::new(0x10));
+        let low = Arc::new(Scratchpad::new(0x10).unwrap());
+        let high = Arc::new(Scratchpad::new(0x10).unwrap());
         bus.insert(range(0x1000, 0x10), low.clone()).unwrap();
         bus.insert(range(0x2000, 0x10), high.clone()).unwrap();
 
@@ -238,20 +262,32 @@ mod tests {
     }
 
     #[test]
-    fn accesses_outside_or_straddling_ranges_are_unhandled() {
+    fn accesses_outside_ranges_are_unhandled() {
         let mut bus = Bus::new();
-        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
+        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10).unwrap())).unwrap();
         let mut data = [0u8; 4];
-        assert!(!bus.read(0xfff, &mut data).unwrap());
-        assert!(!bus.read(0x100e, &mut data).unwrap());
+        assert!(!bus.read(0xffc, &mut data).unwrap());
         assert!(!bus.write(0x1010, &data).unwrap());
+        assert!(!bus.read(u64::MAX - 3, &mut data).unwrap());
         assert!(!Bus::new().read(0, &mut data).unwrap());
+    }
+
+    #[test]
+    fn accesses_straddling_a_range_fail() {
+        let mut bus = Bus::new();
+        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10).unwrap())).unwrap();
+        let mut data = [0u8; 4];
+        for addr in [0xffd, 0x100e, 0x100f] {
+            let Err(DeviceError::Failed(message)) = bus.read(addr, &mut data) else { panic!("{addr:#x}") };
+            assert!(message.contains("only partly inside the mapped range 0x1000..=0x100f"), "{message}");
+            assert!(bus.write(addr, &data).is_err());
+        }
     }
 
     #[test]
     fn remove_unmaps_only_an_exact_base() {
         let mut bus = Bus::new();
-        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10))).unwrap();
+        bus.insert(range(0x1000, 0x10), Arc::new(Scratchpad::new(0x10).unwrap())).unwrap();
         assert_eq!(bus.remove(0x1004).err(), Some(BusError::NotMapped(0x1004)));
         assert!(bus.remove(0x1000).is_ok());
         assert!(!bus.write(0x1000, &[0]).unwrap());

@@ -156,14 +156,17 @@ mod tests {
     fn spaces_are_separate_and_ports_stop_at_64k() {
         let mut io = IoSpaces::new(UnhandledIo::Stop);
         let range = BusRange::new(0x80, 4).unwrap();
-        io.insert(AddressSpace::Pio, range, Arc::new(Scratchpad::new(4))).unwrap();
-        io.insert(AddressSpace::Mmio, range, Arc::new(Scratchpad::new(4))).unwrap();
+        io.insert(AddressSpace::Pio, range, Arc::new(Scratchpad::new(4).unwrap())).unwrap();
+        io.insert(AddressSpace::Mmio, range, Arc::new(Scratchpad::new(4).unwrap())).unwrap();
         io.pio_write(0x80, &[9]).unwrap();
         let mut data = [0u8; 1];
         io.mmio_read(0x80, &mut data).unwrap();
         assert_eq!(data, [0]);
         let high = BusRange::new(0xfffe, 4).unwrap();
-        assert_eq!(io.insert(AddressSpace::Pio, high, Arc::new(Scratchpad::new(4))), Err(BusError::OutsideSpace(high)));
+        assert_eq!(
+            io.insert(AddressSpace::Pio, high, Arc::new(Scratchpad::new(4).unwrap())),
+            Err(BusError::OutsideSpace(high))
+        );
         assert!(io.remove(AddressSpace::Pio, 0x80).is_ok());
         assert_eq!(io.pio_write(0x80, &[9]), Err(IoError::Unhandled));
     }

@@ -11,6 +11,7 @@ use crate::arch::x86_64::layout::{BOOT_STACK_TOP, MMIO_GAP_START};
 use crate::arch::x86_64::mode::CpuMode;
 use crate::arch::x86_64::{acpi, mptable, msr};
 use crate::boot::{self, EntryPoint, LinuxBoot};
+use crate::bus::BusDevice;
 use crate::devices::console::ConsoleOutput;
 use crate::devices::{
     AcpiSleepControl, BootTimer, Cmos, SerialPort, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE, CMOS_PORT_BASE,
@@ -49,6 +50,27 @@ pub fn boot_linux(machine: &Machine, boot: &LinuxBoot) -> Result<LinuxPlatform> 
     if !machine.has_irqchip() {
         return Err(Error::InvalidConfig("booting Linux needs the in-kernel irqchip (irqchip=True)".into()));
     }
+    // The devices go first and come off again if anything after them fails, so that a failed
+    // boot leaves the I/O map as it was and can be retried (guest memory may have been written).
+    let mut mapped = Vec::new();
+    let platform = map_devices(machine, &mut mapped).and_then(|platform| load(machine, boot).map(|()| platform));
+    match &platform {
+        Ok(platform) => {
+            let timer = platform.boot_timer.clone();
+            machine.on_first_start(Box::new(move || timer.restart(Instant::now())));
+        }
+        Err(_) => {
+            for (space, base) in mapped.into_iter().rev() {
+                // Each was mapped by this call a moment ago, and the VM cannot have started since.
+                let _ = machine.remove_device(space, base);
+            }
+        }
+    }
+    platform
+}
+
+/// Writes the platform tables and the kernel into guest memory and points the vCPUs at it.
+fn load(machine: &Machine, boot: &LinuxBoot) -> Result<()> {
     let cpus = machine.vcpu_count() as u32;
     // Kernels built without MP-table support (Debian's cloud kernel) find the CPUs through ACPI.
     let table = mptable::mptable(cpus).map_err(|e| Error::InvalidConfig(e.to_string()))?;
@@ -67,8 +89,7 @@ pub fn boot_linux(machine: &Machine, boot: &LinuxBoot) -> Result<LinuxPlatform> 
             vcpu.set_fpu(&kvm_fpu { fcw: FCW_DEFAULT, mxcsr: MXCSR_DEFAULT, ..Default::default() })
         })?;
     }
-    enter_kernel(machine, entry)?;
-    map_devices(machine)
+    enter_kernel(machine, entry)
 }
 
 /// The command line with a `virtio_mmio.device=SIZE@ADDR:IRQ` entry per virtio device, for kernels
@@ -102,18 +123,22 @@ fn enter_kernel(machine: &Machine, entry: EntryPoint) -> Result<()> {
     })
 }
 
-fn map_devices(machine: &Machine) -> Result<LinuxPlatform> {
+/// Maps the platform's devices, recording each in `mapped` so that a failure can unmap them.
+fn map_devices(machine: &Machine, mapped: &mut Vec<(AddressSpace, u64)>) -> Result<LinuxPlatform> {
     let console = Arc::new(ConsoleOutput::new());
     let serial = Arc::new(SerialPort::new(machine.irq_line(COM1_GSI)?, console.clone()));
     let boot_timer = Arc::new(BootTimer::new(Instant::now()));
-    machine.add_device(AddressSpace::Pio, COM1_PORT, SERIAL_PORT_SIZE, serial.clone())?;
-    machine.add_device(AddressSpace::Pio, I8042_PORT_BASE, I8042_PORT_SIZE, Arc::new(I8042::default()))?;
-    machine.add_device(AddressSpace::Pio, CMOS_PORT_BASE, CMOS_PORT_SIZE, Arc::new(Cmos::new()))?;
-    let sleep_control = Arc::new(AcpiSleepControl::default());
-    machine.add_device(AddressSpace::Pio, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE, sleep_control)?;
-    machine.add_device(AddressSpace::Mmio, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer.clone())?;
-    let timer = boot_timer.clone();
-    machine.on_first_start(Box::new(move || timer.restart(Instant::now())));
+    let devices: [(AddressSpace, u64, u64, Arc<dyn BusDevice>); 5] = [
+        (AddressSpace::Pio, COM1_PORT, SERIAL_PORT_SIZE, serial.clone()),
+        (AddressSpace::Pio, I8042_PORT_BASE, I8042_PORT_SIZE, Arc::new(I8042::default())),
+        (AddressSpace::Pio, CMOS_PORT_BASE, CMOS_PORT_SIZE, Arc::new(Cmos::new())),
+        (AddressSpace::Pio, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE, Arc::new(AcpiSleepControl::default())),
+        (AddressSpace::Mmio, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, boot_timer.clone()),
+    ];
+    for (space, base, size, device) in devices {
+        machine.add_device(space, base, size, device)?;
+        mapped.push((space, base));
+    }
     Ok(LinuxPlatform { console, serial, boot_timer })
 }
 

@@ -189,6 +189,13 @@ impl Machine {
         let range = BusRange::new(base, len).ok_or_else(|| {
             Error::InvalidConfig(format!("{space} range {base:#x}+{len:#x} is empty or wraps around"))
         })?;
+        // The guest's accesses to RAM never leave it, so a device there would never be reached.
+        let mut ram = memory::regions(self.memory()).into_iter().filter_map(|(addr, size)| BusRange::new(addr, size));
+        if let Some(ram) = ram.find(|ram| space == AddressSpace::Mmio && ram.overlaps(&range)) {
+            return Err(Error::InvalidConfig(format!(
+                "MMIO range {range} overlaps guest RAM at {ram}, where the guest's accesses never reach a device"
+            )));
+        }
         Ok(self.stopped_state()?.io.insert(space, range, device)?)
     }
 
@@ -270,7 +277,8 @@ impl Machine {
     /// [`ExitReason::Timeout`] after `timeout`, and with [`ExitReason::Stopped`] as soon as
     /// `interrupted` (asked every few milliseconds) returns true.
     pub fn run(&self, timeout: Option<Duration>, interrupted: &mut dyn FnMut() -> bool) -> Result<Exit> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to be a time of day never passes.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut should_stop = || {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 Some(ExitReason::Timeout)

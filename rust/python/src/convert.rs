@@ -2,10 +2,31 @@
 
 use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvmkit_core::vstate::exit::{Exit, ExitReason};
+use pyo3::exceptions::PyOverflowError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::error::config_error;
+
+/// An unsigned integer argument: an int outside `T`'s range (a negative address, a size past
+/// 2**64) raises `ConfigError` naming the value, where pyo3 would raise a bare `OverflowError`.
+/// Other types still raise `TypeError`.
+pub struct Unsigned<T>(pub T);
+
+impl<'a, 'py, T: FromPyObject<'a, 'py>> FromPyObject<'a, 'py> for Unsigned<T> {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let py = obj.py();
+        obj.extract::<T>().map(Self).map_err(Into::into).map_err(|e: PyErr| {
+            if e.is_instance_of::<PyOverflowError>(py) {
+                config_error(format!("{} is out of range: {}", &*obj, e.value(py)))
+            } else {
+                e
+            }
+        })
+    }
+}
 
 /// Generates `to_dict` / `update` functions for a struct of integer fields, each field under a
 /// Python key.
@@ -24,7 +45,7 @@ macro_rules! int_fields {
             for (key, item) in dict.iter() {
                 let key: String = key.extract()?;
                 match key.as_str() {
-                    $($key => value.$field = item.extract()?,)*
+                    $($key => value.$field = item.extract::<Unsigned<_>>()?.0,)*
                     _ => unknown.push(key),
                 }
             }

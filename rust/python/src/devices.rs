@@ -7,7 +7,8 @@ use kvmkit_core::BusDevice;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::error::config_error;
+use crate::convert::Unsigned;
+use crate::error::{config_error, IntoPyResult};
 
 /// A Rust device that can be mapped on a bus; counts its accesses.
 #[pyclass(frozen, subclass, module = "kvmkit._core")]
@@ -38,18 +39,15 @@ impl NullDevice {
     }
 }
 
-/// Byte registers that read back what was written.
+/// Byte registers that read back what was written: 1 byte to 16 MiB of them.
 #[pyclass(frozen, extends = Device, module = "kvmkit._core")]
 pub struct Scratchpad(Arc<devices::Scratchpad>);
 
 #[pymethods]
 impl Scratchpad {
     #[new]
-    fn new(size: usize) -> PyResult<PyClassInitializer<Self>> {
-        if size == 0 {
-            return Err(config_error("a scratchpad needs at least one byte"));
-        }
-        let pad = Arc::new(devices::Scratchpad::new(size));
+    fn new(size: Unsigned<usize>) -> PyResult<PyClassInitializer<Self>> {
+        let pad = Arc::new(devices::Scratchpad::new(size.0).py()?);
         Ok(PyClassInitializer::from(Device(pad.clone())).add_subclass(Self(pad)))
     }
 
@@ -58,8 +56,8 @@ impl Scratchpad {
         PyBytes::new(py, &self.0.contents())
     }
 
-    fn fill(&self, offset: usize, data: Vec<u8>) -> PyResult<()> {
-        self.0.fill(offset, &data).map_err(|e| config_error(e.to_string()))
+    fn fill(&self, offset: Unsigned<usize>, data: Vec<u8>) -> PyResult<()> {
+        self.0.fill(offset.0, &data).map_err(|e| config_error(e.to_string()))
     }
 }
 

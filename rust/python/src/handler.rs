@@ -71,17 +71,16 @@ impl BusDevice for PyHandler {
 fn fill(value: &Bound<'_, PyAny>, addr: u64, data: &mut [u8]) -> PyResult<()> {
     let size = data.len();
     if let Ok(int) = value.cast::<PyInt>() {
-        let bits = 8 * size as u32;
         let raw: i128 = int.extract().map_err(|_| out_of_range(value, addr, size))?;
-        let fits = if bits >= 64 {
-            (-(1i128 << 63)..1i128 << 64).contains(&raw)
-        } else {
-            (-(1i128 << (bits - 1))..1i128 << bits).contains(&raw)
-        };
-        if !fits {
+        // Bits the value needs as an unsigned number, or as a signed one with its sign bit.
+        let needed = if raw < 0 { 129 - (!raw).leading_zeros() } else { 128 - raw.leading_zeros() };
+        if u64::from(needed) > 8 * size as u64 {
             return Err(out_of_range(value, addr, size));
         }
-        data.copy_from_slice(&raw.to_le_bytes()[..size]);
+        let (bytes, extension) = (raw.to_le_bytes(), if raw < 0 { 0xff } else { 0 });
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = bytes.get(i).copied().unwrap_or(extension);
+        }
         return Ok(());
     }
     let bytes: Vec<u8> = if value.is_instance_of::<PyBytes>() || value.is_instance_of::<PyByteArray>() {

@@ -21,7 +21,8 @@ fn parse_size(text: &str) -> PyResult<u64> {
 
 /// The RAM regions of a guest with `size` bytes: below the MMIO gap, then from 4 GiB on.
 #[pyfunction]
-fn ram_regions(size: u64) -> Vec<(u64, u64)> {
+fn ram_regions(size: convert::Unsigned<u64>) -> Vec<(u64, u64)> {
+    let size = size.0;
     kvmkit_core::arch::x86_64::layout::ram_regions(size)
 }
 

@@ -75,7 +75,8 @@ pub fn virtio_net(tap: &str, mac: Option<&str>) -> PyResult<VirtioBackend> {
 
 /// A vsock device for the guest context id `cid`; the host side is the Unix socket `uds_path`.
 #[pyfunction]
-pub fn virtio_vsock(cid: u64, uds_path: PathBuf) -> PyResult<VirtioBackend> {
+pub fn virtio_vsock(cid: crate::convert::Unsigned<u64>, uds_path: PathBuf) -> PyResult<VirtioBackend> {
+    let cid = cid.0;
     let vsock = virtio::Vsock::new(cid, &uds_path).map_err(device_error)?;
     Ok(VirtioBackend::new("vsock", Arc::new(Mutex::new(vsock)), Vec::new()))
 }

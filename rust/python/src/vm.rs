@@ -15,10 +15,11 @@ use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
 use kvmkit_core::{Machine, MachineConfig, MemoryRegionConfig, UnhandledIo};
 use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::convert;
+use crate::convert::{self, Unsigned};
 use crate::devices::bus_device;
 use crate::error::{config_error, IntoPyResult, VmStateError};
 use crate::handler::{ErrorSlot, PyHandler};
@@ -30,6 +31,9 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// A CPUID entry as Python sees it: (function, index, flags, eax, ebx, ecx, edx).
 type CpuidTuple = (u32, u32, u32, u32, u32, u32, u32);
+
+/// A CPUID edit as Python gives it: (leaf, subleaf or None, register, clear, set).
+type CpuidEditTuple = (Unsigned<u32>, Option<Unsigned<u32>>, String, Unsigned<u32>, Unsigned<u32>);
 
 #[pyclass(frozen, module = "kvmkit._core")]
 pub struct Vm {
@@ -114,9 +118,13 @@ fn image(value: &Bound<'_, PyAny>) -> PyResult<Image> {
     Image::open(&path).map_err(kvmkit_core::Error::from).py()
 }
 
+/// A timeout in seconds; one longer than a `Duration` holds (infinity included) is the longest.
 fn seconds(timeout: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(timeout)
-        .map_err(|_| config_error(format!("timeout must be a non-negative number of seconds, not {timeout}")))
+    match Duration::try_from_secs_f64(timeout) {
+        Ok(duration) => Ok(duration),
+        Err(_) if timeout > 0.0 => Ok(Duration::MAX),
+        Err(_) => Err(config_error(format!("timeout must be a non-negative number of seconds, not {timeout}"))),
+    }
 }
 
 /// Drops a machine handle without the GIL: the last handle joins vCPU threads, which may be
@@ -131,13 +139,14 @@ impl Vm {
     #[pyo3(signature = (memory, vcpus, irqchip, pit, unhandled_io, cpuid_edits))]
     fn new(
         py: Python<'_>,
-        memory: Vec<(u64, u64)>,
-        vcpus: u32,
+        memory: Vec<(Unsigned<u64>, Unsigned<u64>)>,
+        vcpus: Unsigned<u32>,
         irqchip: bool,
         pit: bool,
         unhandled_io: &str,
-        cpuid_edits: Vec<(u32, Option<u32>, String, u32, u32)>,
+        cpuid_edits: Vec<CpuidEditTuple>,
     ) -> PyResult<Self> {
+        let vcpus = vcpus.0;
         let unhandled_io = match unhandled_io {
             "ignore" => UnhandledIo::Ignore,
             "stop" => UnhandledIo::Stop,
@@ -149,7 +158,8 @@ impl Vm {
         };
         let cpuid_edits = cpuid_edits
             .into_iter()
-            .map(|(leaf, subleaf, register, clear, set)| {
+            .map(|(Unsigned(leaf), subleaf, register, Unsigned(clear), Unsigned(set))| {
+                let subleaf = subleaf.map(|Unsigned(subleaf)| subleaf);
                 let register: CpuidRegister = register
                     .parse()
                     .map_err(|e: kvmkit_core::arch::x86_64::cpuid::UnknownRegister| config_error(e.to_string()))?;
@@ -157,7 +167,10 @@ impl Vm {
             })
             .collect::<PyResult<_>>()?;
         let config = MachineConfig {
-            memory: memory.into_iter().map(|(guest_addr, size)| MemoryRegionConfig { guest_addr, size }).collect(),
+            memory: memory
+                .into_iter()
+                .map(|(Unsigned(guest_addr), Unsigned(size))| MemoryRegionConfig { guest_addr, size })
+                .collect(),
             vcpus,
             irqchip,
             pit,
@@ -199,17 +212,28 @@ impl Vm {
         Ok(memory::regions(self.machine()?.memory()))
     }
 
-    fn mem_read<'py>(&self, py: Python<'py>, addr: u64, size: usize) -> PyResult<Bound<'py, PyBytes>> {
+    fn mem_read<'py>(
+        &self,
+        py: Python<'py>,
+        addr: Unsigned<u64>,
+        size: Unsigned<usize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let (addr, size) = (addr.0, size.0);
         let machine = self.machine()?;
+        // The size is the caller's to choose: an impossible one must fail before it is allocated.
+        memory::check_range(machine.memory(), addr, size).map_err(kvmkit_core::Error::from).py()?;
         PyBytes::new_with(py, size, |buf| machine.read_memory(addr, buf).py())
     }
 
-    fn mem_write(&self, py: Python<'_>, addr: u64, data: PyBuffer<u8>) -> PyResult<()> {
+    fn mem_write(&self, py: Python<'_>, addr: Unsigned<u64>, data: PyBuffer<u8>) -> PyResult<()> {
+        let addr = addr.0;
+        memory::check_range(self.machine()?.memory(), addr, data.len_bytes()).map_err(kvmkit_core::Error::from).py()?;
         let bytes = data.to_vec(py)?;
         self.machine()?.write_memory(addr, &bytes).py()
     }
 
-    fn mem_view(&self, addr: u64, size: usize) -> PyResult<GuestMemoryView> {
+    fn mem_view(&self, addr: Unsigned<u64>, size: Unsigned<usize>) -> PyResult<GuestMemoryView> {
+        let (addr, size) = (addr.0, size.0);
         let machine = self.machine()?;
         let host = memory::host_range(machine.memory(), addr, size).map_err(kvmkit_core::Error::from).py()?;
         Ok(GuestMemoryView::new(machine.memory().clone(), host, size))
@@ -239,11 +263,13 @@ impl Vm {
         self.update(vcpu, fpu, Vcpu::fpu, convert::update_fpu, Vcpu::set_fpu)
     }
 
-    fn get_msrs(&self, vcpu: usize, indices: Vec<u32>) -> PyResult<Vec<(u32, u64)>> {
+    fn get_msrs(&self, vcpu: usize, indices: Vec<Unsigned<u32>>) -> PyResult<Vec<(u32, u64)>> {
+        let indices: Vec<_> = indices.into_iter().map(|Unsigned(index)| index).collect();
         self.with_vcpu(vcpu, |v| v.msrs(&indices))
     }
 
-    fn set_msrs(&self, vcpu: usize, values: Vec<(u32, u64)>) -> PyResult<()> {
+    fn set_msrs(&self, vcpu: usize, values: Vec<(Unsigned<u32>, Unsigned<u64>)>) -> PyResult<()> {
+        let values: Vec<_> = values.into_iter().map(|(Unsigned(index), Unsigned(value))| (index, value)).collect();
         self.with_vcpu(vcpu, |v| v.set_msrs(&values))
     }
 
@@ -270,7 +296,9 @@ impl Vm {
     }
 
     #[pyo3(signature = (vcpu, mode, entry, stack=None))]
-    fn enter_mode(&self, vcpu: usize, mode: &str, entry: u64, stack: Option<u64>) -> PyResult<()> {
+    fn enter_mode(&self, vcpu: usize, mode: &str, entry: Unsigned<u64>, stack: Option<Unsigned<u64>>) -> PyResult<()> {
+        let entry = entry.0;
+        let stack = stack.map(|Unsigned(stack)| stack);
         let mode: CpuMode = mode.parse().map_err(kvmkit_core::Error::from).py()?;
         self.machine()?.enter_mode(vcpu, mode, entry, stack).py()
     }
@@ -278,21 +306,39 @@ impl Vm {
     #[pyo3(signature = (space, base, size, read=None, write=None))]
     fn add_handler(
         &self,
+        py: Python<'_>,
         space: &str,
-        base: u64,
-        size: u64,
+        base: Unsigned<u64>,
+        size: Unsigned<u64>,
         read: Option<Py<PyAny>>,
         write: Option<Py<PyAny>>,
     ) -> PyResult<()> {
+        let (base, size) = (base.0, size.0);
+        for (role, handler) in [("read", &read), ("write", &write)] {
+            if let Some(handler) = handler.as_ref().map(|h| h.bind(py)).filter(|h| !h.is_callable()) {
+                return Err(PyTypeError::new_err(format!(
+                    "the {role} handler must be callable or None, not {}",
+                    handler.get_type().name()?
+                )));
+            }
+        }
         let handler = PyHandler { read, write, errors: self.handler_errors.clone() };
         self.machine()?.add_device(self::space(space)?, base, size, Arc::new(handler)).py()
     }
 
-    fn add_device(&self, space: &str, base: u64, size: u64, device: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn add_device(
+        &self,
+        space: &str,
+        base: Unsigned<u64>,
+        size: Unsigned<u64>,
+        device: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let (base, size) = (base.0, size.0);
         self.machine()?.add_device(self::space(space)?, base, size, bus_device(device)?).py()
     }
 
-    fn remove(&self, space: &str, base: u64) -> PyResult<()> {
+    fn remove(&self, space: &str, base: Unsigned<u64>) -> PyResult<()> {
+        let base = base.0;
         self.machine()?.remove_device(self::space(space)?, base).py().map(drop)
     }
 
@@ -382,7 +428,8 @@ impl Vm {
     /// Waits for the run to end; `None` if `timeout` passed first. Ctrl-C stops the VM and raises.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
-        let deadline = timeout.map(seconds).transpose()?.map(|t| Instant::now() + t);
+        // A timeout too long to be a time of day never passes.
+        let deadline = timeout.map(seconds).transpose()?.and_then(|t| Instant::now().checked_add(t));
         let machine = self.machine()?;
         let result = loop {
             let slice = deadline.map_or(SIGNAL_POLL, |d| d.saturating_duration_since(Instant::now()).min(SIGNAL_POLL));

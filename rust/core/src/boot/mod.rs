@@ -10,9 +10,9 @@ pub mod kernel;
 /// What the kernel reads at entry: the zero page with its e820 map, or the PVH start info.
 pub mod params;
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -51,10 +51,12 @@ impl From<Vec<u8>> for Image {
 }
 
 impl Image {
-    /// Opens the file at `path`; [`BootError::Read`] when it cannot be opened or is not a file.
+    /// Opens the file at `path`; [`BootError::Read`] when it cannot be opened or is not a regular
+    /// file (a FIFO or a device has no length to check against guest memory, and may never end).
     pub fn open(path: &Path) -> Result<Self, BootError> {
         let failed = |e: std::io::Error| BootError::Read { path: path.display().to_string(), reason: e.to_string() };
-        let file = File::open(path).map_err(failed)?;
+        // Non-blocking, so that opening a FIFO with no writer returns at once and is refused below.
+        let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(failed)?;
         let metadata = file.metadata().map_err(failed)?;
         if !metadata.is_file() {
             return Err(failed(std::io::Error::other("not a regular file")));
@@ -175,6 +177,14 @@ pub fn load(memory: &GuestMemory, boot: &LinuxBoot, acpi_rsdp: Option<u64>) -> R
     if ram.first().is_none_or(|&(start, size)| start != 0 || size <= HIGH_MEMORY_START) {
         return Err(BootError::NoLowMemory);
     }
+    // Checked before reading any of it (the initrd's room is checked before it is read, too).
+    let total: u64 = ram.iter().map(|&(_, size)| size).sum();
+    if boot.kernel.len() > total {
+        return Err(BootError::Load(format!(
+            "the kernel is {} bytes, more than the {total} bytes of guest memory",
+            boot.kernel.len()
+        )));
+    }
     let kernel = kernel::load(memory, &boot.kernel)?;
     let max = kernel.cmdline_max().min(CMDLINE_MAX) - 1;
     if boot.cmdline.len() > max {
@@ -249,5 +259,30 @@ mod tests {
         assert!(matches!(&error, BootError::Read { path, .. } if path == "/nonexistent/kvmkit/vmlinux"));
         assert!(error.to_string().starts_with("cannot read /nonexistent/kvmkit/vmlinux: "));
         assert!(matches!(Image::open(Path::new("/")), Err(BootError::Read { .. })));
+        assert!(
+            matches!(Image::open(Path::new("/dev/zero")), Err(BootError::Read { reason, .. }) if reason == "not a regular file")
+        );
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let fifo = std::env::temp_dir().join(format!("kvmkit-fifo-test-{}", std::process::id()));
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: `path` is a NUL-terminated string that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let result = Image::open(&fifo);
+        std::fs::remove_file(&fifo).unwrap();
+        assert!(matches!(result, Err(BootError::Read { reason, .. }) if reason == "not a regular file"));
+    }
+
+    #[test]
+    fn images_larger_than_guest_memory_are_refused() {
+        let memory = guest_memory(4 << 20);
+        let big = Image::Bytes(vec![0u8; 5 << 20].into());
+        let kernel = LinuxBoot { kernel: big.clone(), ..LinuxBoot::default() };
+        let error = load(&memory, &kernel, None).unwrap_err();
+        assert!(error.to_string().contains("the kernel is 5242880 bytes, more than the 4194304 bytes"), "{error}");
+        let initrd = LinuxBoot { kernel: fake_bzimage(0x1000, 1).into(), initrd: Some(big), ..LinuxBoot::default() };
+        assert!(matches!(load(&memory, &initrd, None), Err(BootError::InitrdTooLarge { .. })));
     }
 }

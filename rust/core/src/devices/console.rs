@@ -67,10 +67,11 @@ impl ConsoleOutput {
     /// to `wait` for some if there is none yet: a line's end is seen at once, anything else
     /// within `UNTERMINATED_LATENCY`. Returns the offset the bytes start at.
     pub fn read_from(&self, offset: u64, wait: Duration) -> (u64, Vec<u8>) {
-        let deadline = Instant::now() + wait;
+        // A wait too long to be a time of day is a wait without end.
+        let deadline = Instant::now().checked_add(wait);
         let mut state = self.lock();
         while state.total <= offset {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
             if left.is_zero() {
                 break;
             }

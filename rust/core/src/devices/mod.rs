@@ -17,7 +17,7 @@ pub use boot_timer::{BootTimer, BOOT_COMPLETE_SIGNAL};
 pub use cmos::{Cmos, CMOS_PORT_BASE, CMOS_PORT_SIZE};
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
 pub use null::NullDevice;
-pub use scratchpad::Scratchpad;
+pub use scratchpad::{Scratchpad, MAX_SCRATCHPAD_SIZE};
 pub use serial::{SerialPort, SERIAL_PORT_SIZE};
 
 use crate::bus::BusDevice;

@@ -5,6 +5,11 @@ use std::sync::Mutex;
 
 use crate::bus::{BusDevice, DeviceError};
 use crate::devices::{AccessCounters, CountedDevice};
+use crate::error::{Error, Result};
+
+/// The largest scratchpad: register space, not memory (guest RAM is for bulk data), and small
+/// enough that asking for one never exhausts the host.
+pub const MAX_SCRATCHPAD_SIZE: usize = 16 << 20;
 
 /// `size` bytes of register space, zero at start.
 #[derive(Debug)]
@@ -15,9 +20,12 @@ pub struct Scratchpad {
 }
 
 impl Scratchpad {
-    /// A zeroed scratchpad of `size` bytes.
-    pub fn new(size: usize) -> Self {
-        Self { bytes: Mutex::new(vec![0; size]), counters: AccessCounters::default() }
+    /// A zeroed scratchpad of `size` bytes, from 1 to [`MAX_SCRATCHPAD_SIZE`].
+    pub fn new(size: usize) -> Result<Self> {
+        if !(1..=MAX_SCRATCHPAD_SIZE).contains(&size) {
+            return Err(Error::InvalidConfig(format!("a scratchpad has 1 to {MAX_SCRATCHPAD_SIZE} bytes, not {size}")));
+        }
+        Ok(Self { bytes: Mutex::new(vec![0; size]), counters: AccessCounters::default() })
     }
 
     /// A copy of the registers.
@@ -73,8 +81,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes_outside_the_limits_are_refused() {
+        for size in [0, MAX_SCRATCHPAD_SIZE + 1, usize::MAX] {
+            assert!(matches!(Scratchpad::new(size), Err(Error::InvalidConfig(_))), "{size}");
+        }
+        assert_eq!(Scratchpad::new(MAX_SCRATCHPAD_SIZE).unwrap().contents().len(), MAX_SCRATCHPAD_SIZE);
+    }
+
+    #[test]
     fn reads_back_what_was_written() {
-        let pad = Scratchpad::new(8);
+        let pad = Scratchpad::new(8).unwrap();
         pad.write(0, 2, &[0xde, 0xad]).unwrap();
         let mut data = [0; 4];
         pad.read(0, 1, &mut data).unwrap();
@@ -84,7 +100,7 @@ mod tests {
 
     #[test]
     fn out_of_range_access_is_a_device_error() {
-        let pad = Scratchpad::new(4);
+        let pad = Scratchpad::new(4).unwrap();
         assert!(pad.write(0, 2, &[0; 4]).is_err());
         assert!(pad.read(0, u64::MAX, &mut [0; 1]).is_err());
         assert!(pad.fill(3, &[1, 2]).is_err());

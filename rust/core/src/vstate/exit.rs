@@ -201,7 +201,12 @@ pub enum ExitAction {
 }
 
 /// Handles one `KVM_RUN` result: I/O is served through `io`, the rest is classified.
-pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, io: &dyn IoHandler) -> ExitAction {
+///
+/// `pio_size` is the size of one element of a port I/O exit. A string instruction (`rep insb`,
+/// `outsw`, ...) moves several elements in one exit; each is served as a separate access of that
+/// size to the same port, in order, as the CPU would do them, and the first that fails stops the
+/// vCPU.
+pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, pio_size: usize, io: &dyn IoHandler) -> ExitAction {
     let served = |result: Result<(), IoError>, space, addr, size, write| match result {
         Ok(()) => ExitAction::Continue,
         Err(IoError::Unhandled) => ExitAction::Stop(ExitReason::UnhandledIo { space, addr, size, write }),
@@ -211,6 +216,8 @@ pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, io: &dyn IoHandler)
         Err(IoError::Device(DeviceError::Reset)) => ExitAction::Stop(ExitReason::Reset),
         Err(IoError::Device(DeviceError::PowerOff)) => ExitAction::Stop(ExitReason::PowerOff),
     };
+    // KVM reports sizes of 1, 2 and 4 bytes; anything else is served as one access.
+    let element = |len: usize| if pio_size > 0 && len % pio_size == 0 { pio_size } else { len.max(1) };
     let exit = match exit {
         Ok(exit) => exit,
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return ExitAction::Interrupted,
@@ -218,11 +225,14 @@ pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, io: &dyn IoHandler)
     };
     match exit {
         VcpuExit::IoIn(port, data) => {
-            let size = data.len();
-            served(io.pio_read(port, data), AddressSpace::Pio, u64::from(port), size, false)
+            let size = element(data.len());
+            let result = data.chunks_mut(size).try_for_each(|chunk| io.pio_read(port, chunk));
+            served(result, AddressSpace::Pio, u64::from(port), size, false)
         }
         VcpuExit::IoOut(port, data) => {
-            served(io.pio_write(port, data), AddressSpace::Pio, u64::from(port), data.len(), true)
+            let size = element(data.len());
+            let result = data.chunks(size).try_for_each(|chunk| io.pio_write(port, chunk));
+            served(result, AddressSpace::Pio, u64::from(port), size, true)
         }
         VcpuExit::MmioRead(addr, data) => {
             let size = data.len();
@@ -290,13 +300,13 @@ mod tests {
     fn io_exits_reach_the_handler_and_fill_reads() {
         let io = Recorder::default();
         let mut read = [0u8; 2];
-        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x3f8, &[7])), &io), ExitAction::Continue);
-        assert_eq!(handle_exit(Ok(VcpuExit::IoIn(0x3f9, &mut read)), &io), ExitAction::Continue);
+        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x3f8, &[7])), 1, &io), ExitAction::Continue);
+        assert_eq!(handle_exit(Ok(VcpuExit::IoIn(0x3f9, &mut read)), 2, &io), ExitAction::Continue);
         assert_eq!(read, [0x42; 2]);
         let mut read = [0u8; 8];
-        assert_eq!(handle_exit(Ok(VcpuExit::MmioRead(0xd000_0000, &mut read)), &io), ExitAction::Continue);
+        assert_eq!(handle_exit(Ok(VcpuExit::MmioRead(0xd000_0000, &mut read)), 0, &io), ExitAction::Continue);
         assert_eq!(read, [0x43; 8]);
-        assert_eq!(handle_exit(Ok(VcpuExit::MmioWrite(0xd000_0008, &[1, 2, 3, 4])), &io), ExitAction::Continue);
+        assert_eq!(handle_exit(Ok(VcpuExit::MmioWrite(0xd000_0008, &[1, 2, 3, 4])), 0, &io), ExitAction::Continue);
         assert_eq!(
             *io.0.borrow(),
             [
@@ -309,10 +319,23 @@ mod tests {
     }
 
     #[test]
+    fn string_io_is_served_one_element_at_a_time() {
+        let io = Recorder::default();
+        let mut read = [0u8; 40];
+        assert_eq!(handle_exit(Ok(VcpuExit::IoIn(0x3f8, &mut read)), 1, &io), ExitAction::Continue);
+        assert_eq!(read, [0x42; 40]);
+        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x3f9, &[1, 2, 3, 4, 5, 6])), 2, &io), ExitAction::Continue);
+        let accesses = io.0.borrow();
+        assert_eq!(accesses.len(), 43);
+        assert!(accesses[..40].iter().all(|a| *a == (AddressSpace::Pio, 0x3f8, vec![0x42])));
+        assert_eq!(accesses[40..], [1, 3, 5].map(|b| (AddressSpace::Pio, 0x3f9, vec![b, b + 1])));
+    }
+
+    #[test]
     fn failed_and_unhandled_io_stop_the_vcpu_with_where_it_happened() {
         let io = Recorder::default();
         assert_eq!(
-            handle_exit(Ok(VcpuExit::IoOut(0x60, &[0xfe])), &io),
+            handle_exit(Ok(VcpuExit::IoOut(0x60, &[0xfe])), 1, &io),
             ExitAction::Stop(ExitReason::DeviceError {
                 space: AddressSpace::Pio,
                 addr: 0x60,
@@ -320,7 +343,7 @@ mod tests {
             })
         );
         assert_eq!(
-            handle_exit(Ok(VcpuExit::MmioRead(0x1000, &mut [0; 4])), &io),
+            handle_exit(Ok(VcpuExit::MmioRead(0x1000, &mut [0; 4])), 0, &io),
             ExitAction::Stop(ExitReason::DeviceError {
                 space: AddressSpace::Mmio,
                 addr: 0x1000,
@@ -328,17 +351,17 @@ mod tests {
             })
         );
         assert_eq!(
-            handle_exit(Ok(VcpuExit::IoIn(0xdead, &mut [0; 4])), &io),
+            handle_exit(Ok(VcpuExit::IoIn(0xdead, &mut [0; 4])), 4, &io),
             ExitAction::Stop(ExitReason::UnhandledIo { space: AddressSpace::Pio, addr: 0xdead, size: 4, write: false })
         );
-        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x64, &[0xfe])), &io), ExitAction::Stop(ExitReason::Reset));
-        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x3c0, &[0x34])), &io), ExitAction::Stop(ExitReason::PowerOff));
+        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x64, &[0xfe])), 1, &io), ExitAction::Stop(ExitReason::Reset));
+        assert_eq!(handle_exit(Ok(VcpuExit::IoOut(0x3c0, &[0x34])), 1, &io), ExitAction::Stop(ExitReason::PowerOff));
     }
 
     #[test]
     fn lifecycle_exits_are_classified() {
         let io = Recorder::default();
-        let stop = |exit| match handle_exit(Ok(exit), &io) {
+        let stop = |exit| match handle_exit(Ok(exit), 0, &io) {
             ExitAction::Stop(reason) => reason,
             other => panic!("expected a stop, got {other:?}"),
         };
@@ -349,17 +372,17 @@ mod tests {
         assert_eq!(stop(VcpuExit::SystemEvent(3, &[])), ExitReason::Crash);
         assert_eq!(stop(VcpuExit::FailEntry(0x21, 1)), ExitReason::FailEntry { reason: 0x21, cpu: 1 });
         assert!(matches!(stop(VcpuExit::Nmi), ExitReason::VmmError(m) if m.contains("Nmi")));
-        assert_eq!(handle_exit(Ok(VcpuExit::InternalError), &io), ExitAction::InternalError);
+        assert_eq!(handle_exit(Ok(VcpuExit::InternalError), 0, &io), ExitAction::InternalError);
         assert!(io.0.borrow().is_empty());
     }
 
     #[test]
     fn run_errors_interrupt_or_stop() {
         let io = Recorder::default();
-        assert_eq!(handle_exit(Err(errno::Error::new(libc::EINTR)), &io), ExitAction::Interrupted);
-        assert_eq!(handle_exit(Err(errno::Error::new(libc::EAGAIN)), &io), ExitAction::Interrupted);
+        assert_eq!(handle_exit(Err(errno::Error::new(libc::EINTR)), 0, &io), ExitAction::Interrupted);
+        assert_eq!(handle_exit(Err(errno::Error::new(libc::EAGAIN)), 0, &io), ExitAction::Interrupted);
         assert!(matches!(
-            handle_exit(Err(errno::Error::new(libc::EFAULT)), &io),
+            handle_exit(Err(errno::Error::new(libc::EFAULT)), 0, &io),
             ExitAction::Stop(ExitReason::VmmError(m)) if m.starts_with("KVM_RUN failed")
         ));
     }

@@ -230,6 +230,15 @@ pub fn validate(regions: &[MemoryRegionConfig], max_slots: usize) -> Result<(), 
     Ok(())
 }
 
+/// Whether all of `[addr, addr + len)` is guest memory; checked before allocating a buffer for it.
+pub fn check_range(memory: &GuestMemory, addr: u64, len: usize) -> Result<(), MemoryError> {
+    if GuestMemoryBackend::check_range(memory, GuestAddress(addr), len) {
+        Ok(())
+    } else {
+        Err(MemoryError::OutOfRange { addr, len })
+    }
+}
+
 /// Copies guest memory at `addr` into `buf`.
 pub fn read(memory: &GuestMemory, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
     let out_of_range = MemoryError::OutOfRange { addr, len: buf.len() };

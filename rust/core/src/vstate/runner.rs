@@ -3,6 +3,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use vmm_sys_util::errno;
 use vmm_sys_util::signal::{unblock_signal, SIGRTMIN};
 
 use crate::vstate::exit::{handle_exit, ExitAction, ExitReason, IoHandler};
@@ -253,7 +254,8 @@ pub fn run_vcpu(
         if control.stop_requested() {
             return ExitReason::Stopped;
         }
-        match handle_exit(vcpu.fd_mut().run(), io) {
+        let (exit, pio_size) = vcpu.run();
+        match handle_exit(exit, pio_size, io) {
             ExitAction::Continue => {}
             ExitAction::Interrupted => {
                 kicker.rearm();
@@ -262,7 +264,33 @@ pub fn run_vcpu(
                 }
             }
             ExitAction::InternalError => return ExitReason::InternalError(vcpu.internal_error()),
+            ExitAction::Stop(reason @ (ExitReason::DeviceError { .. } | ExitReason::UnhandledIo { .. })) => {
+                return match retract_access(vcpu, kicker) {
+                    Ok(()) => reason,
+                    Err(e) => ExitReason::VmmError(format!("{reason}, and the access cannot be undone: {e}")),
+                };
+            }
             ExitAction::Stop(reason) => return reason,
         }
     }
+}
+
+/// Undoes the I/O access the vCPU exited for and that was not served, so that the guest makes it
+/// again when the run resumes (and its handler sees it again). Left alone, KVM would finish the
+/// access on the next entry with whatever the exit's data holds: the guest would read stale bytes
+/// and a failed write would be lost. So the access is finished now, without entering the guest
+/// (`immediate_exit`), and the registers from before the instruction are put back.
+fn retract_access(vcpu: &mut Vcpu, kicker: &Kicker) -> crate::Result<()> {
+    let before = vcpu.regs()?;
+    kicker.immediate_exit().store(1, Ordering::SeqCst);
+    let (finished, _) = vcpu.run();
+    // With `immediate_exit` set, KVM_RUN finishes the pending access and returns EINTR.
+    let finished = match finished {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(e) => Err(e),
+        Ok(_) => Err(errno::Error::new(libc::EIO)),
+    };
+    kicker.rearm();
+    finished.map_err(crate::Error::kvm("KVM_RUN"))?;
+    vcpu.set_regs(&before)
 }

@@ -1,7 +1,8 @@
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Cap, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::errno;
 
 use crate::arch::x86_64::cpuid::{self, CpuidEdit, VcpuPlatform};
 use crate::arch::x86_64::lapic;
@@ -65,6 +66,24 @@ impl Vcpu {
     /// The file descriptor, for the run loop.
     pub(crate) fn fd_mut(&mut self) -> &mut VcpuFd {
         &mut self.fd
+    }
+
+    /// Enters the guest until its next exit. For a port I/O exit, also the size of one element
+    /// (a string instruction moves several in one exit); 0 for other exits.
+    pub(crate) fn run(&mut self) -> (std::result::Result<VcpuExit<'_>, errno::Error>, usize) {
+        let run: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        let exit = self.fd.run();
+        let pio_size = match exit {
+            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => {
+                // SAFETY: `run` points to the vCPU's `kvm_run` mapping, which lives as long as
+                // `fd`; KVM filled the `io` member of the exit union for this exit. The exit's
+                // data, which `exit` borrows, lies past the structure (at `io.data_offset`), so
+                // this read does not alias it.
+                usize::from(unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read() })
+            }
+            _ => 0,
+        };
+        (exit, pio_size)
     }
 
     /// General-purpose registers, RIP and RFLAGS.
