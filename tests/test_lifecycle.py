@@ -1,5 +1,6 @@
 """Running, stopping, resuming and closing VMs; several vCPUs and several VMs at once."""
 
+import os
 import signal
 import threading
 import time
@@ -309,3 +310,128 @@ def test_context_manager_closes_the_vm(kvm_available, assemble, state):
         vm.mem_read(0, 1)
     with pytest.raises(VmStateError):
         _ = cpu.regs
+
+
+def task_count():
+    return len(os.listdir("/proc/self/task"))
+
+
+def settles_at(expected, count, within=PROMPT):
+    """Waits for `count()` to reach `expected` (threads end a little after a VM is freed)."""
+    deadline = time.monotonic() + within
+    while count() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return count()
+
+
+@pytest.mark.watchdog(30)
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_handler_frees_its_own_started_vm(kvm_available, assemble, how):
+    tasks = task_count()
+    holder = [kvmkit.VM(memory="2M")]  # not the boot fixture, which keeps a reference
+    holder[0].mem_write(LOAD_ADDR, assemble("pio_read_loop"))
+    holder[0].vcpus[0].setup("protected", entry=LOAD_ADDR)
+    holder[0].vcpus[0].reg_write("rdx", PORT)
+    done = threading.Event()
+
+    def read(port, size):
+        if how == "close":
+            holder[0].close()
+        else:
+            holder.clear()  # the last reference to the VM: the handler drops it
+        done.set()
+        return 0
+
+    holder[0].hook_io(PORT, size=4, read=read)
+    holder[0].start()
+    closed = holder[0] if how == "close" else None
+
+    assert done.wait(HANG_GUARD), "the handler did not return from freeing its own VM"
+    assert settles_at(tasks, task_count) == tasks  # the vCPU thread ended
+    if closed is not None:
+        assert closed.closed
+
+
+@pytest.mark.watchdog(30)
+@pytest.mark.parametrize("how", ["run", "start-wait"])
+def test_wait_from_a_handler_raises(boot, how):
+    vm = boot("pio_read_loop", "protected", regs={"rdx": PORT})
+    vm.hook_io(PORT, size=4, read=lambda port, size: vm.wait(timeout=HANG_GUARD))
+
+    with pytest.raises(VmStateError, match="handler cannot wait"):
+        if how == "run":
+            vm.run(timeout=HANG_GUARD)
+        else:
+            vm.start()
+            vm.wait(timeout=HANG_GUARD)
+    assert not vm.running
+
+
+# --------------------------------------------------------------------------- slow handlers
+
+
+def blocking_handler(vm, release):
+    """A read handler that blocks until `release` is set; returns the list of calls it started."""
+    started = []
+
+    def read(port, size):
+        started.append(port)
+        release.wait(HANG_GUARD)
+        return 0
+
+    vm.hook_io(PORT, size=4, read=read)
+    return started
+
+
+@pytest.mark.watchdog(30)
+def test_timeout_ends_run_during_a_slow_handler(boot):
+    vm = boot("pio_read_loop", "protected", regs={"rdx": PORT})
+    release = threading.Event()
+    started = blocking_handler(vm, release)
+    try:
+        exit, took = timed(vm.run, timeout=0.3)
+        assert exit.reason == ExitReason.TIMEOUT
+        assert took < 2.0  # the handler blocks for HANG_GUARD
+        assert started == [PORT]
+        # The handler's vCPU still finishes its call: the VM runs until then.
+        assert vm.running
+        assert exit.vcpu_reasons == []
+        with pytest.raises(VmStateError):
+            _ = vm.vcpus[0].regs
+    finally:
+        release.set()
+    final = vm.wait(timeout=HANG_GUARD)
+    assert final.reason == ExitReason.TIMEOUT
+    assert final.vcpu_reasons == [ExitReason.STOPPED]
+    assert not vm.running
+    assert len(started) == 1  # it stopped right after the call
+    assert vm.vcpus[0].regs.rip  # usable again
+
+
+@pytest.mark.watchdog(30)
+@pytest.mark.parametrize("how", ["run", "start-wait"])
+def test_ctrl_c_ends_run_during_a_slow_handler(boot, how):
+    assert threading.current_thread() is threading.main_thread(), "signals are delivered to the main thread"
+    vm = boot("pio_read_loop", "protected", cpus=2, regs={"rdx": PORT})
+    release = threading.Event()
+    blocking_handler(vm, release)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    try:
+        start = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            if how == "run":
+                vm.run(timeout=HANG_GUARD)
+            else:
+                vm.start()
+                vm.wait(timeout=HANG_GUARD)
+        assert time.monotonic() - start < 2.0  # the handlers block for HANG_GUARD
+        assert vm.running
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+    assert vm.wait(timeout=HANG_GUARD).reason == ExitReason.STOPPED
+    assert not vm.running

@@ -293,11 +293,13 @@ class VM:
     # Running
 
     def run(self, timeout: float | None = None) -> Exit:
-        """Runs every vCPU until the run ends and returns how it ended. vCPU 0 runs on the calling
-        thread, the others on their own threads. After ``timeout`` seconds the VM is stopped and the
-        reason is ``TIMEOUT``. An exception raised by a handler during the run is raised here; Ctrl-C
-        stops the VM and raises ``KeyboardInterrupt``. The VM can be run again, resuming where it
-        stopped."""
+        """Runs every vCPU, each on its own thread, until the run ends and returns how it ended.
+        After ``timeout`` seconds the VM is stopped and the reason is ``TIMEOUT``. An exception
+        raised by a handler during the run is raised here; Ctrl-C stops the VM and raises
+        ``KeyboardInterrupt``. A timeout or Ctrl-C returns within about 0.1 s even while a handler
+        is busy; that handler's call finishes on its own thread, and until it has the VM is still
+        running (``vcpu_reasons`` is then empty; :meth:`wait` collects the full exit). The VM can
+        be run again, resuming where it stopped."""
         exit_ = Exit._from_core(self._core.run(timeout))
         log.debug("run ended: %s", exit_)
         return exit_
@@ -308,7 +310,8 @@ class VM:
 
     def wait(self, timeout: float | None = None) -> Exit:
         """Waits for the run to end. Raises :class:`~kvmkit.errors.WaitTimeout` if it has not
-        after ``timeout`` seconds (the VM keeps running)."""
+        after ``timeout`` seconds (the VM keeps running), and ``VmStateError`` when called from a
+        handler of the run, whose vCPU would wait for itself."""
         exit_ = self._wait(timeout)
         if exit_ is None:
             raise WaitTimeout(f"the VM is still running after {timeout} s")

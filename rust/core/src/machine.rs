@@ -26,7 +26,7 @@ use crate::irq::IrqLine;
 use crate::vstate::exit::{AddressSpace, Exit, ExitReason};
 use crate::vstate::kvm::Kvm;
 use crate::vstate::memory::{self, GuestMemory};
-use crate::vstate::runner::{install_kick_handler, run_vcpu, Kicker, RunControl, Ticker};
+use crate::vstate::runner::{install_kick_handler, run_vcpu, Kicker, RunControl};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{new_eventfd, Vm};
 
@@ -83,6 +83,11 @@ struct ActiveRun {
 
 /// How often a waiting or running caller checks its deadline and interrupt callback.
 const POLL_PERIOD: Duration = Duration::from_millis(20);
+
+/// How long a run told to end (by its deadline, by an interrupt) waits for its vCPUs before the
+/// caller gets its answer anyway. vCPUs in the guest stop within microseconds; one still inside a
+/// slow handler is left to finish it.
+pub const STOP_GRACE: Duration = Duration::from_millis(100);
 
 /// Runs the vCPU loop, turning a panic into an exit reason.
 fn run_guarded(
@@ -262,38 +267,39 @@ impl Machine {
 
     /// Starts every vCPU on its own thread and returns; [`wait`](Self::wait) collects the end.
     pub fn start(&self) -> Result<()> {
-        self.launch(false).map(drop)
+        self.launch().map(drop)
     }
 
-    /// Runs the VM until the run ends: vCPU 0 on the calling thread (no thread handoff, which is
-    /// what makes short runs cheap), the others on their own threads. The run ends with
-    /// [`ExitReason::Timeout`] after `timeout`, and with [`ExitReason::Stopped`] as soon as
-    /// `interrupted` (asked every few milliseconds) returns true.
+    /// Runs the VM until the run ends, every vCPU on its own thread while the caller waits. The run
+    /// ends with [`ExitReason::Timeout`] after `timeout`, and with [`ExitReason::Stopped`] as soon
+    /// as `interrupted` (asked every few milliseconds) returns true. Either way the caller gets its
+    /// answer within [`STOP_GRACE`]: a vCPU still busy in a device call then (a slow handler)
+    /// finishes the call on its thread and stops, the run stays in progress until it has, and the
+    /// exit returned lists no per-vCPU reasons.
     pub fn run(&self, timeout: Option<Duration>, interrupted: &mut dyn FnMut() -> bool) -> Result<Exit> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut should_stop = || {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+        let control = self.launch()?;
+        let mut give_up = None;
+        loop {
+            let slice = deadline.map_or(POLL_PERIOD, |d| d.saturating_duration_since(Instant::now()).min(POLL_PERIOD));
+            if control.wait(Some(slice)) {
+                break;
+            }
+            if let Some(give_up) = give_up {
+                if Instant::now() >= give_up {
+                    let (vcpu, reason) = control.cause().unwrap_or((None, ExitReason::Stopped));
+                    return Ok(Exit { reason, vcpu, vcpu_reasons: Vec::new() });
+                }
+                continue;
+            }
+            let reason = if deadline.is_some_and(|d| Instant::now() >= d) {
                 Some(ExitReason::Timeout)
             } else {
                 interrupted().then_some(ExitReason::Stopped)
-            }
-        };
-        let (control, vcpu) = self.launch(true)?;
-        if let Some(mut vcpu) = vcpu {
-            let io = self.lock().io.clone();
-            let reason = match Ticker::start(POLL_PERIOD) {
-                Ok(_ticker) => run_guarded(&mut vcpu, &io, &control, &mut should_stop),
-                Err(e) => ExitReason::VmmError(format!("cannot start the run's timer: {e}")),
             };
-            control.end_run_if(vcpu.index(), &reason);
-            if let Some(run) = self.lock().run.as_mut() {
-                run.returned.push((vcpu, reason));
-            }
-            control.finish();
-        }
-        while !control.wait(Some(POLL_PERIOD)) {
-            if let Some(reason) = should_stop() {
+            if let Some(reason) = reason {
                 control.request_stop(None, reason);
+                give_up = Some(Instant::now() + STOP_GRACE);
             }
         }
         let mut state = self.lock();
@@ -301,9 +307,8 @@ impl Machine {
         state.last_exit.clone().ok_or(Error::NotStarted)
     }
 
-    /// Starts the vCPU threads of a new run; with `keep_first`, vCPU 0 is returned for the caller
-    /// to run instead.
-    fn launch(&self, keep_first: bool) -> Result<(Arc<RunControl>, Option<Vcpu>)> {
+    /// Starts the vCPU threads of a new run.
+    fn launch(&self) -> Result<Arc<RunControl>> {
         let mut state = self.stopped_state()?;
         install_kick_handler().map_err(Error::Thread)?;
         for first_start in std::mem::take(&mut state.on_first_start) {
@@ -312,15 +317,13 @@ impl Machine {
         let mut vcpus = std::mem::take(&mut state.vcpus);
         let control = Arc::new(RunControl::new(vcpus.iter_mut().map(Kicker::new).collect()));
         let mut vcpus = vcpus.into_iter();
-        let first = if keep_first { vcpus.next() } else { None };
         state.run = Some(ActiveRun { control: control.clone(), threads: Vec::new(), returned: Vec::new() });
         while let Some(vcpu) = vcpus.next() {
             match Self::spawn(vcpu, &state.io, &control, state.thread_hook.clone()) {
                 Ok(thread) => state.run.as_mut().map_or((), |run| run.threads.push(thread)),
                 Err((vcpu, e)) => {
                     // Stop what started, take every vCPU back, and report.
-                    let unstarted: Vec<_> = first.into_iter().chain(std::iter::once(vcpu)).chain(vcpus).collect();
-                    for vcpu in unstarted {
+                    for vcpu in std::iter::once(vcpu).chain(vcpus) {
                         control.finish();
                         if let Some(run) = state.run.as_mut() {
                             run.returned.push((vcpu, ExitReason::Stopped));
@@ -333,7 +336,7 @@ impl Machine {
                 }
             }
         }
-        Ok((control, first))
+        Ok(control)
     }
 
     fn spawn(
@@ -389,6 +392,9 @@ impl Machine {
                 None => return state.last_exit.clone().map(Some).ok_or(Error::NotStarted),
             }
         };
+        if control.is_current_thread() {
+            return Err(Error::WaitInRun);
+        }
         if !control.wait(timeout) {
             return Ok(None);
         }
@@ -436,8 +442,17 @@ impl Machine {
     /// records how the run ended.
     fn join(state: &mut State) {
         let Some(run) = state.run.take() else { return };
-        let mut finished = run.returned;
-        for thread in run.threads {
+        let (vcpus, exit) = run.join();
+        state.vcpus = vcpus;
+        state.last_exit = Some(exit);
+    }
+}
+
+impl ActiveRun {
+    /// Joins the threads (which must have finished or be about to): the vCPUs and how the run ended.
+    fn join(self) -> (Vec<Vcpu>, Exit) {
+        let mut finished = self.returned;
+        for thread in self.threads {
             match thread.join() {
                 Ok(finished_vcpu) => finished.push(finished_vcpu),
                 // Unreachable: the thread body catches panics. Its vCPU is lost with it.
@@ -446,9 +461,33 @@ impl Machine {
         }
         finished.sort_by_key(|(vcpu, _)| vcpu.index());
         let (vcpus, vcpu_reasons): (Vec<_>, Vec<_>) = finished.into_iter().unzip();
-        state.vcpus = vcpus;
-        let (vcpu, reason) = run.control.cause().unwrap_or((None, ExitReason::Hlt));
-        state.last_exit = Some(Exit { reason, vcpu, vcpu_reasons });
+        let (vcpu, reason) = self.control.cause().unwrap_or((None, ExitReason::Hlt));
+        (vcpus, Exit { reason, vcpu, vcpu_reasons })
+    }
+
+    /// Joins the run on a thread of its own, for a caller that is one of the run's vCPU threads
+    /// (a handler dropping its VM) and so cannot wait for it. Guest memory stays mapped until the
+    /// vCPUs are gone, since they can still reach it.
+    fn join_elsewhere(self, memory: Arc<GuestMemory>) {
+        let (handover, receive) = mpsc::channel::<(Self, Arc<GuestMemory>)>();
+        let reaper = thread::Builder::new().name("kvmkit-reaper".into()).spawn(move || {
+            if let Ok((run, memory)) = receive.recv() {
+                run.control.wait(None);
+                drop(run.join());
+                drop(memory);
+            }
+        });
+        let payload = (self, memory);
+        let (left, why) = match reaper {
+            Ok(_) => match handover.send(payload) {
+                Ok(()) => return,
+                Err(mpsc::SendError(left)) => (left, "it exited early".to_owned()),
+            },
+            Err(e) => (payload, e.to_string()),
+        };
+        // Freeing the vCPUs or memory under threads that still run them would be unsound.
+        std::mem::forget(left);
+        log::error!("cannot start a thread to free a VM dropped by its own handler, leaking it: {why}");
     }
 }
 
@@ -456,10 +495,13 @@ impl Drop for Machine {
     fn drop(&mut self) {
         self.stop(ExitReason::Stopped);
         let mut state = self.lock();
-        if let Some(run) = &state.run {
+        let Some(run) = state.run.take() else { return };
+        if run.control.is_current_thread() {
+            run.join_elsewhere(self.memory().clone());
+        } else {
             run.control.wait(None);
+            drop(run.join());
         }
-        Self::join(&mut state);
     }
 }
 

@@ -32,7 +32,7 @@ pub fn to_py(error: Error) -> PyErr {
         | Error::Bus(_)
         | Error::NoSuchVcpu { .. } => ConfigError::new_err(message),
         Error::Boot(_) => BootError::new_err(message),
-        Error::Running | Error::NotStarted => VmStateError::new_err(message),
+        Error::Running | Error::NotStarted | Error::WaitInRun => VmStateError::new_err(message),
         Error::Thread(_) | Error::DeviceSetup(_) => KvmkitError::new_err(message),
     }
 }

@@ -10,6 +10,7 @@ use kvmkit_core::arch::x86_64::cpuid::{CpuidEdit, CpuidRegister};
 use kvmkit_core::arch::x86_64::mode::CpuMode;
 use kvmkit_core::boot::{Image, LinuxBoot};
 use kvmkit_core::linux::{self, LinuxPlatform};
+use kvmkit_core::machine::STOP_GRACE;
 use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
 use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
@@ -358,8 +359,8 @@ impl Vm {
         started.py()
     }
 
-    /// Runs the VM to the end of the run (vCPU 0 on this thread). After `timeout` seconds the run
-    /// ends as a timeout; Ctrl-C stops it and raises.
+    /// Runs the VM to the end of the run. After `timeout` seconds the run ends as a timeout; Ctrl-C
+    /// stops it and raises. Either returns promptly even while a handler is busy (see Machine::run).
     #[pyo3(signature = (timeout=None))]
     fn run(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         let timeout = timeout.map(seconds).transpose()?;
@@ -393,7 +394,8 @@ impl Vm {
             }
             if let Err(interrupt) = py.check_signals() {
                 machine.stop(ExitReason::Stopped);
-                let _ = py.detach(|| machine.wait(None));
+                // A vCPU busy in a slow handler is left to finish it (see Machine::run).
+                let _ = py.detach(|| machine.wait(Some(STOP_GRACE)));
                 self.handler_errors.take();
                 break Err(interrupt);
             }
