@@ -1,5 +1,6 @@
 """Running, stopping, resuming and closing VMs; several vCPUs and several VMs at once."""
 
+import gc
 import os
 import signal
 import threading
@@ -435,3 +436,50 @@ def test_ctrl_c_ends_run_during_a_slow_handler(boot, how):
         release.set()
     assert vm.wait(timeout=HANG_GUARD).reason == ExitReason.STOPPED
     assert not vm.running
+
+
+# --------------------------------------------------------------------------- freeing
+
+
+def fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.watchdog(60)
+def test_vms_whose_handlers_refer_to_them_are_collected(kvm_available, assemble):
+    guest = assemble("pio_read_loop")
+
+    def make(started):
+        vm = kvmkit.VM(memory="2M")
+        vm.mem_write(LOAD_ADDR, guest)
+        vm.vcpus[0].setup("protected", entry=LOAD_ADDR)
+        vm.vcpus[0].reg_write("rdx", PORT)
+        # Handlers that refer to their VM: the cycle runs through the Rust side.
+        vm.hook_io(PORT, size=4, read=lambda port, size: 0 if vm.running else 1)
+        vm.hook_io(0x80, write=lambda addr, data: vm.stop())
+        if started:
+            vm.start()  # spins in the guest, calling the handler
+
+    make(False)  # the process-wide KVM handle stays open: not counted
+    gc.collect()
+    fds, tasks = fd_count(), task_count()
+
+    def churn(index):
+        for i in range(6):
+            make(started=(index + i) % 2 == 1)
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    def after_collection(count):
+        def collected():
+            gc.collect()
+            return count()
+
+        return collected
+
+    assert settles_at(fds, after_collection(fd_count), within=HANG_GUARD) == fds
+    assert settles_at(tasks, after_collection(task_count), within=HANG_GUARD) == tasks

@@ -71,7 +71,9 @@ class VM:
     return all ones, writes are dropped, both counted in :attr:`stats`) or ``"stop"`` (the run
     ends with ``ExitReason.UNHANDLED_IO``).
 
-    Use it as a context manager, or call :meth:`close`, to free its file descriptors and memory.
+    Use it as a context manager, or call :meth:`close`, to free its file descriptors and memory
+    at once; a VM no longer referenced is freed too (stopped first if it runs), by the garbage
+    collector when its handlers refer back to it.
     """
 
     def __init__(

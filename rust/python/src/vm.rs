@@ -16,8 +16,10 @@ use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
 use kvmkit_core::{Machine, MachineConfig, MemoryRegionConfig, UnhandledIo};
 use pyo3::buffer::PyBuffer;
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use pyo3::PyTraverseError;
 
 use crate::convert;
 use crate::devices::bus_device;
@@ -37,6 +39,11 @@ pub struct Vm {
     machine: Mutex<Option<Arc<Machine>>>,
     handler_errors: ErrorSlot,
     linux: Mutex<Option<Arc<LinuxPlatform>>>,
+    /// The handlers on the buses, by where they are mapped, so that the garbage collector sees
+    /// their callables: those often refer back to the VM (one that stops it, say), a cycle that
+    /// runs through the machine where Python cannot otherwise follow it. Only touched with the
+    /// interpreter attached and never held across a release of it.
+    handlers: Mutex<Vec<(AddressSpace, u64, Arc<PyHandler>)>>,
 }
 
 fn space(name: &str) -> PyResult<AddressSpace> {
@@ -54,6 +61,10 @@ impl Vm {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Machine>>> {
         self.machine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn handlers(&self) -> std::sync::MutexGuard<'_, Vec<(AddressSpace, u64, Arc<PyHandler>)>> {
+        self.handlers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn linux(&self) -> PyResult<Arc<LinuxPlatform>> {
@@ -171,6 +182,7 @@ impl Vm {
             machine: Mutex::new(Some(Arc::new(machine))),
             handler_errors: ErrorSlot::default(),
             linux: Mutex::new(None),
+            handlers: Mutex::new(Vec::new()),
         })
     }
 
@@ -183,6 +195,24 @@ impl Vm {
             machine.stop(ExitReason::Stopped);
         }
         release(py, machine);
+        let handlers = std::mem::take(&mut *self.handlers());
+        drop(handlers);
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // The collector must not block; a list being changed right now is skipped, which only
+        // keeps a cycle alive until the next collection.
+        let Ok(handlers) = self.handlers.try_lock() else { return Ok(()) };
+        for (_, _, handler) in handlers.iter() {
+            visit.call(&handler.read)?;
+            visit.call(&handler.write)?;
+        }
+        Ok(())
+    }
+
+    /// Breaks a cycle through the handlers by closing the VM, which frees them.
+    fn __clear__(slf: &Bound<'_, Self>) {
+        slf.get().close(slf.py());
     }
 
     #[getter]
@@ -285,8 +315,11 @@ impl Vm {
         read: Option<Py<PyAny>>,
         write: Option<Py<PyAny>>,
     ) -> PyResult<()> {
-        let handler = PyHandler { read, write, errors: self.handler_errors.clone() };
-        self.machine()?.add_device(self::space(space)?, base, size, Arc::new(handler)).py()
+        let space = self::space(space)?;
+        let handler = Arc::new(PyHandler { read, write, errors: self.handler_errors.clone() });
+        self.machine()?.add_device(space, base, size, handler.clone()).py()?;
+        self.handlers().push((space, base, handler));
+        Ok(())
     }
 
     fn add_device(&self, space: &str, base: u64, size: u64, device: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -294,7 +327,18 @@ impl Vm {
     }
 
     fn remove(&self, space: &str, base: u64) -> PyResult<()> {
-        self.machine()?.remove_device(self::space(space)?, base).py().map(drop)
+        let space = self::space(space)?;
+        let removed = self.machine()?.remove_device(space, base).py()?;
+        // Dropped after the lock is released: freeing a callable can run Python code.
+        let forgotten: Vec<_> = {
+            let mut handlers = self.handlers();
+            let (forgotten, kept) =
+                std::mem::take(&mut *handlers).into_iter().partition(|(s, b, _)| (*s, *b) == (space, base));
+            *handlers = kept;
+            forgotten
+        };
+        drop((removed, forgotten));
+        Ok(())
     }
 
     /// Attaches a virtio device in the next free MMIO slot.
