@@ -2,6 +2,7 @@
 //! dicts. Methods that may wait or join vCPU threads release the GIL, since those threads may need
 //! it to call handlers.
 
+use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -385,6 +386,16 @@ impl Vm {
         let linux = self.linux()?;
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         linux.console.add_copy(Box::new(file));
+        Ok(())
+    }
+
+    /// Writes all further console output to the descriptor `fd`, which this takes over, even when
+    /// it fails (the caller passes a duplicate). Sharing the caller's open file keeps one file offset for both writers,
+    /// where opening the same file again would have each overwrite the other's output.
+    fn console_log_fd(&self, fd: i32) -> PyResult<()> {
+        // SAFETY: the caller hands over a descriptor of its own that nothing else uses or closes.
+        let file = std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        self.linux()?.console.add_copy(Box::new(file));
         Ok(())
     }
 
