@@ -4,12 +4,14 @@ in the disk image and in the device counters, and how the devices treat broken d
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import struct
 import time
 from dataclasses import dataclass, field
 
+import kvmkit
 import pytest
 from kvmkit.errors import DeviceError, IoRangeConflictError
 from support import C_DEBUG_PORT, C_EXIT_PORT
@@ -502,3 +504,46 @@ def test_a_failed_attach_leaves_nothing_behind(make_vm):
     vm.unhook_mmio(FIRST_SLOT)
     rng = vm.add_rng()
     assert (rng.address, vm.virtio_devices) == (FIRST_SLOT, [rng])
+
+
+# 32-bit: `mov [ebx], eax; dec ecx; jnz back; hlt`, a guest that writes EAX to one MMIO register
+# ECX times as fast as it can.
+MMIO_WRITE_LOOP = bytes.fromhex("89 03 49 75 fb f4")
+QUEUE_NOTIFY = 0x50
+
+
+def test_guest_misbehaviour_is_logged_under_kvmkit_and_rate_limited(make_vm, caplog):
+    caplog.set_level(logging.WARNING, logger="kvmkit")
+    vm = make_vm(memory="2M")
+    rng = vm.add_rng()
+    vm.mem_write(0x1000, MMIO_WRITE_LOOP)
+    cpu = vm.vcpus[0]
+
+    def flood(count):
+        # Notifying a queue the device does not have marks it broken, with a warning, every time.
+        cpu.setup("protected", entry=0x1000)
+        for name, value in {"rbx": rng.address + QUEUE_NOTIFY, "rax": 99, "rcx": count}.items():
+            cpu.reg_write(name, value)
+        started = time.monotonic()
+        assert vm.run(timeout=30).reason is kvmkit.ExitReason.HLT
+        return time.monotonic() - started
+
+    def broken_records():
+        return [r for r in caplog.records if "needing reset" in r.getMessage()]
+
+    def suppressed(record):
+        found = re.search(r"\((\d+) more like it suppressed\)", record.getMessage())
+        return int(found.group(1)) if found else 0
+
+    seconds = flood(20_000)
+    first = broken_records()
+    assert 1 <= len(first) <= 5 * (seconds + 2), f"{len(first)} warnings in {seconds:.1f} s"
+    assert all(r.name.startswith("kvmkit.core.devices.virtio") for r in first), {r.name for r in first}
+    assert all(r.levelno == logging.WARNING for r in first)
+
+    time.sleep(1.1)  # a new window: the next warning reports how many were suppressed
+    flood(1)
+    records = broken_records()
+    assert len(records) == len(first) + 1
+    assert suppressed(records[-1]) > 0, records[-1].getMessage()
+    assert sum(1 + suppressed(r) for r in records) == 20_001  # every one logged or counted

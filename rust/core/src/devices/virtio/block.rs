@@ -22,6 +22,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, F_EVENT_IDX, TYPE_BLOCK};
+use crate::ratelimit::guest_log;
 use crate::vstate::memory::GuestMemory;
 
 /// Bytes in a sector, the unit of the capacity and of request offsets.
@@ -452,16 +453,16 @@ impl Disk {
             Ok(request) => match self.execute(memory, &request) {
                 Ok(moved) => (S_OK, moved, Some(request.status)),
                 Err(Failure::Unsupported(kind)) => {
-                    log::debug!("virtio-blk: unsupported request type {kind}");
+                    guest_log!(log::Level::Debug, "virtio-blk: unsupported request type {kind}");
                     (S_UNSUPP, Moved::default(), Some(request.status))
                 }
                 Err(Failure::Io(why)) => {
-                    log::debug!("virtio-blk: request failed: {why}");
+                    guest_log!(log::Level::Debug, "virtio-blk: request failed: {why}");
                     (S_IOERR, Moved::default(), Some(request.status))
                 }
             },
             Err(invalid) => {
-                log::debug!("virtio-blk: bad request: {invalid}");
+                guest_log!(log::Level::Debug, "virtio-blk: bad request: {invalid}");
                 (S_IOERR, Moved::default(), invalid.status)
             }
         };
@@ -539,7 +540,7 @@ impl Disk {
 
     fn host_error(&self, what: &str, error: io::Error) -> Failure {
         // The host failed, not the driver: worth a warning.
-        log::warn!("virtio-blk: {what} of the disk image failed: {error}");
+        guest_log!(log::Level::Warn, "virtio-blk: {what} of the disk image failed: {error}");
         Failure::Io(format!("host {what} failed: {error}"))
     }
 }
