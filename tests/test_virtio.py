@@ -4,6 +4,7 @@ in the disk image and in the device counters, and how the devices treat broken d
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import random
 import re
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import kvmkit
 import pytest
-from kvmkit.errors import DeviceError, IoRangeConflictError
+from kvmkit.errors import DeviceError, ImageLockedError, IoRangeConflictError
 from support import C_DEBUG_PORT, C_EXIT_PORT
 
 pytestmark = pytest.mark.kvm
@@ -220,7 +221,10 @@ def test_disk_get_id_returns_the_serial(make_vm, run_c_guest, image, serial):
         assert re.fullmatch(rb"kvmkit-[0-9a-f]{13}", got), got
         other = make_vm(memory=MEMORY)
         again = run_blk(
-            other, run_c_guest, other.add_disk(path), [Request(T_GET_ID, 0, [(BUF, ID_LEN, True)])]
+            other,
+            run_c_guest,
+            other.add_disk(path, lock=False),
+            [Request(T_GET_ID, 0, [(BUF, ID_LEN, True)])],
         )
         assert again.answers == run.answers
         assert other.mem_read(BUF, ID_LEN) == got
@@ -287,6 +291,7 @@ def test_queue_notifications_cost_no_vmm_exit(make_vm, run_c_guest, image):
         assert run.answers == [(S_OK, SECTOR + 1)] * count
         assert disk.stats.notifications == count
         exits[count] = vm.stats["mmio_exits"]
+        vm.close()  # and with it the image's lock
 
     # The driver touches no register per request but QueueNotify, which the ioeventfd takes.
     assert exits[8] == exits[1]
@@ -547,3 +552,26 @@ def test_guest_misbehaviour_is_logged_under_kvmkit_and_rate_limited(make_vm, cap
     assert len(records) == len(first) + 1
     assert suppressed(records[-1]) > 0, records[-1].getMessage()
     assert sum(1 + suppressed(r) for r in records) == 20_001  # every one logged or counted
+
+
+def test_disk_images_are_locked_against_a_second_writer(make_vm, tmp_path):
+    image = tmp_path / "shared.img"
+    image.write_bytes(bytes(4096))
+    first, second = make_vm(), make_vm()
+
+    first.add_disk(image)
+    with pytest.raises(ImageLockedError, match=re.escape(str(image))):
+        second.add_disk(image)
+    with pytest.raises(ImageLockedError, match="read-write"):
+        second.add_disk(image, read_only=True)
+    # Other programs see the lock too.
+    with image.open("rb") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    second.add_disk(image, lock=False)  # the explicit way past it
+
+    first.close()  # the lock goes with the VM
+    readers = [make_vm(), make_vm()]
+    for vm in readers:
+        vm.add_disk(image, read_only=True)  # readers share it
+    with pytest.raises(ImageLockedError):
+        make_vm().add_disk(image)

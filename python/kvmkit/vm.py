@@ -175,12 +175,22 @@ class VM:
     # virtio devices
 
     def add_disk(
-        self, path: str | os.PathLike[str], read_only: bool = False, *, serial: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        read_only: bool = False,
+        *,
+        serial: str | None = None,
+        lock: bool = True,
     ) -> Disk:
         """Adds a virtio disk backed by the raw image file at ``path`` (its size must be a multiple
         of 512 bytes). ``read_only`` tells the guest so and fails its writes; ``serial`` is the id
-        the guest reads (at most 20 ASCII bytes; by default one derived from the file)."""
-        backend = _core.virtio_block(path, read_only, serial)
+        the guest reads (at most 20 ASCII bytes; by default one derived from the file).
+
+        The image is locked while the VM has it (``flock``): shared when ``read_only``, else
+        exclusive, so a read-write disk cannot share its image with any other disk, nor a read-only
+        one with a writer. :class:`~kvmkit.errors.ImageLockedError` says when the lock is held
+        elsewhere; ``lock=False`` neither takes nor respects it."""
+        backend = _core.virtio_block(path, read_only, serial, lock)
         return self._keep(Disk(self._add_virtio(backend), os.fspath(path), read_only))
 
     def add_net(self, tap: str, mac: str | None = None) -> Net:

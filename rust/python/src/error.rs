@@ -15,6 +15,7 @@ pyo3::import_exception!(kvmkit.errors, GuestMemoryError);
 pyo3::import_exception!(kvmkit.errors, VmStateError);
 pyo3::import_exception!(kvmkit.errors, BootError);
 pyo3::import_exception!(kvmkit.errors, DeviceError);
+pyo3::import_exception!(kvmkit.errors, ImageLockedError);
 
 /// The exception for a core error.
 pub fn to_py(error: Error) -> PyErr {
