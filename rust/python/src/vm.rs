@@ -408,7 +408,7 @@ impl Vm {
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         self.handler_errors.take();
         let machine = self.machine()?;
-        // A failed start joins the threads it began, which need the GIL to end (see attach_for_life).
+        // A failed start waits for the vCPUs it began, which may need the GIL to call a handler.
         let started = py.detach(|| machine.start());
         release(py, Some(machine));
         started.py()
