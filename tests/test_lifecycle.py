@@ -449,13 +449,19 @@ def fd_count():
 def test_vms_whose_handlers_refer_to_them_are_collected(kvm_available, assemble):
     guest = assemble("pio_read_loop")
 
-    def make(started):
+    def make(started, raising=False):
         vm = kvmkit.VM(memory="2M")
         vm.mem_write(LOAD_ADDR, guest)
         vm.vcpus[0].setup("protected", entry=LOAD_ADDR)
         vm.vcpus[0].reg_write("rdx", PORT)
+
         # Handlers that refer to their VM: the cycle runs through the Rust side.
-        vm.hook_io(PORT, size=4, read=lambda port, size: 0 if vm.running else 1)
+        def read(port, size):
+            if raising:  # kept for a wait() that never comes; its traceback leads to the VM
+                raise Boom(f"from {vm!r}")
+            return 0 if vm.running else 1
+
+        vm.hook_io(PORT, size=4, read=read)
         vm.hook_io(0x80, write=lambda addr, data: vm.stop())
         if started:
             vm.start()  # spins in the guest, calling the handler
@@ -466,7 +472,7 @@ def test_vms_whose_handlers_refer_to_them_are_collected(kvm_available, assemble)
 
     def churn(index):
         for i in range(6):
-            make(started=(index + i) % 2 == 1)
+            make(started=(index + i) % 2 == 1, raising=i % 3 == 0)
 
     threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
     for thread in threads:

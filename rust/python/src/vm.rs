@@ -94,7 +94,7 @@ impl Vm {
 
     /// The exit as a dict, or the exception a handler raised during the run.
     fn report(&self, py: Python<'_>, exit: &Exit) -> PyResult<Py<PyAny>> {
-        if let Some(error) = self.handler_errors.take() {
+        if let Some(error) = self.handler_errors.take(py) {
             return Err(error);
         }
         Ok(convert::exit_to_dict(py, exit)?.into_any().unbind())
@@ -197,12 +197,13 @@ impl Vm {
         }
         release(py, machine);
         let handlers = std::mem::take(&mut *self.handlers());
-        drop(handlers);
+        drop((handlers, self.handler_errors.take(py)));
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         // The collector must not block; a list being changed right now is skipped, which only
         // keeps a cycle alive until the next collection.
+        self.handler_errors.traverse(&visit)?;
         let Ok(handlers) = self.handlers.try_lock() else { return Ok(()) };
         for (_, _, handler) in handlers.iter() {
             visit.call(&handler.read)?;
@@ -211,7 +212,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Breaks a cycle through the handlers by closing the VM, which frees them.
+    /// Breaks a cycle through the handlers or a kept exception by closing the VM, which frees
+    /// both.
     fn __clear__(slf: &Bound<'_, Self>) {
         slf.get().close(slf.py());
     }
@@ -406,7 +408,7 @@ impl Vm {
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        self.handler_errors.take();
+        self.handler_errors.take(py);
         let machine = self.machine()?;
         // A failed start waits for the vCPUs it began, which may need the GIL to call a handler.
         let started = py.detach(|| machine.start());
@@ -419,7 +421,7 @@ impl Vm {
     #[pyo3(signature = (timeout=None))]
     fn run(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         let timeout = timeout.map(seconds).transpose()?;
-        self.handler_errors.take();
+        self.handler_errors.take(py);
         let machine = self.machine()?;
         let mut signal = None;
         let mut interrupted = || {
@@ -429,7 +431,7 @@ impl Vm {
         let exit = py.detach(|| machine.run(timeout, &mut interrupted));
         release(py, Some(machine));
         if let Some(signal) = signal {
-            self.handler_errors.take();
+            self.handler_errors.take(py);
             return Err(signal);
         }
         self.report(py, &exit.py()?)
@@ -451,7 +453,7 @@ impl Vm {
                 machine.stop(ExitReason::Stopped);
                 // A vCPU busy in a slow handler is left to finish it (see Machine::run).
                 let _ = py.detach(|| machine.wait(Some(STOP_GRACE)));
-                self.handler_errors.take();
+                self.handler_errors.take(py);
                 break Err(interrupt);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
