@@ -3,6 +3,8 @@
 import gc
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -489,3 +491,20 @@ def test_vms_whose_handlers_refer_to_them_are_collected(kvm_available, assemble)
 
     assert settles_at(fds, after_collection(fd_count), within=HANG_GUARD) == fds
     assert settles_at(tasks, after_collection(task_count), within=HANG_GUARD) == tasks
+
+
+UNCLOSED_AT_EXIT = """
+import kvmkit
+from kvmkit import _core
+vm = _core.Vm(_core.ram_regions(2 << 20), 1, False, False, "ignore", [])  # not closed at exit
+vm.mem_write(0x1000, bytes.fromhex("ebfe"))  # jmp $
+kvmkit.Vcpu(vm, 0).setup("real", entry=0x1000)
+vm.add_handler("pio", 0x80, 1, None, lambda addr, data: vm.stop())  # collectable at shutdown
+vm.start()
+"""
+
+
+@pytest.mark.watchdog(60)
+def test_process_exits_with_a_collectable_vm_still_running(kvm_available):
+    done = subprocess.run([sys.executable, "-c", UNCLOSED_AT_EXIT], capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr

@@ -133,9 +133,20 @@ fn seconds(timeout: f64) -> PyResult<Duration> {
 }
 
 /// Drops a machine handle without the GIL: the last handle joins vCPU threads, which may be
-/// waiting for the GIL to call a handler.
+/// waiting for the GIL to call a handler. While the interpreter shuts down (a VM freed with the
+/// last modules) the last handle is leaked instead: the vCPU threads could no longer take the GIL
+/// to end, and the process ends them anyway.
 fn release(py: Python<'_>, machine: Option<Arc<Machine>>) {
+    if machine.as_ref().is_some_and(|m| Arc::strong_count(m) == 1) && finalizing(py) {
+        std::mem::forget(machine);
+        return;
+    }
     py.detach(move || drop(machine));
+}
+
+fn finalizing(py: Python<'_>) -> bool {
+    let answer = py.import("sys").and_then(|sys| sys.call_method0("is_finalizing")?.is_truthy());
+    answer.unwrap_or(true)
 }
 
 #[pymethods]
