@@ -1,6 +1,10 @@
 """Running, stopping, resuming and closing VMs; several vCPUs and several VMs at once."""
 
+import gc
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -309,3 +313,198 @@ def test_context_manager_closes_the_vm(kvm_available, assemble, state):
         vm.mem_read(0, 1)
     with pytest.raises(VmStateError):
         _ = cpu.regs
+
+
+def task_count():
+    return len(os.listdir("/proc/self/task"))
+
+
+def settles_at(expected, count, within=PROMPT):
+    """Waits for `count()` to reach `expected` (threads end a little after a VM is freed)."""
+    deadline = time.monotonic() + within
+    while count() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return count()
+
+
+@pytest.mark.watchdog(30)
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_handler_frees_its_own_started_vm(kvm_available, assemble, how):
+    tasks = task_count()
+    holder = [kvmkit.VM(memory="2M")]  # not the boot fixture, which keeps a reference
+    holder[0].mem_write(LOAD_ADDR, assemble("pio_read_loop"))
+    holder[0].vcpus[0].setup("protected", entry=LOAD_ADDR)
+    holder[0].vcpus[0].reg_write("rdx", PORT)
+    done = threading.Event()
+
+    def read(port, size):
+        if how == "close":
+            holder[0].close()
+        else:
+            holder.clear()  # the last reference to the VM: the handler drops it
+        done.set()
+        return 0
+
+    holder[0].hook_io(PORT, size=4, read=read)
+    holder[0].start()
+    closed = holder[0] if how == "close" else None
+
+    assert done.wait(HANG_GUARD), "the handler did not return from freeing its own VM"
+    assert settles_at(tasks, task_count) == tasks  # the vCPU thread ended
+    if closed is not None:
+        assert closed.closed
+
+
+@pytest.mark.watchdog(30)
+@pytest.mark.parametrize("how", ["run", "start-wait"])
+def test_wait_from_a_handler_raises(boot, how):
+    vm = boot("pio_read_loop", "protected", regs={"rdx": PORT})
+    vm.hook_io(PORT, size=4, read=lambda port, size: vm.wait(timeout=HANG_GUARD))
+
+    with pytest.raises(VmStateError, match="handler cannot wait"):
+        if how == "run":
+            vm.run(timeout=HANG_GUARD)
+        else:
+            vm.start()
+            vm.wait(timeout=HANG_GUARD)
+    assert not vm.running
+
+
+# --------------------------------------------------------------------------- slow handlers
+
+
+def blocking_handler(vm, release):
+    """A read handler that blocks until `release` is set; returns the list of calls it started."""
+    started = []
+
+    def read(port, size):
+        started.append(port)
+        release.wait(HANG_GUARD)
+        return 0
+
+    vm.hook_io(PORT, size=4, read=read)
+    return started
+
+
+@pytest.mark.watchdog(30)
+def test_timeout_ends_run_during_a_slow_handler(boot):
+    vm = boot("pio_read_loop", "protected", regs={"rdx": PORT})
+    release = threading.Event()
+    started = blocking_handler(vm, release)
+    try:
+        exit, took = timed(vm.run, timeout=0.3)
+        assert exit.reason == ExitReason.TIMEOUT
+        assert took < 2.0  # the handler blocks for HANG_GUARD
+        assert started == [PORT]
+        # The handler's vCPU still finishes its call: the VM runs until then.
+        assert vm.running
+        assert exit.vcpu_reasons == []
+        with pytest.raises(VmStateError):
+            _ = vm.vcpus[0].regs
+    finally:
+        release.set()
+    final = vm.wait(timeout=HANG_GUARD)
+    assert final.reason == ExitReason.TIMEOUT
+    assert final.vcpu_reasons == [ExitReason.STOPPED]
+    assert not vm.running
+    assert len(started) == 1  # it stopped right after the call
+    assert vm.vcpus[0].regs.rip  # usable again
+
+
+@pytest.mark.watchdog(30)
+@pytest.mark.parametrize("how", ["run", "start-wait"])
+def test_ctrl_c_ends_run_during_a_slow_handler(boot, how):
+    assert threading.current_thread() is threading.main_thread(), "signals are delivered to the main thread"
+    vm = boot("pio_read_loop", "protected", cpus=2, regs={"rdx": PORT})
+    release = threading.Event()
+    blocking_handler(vm, release)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    try:
+        start = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            if how == "run":
+                vm.run(timeout=HANG_GUARD)
+            else:
+                vm.start()
+                vm.wait(timeout=HANG_GUARD)
+        assert time.monotonic() - start < 2.0  # the handlers block for HANG_GUARD
+        assert vm.running
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+    assert vm.wait(timeout=HANG_GUARD).reason == ExitReason.STOPPED
+    assert not vm.running
+
+
+# --------------------------------------------------------------------------- freeing
+
+
+def fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.watchdog(60)
+def test_vms_whose_handlers_refer_to_them_are_collected(kvm_available, assemble):
+    guest = assemble("pio_read_loop")
+
+    def make(started, raising=False):
+        vm = kvmkit.VM(memory="2M")
+        vm.mem_write(LOAD_ADDR, guest)
+        vm.vcpus[0].setup("protected", entry=LOAD_ADDR)
+        vm.vcpus[0].reg_write("rdx", PORT)
+
+        # Handlers that refer to their VM: the cycle runs through the Rust side.
+        def read(port, size):
+            if raising:  # kept for a wait() that never comes; its traceback leads to the VM
+                raise Boom(f"from {vm!r}")
+            return 0 if vm.running else 1
+
+        vm.hook_io(PORT, size=4, read=read)
+        vm.hook_io(0x80, write=lambda addr, data: vm.stop())
+        if started:
+            vm.start()  # spins in the guest, calling the handler
+
+    make(False)  # the process-wide KVM handle stays open: not counted
+    gc.collect()
+    fds, tasks = fd_count(), task_count()
+
+    def churn(index):
+        for i in range(6):
+            make(started=(index + i) % 2 == 1, raising=i % 3 == 0)
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    def after_collection(count):
+        def collected():
+            gc.collect()
+            return count()
+
+        return collected
+
+    assert settles_at(fds, after_collection(fd_count), within=HANG_GUARD) == fds
+    assert settles_at(tasks, after_collection(task_count), within=HANG_GUARD) == tasks
+
+
+UNCLOSED_AT_EXIT = """
+import kvmkit
+from kvmkit import _core
+vm = _core.Vm(_core.ram_regions(2 << 20), 1, False, False, "ignore", [])  # not closed at exit
+vm.mem_write(0x1000, bytes.fromhex("ebfe"))  # jmp $
+kvmkit.Vcpu(vm, 0).setup("real", entry=0x1000)
+vm.add_handler("pio", 0x80, 1, None, lambda addr, data: vm.stop())  # collectable at shutdown
+vm.start()
+"""
+
+
+@pytest.mark.watchdog(60)
+def test_process_exits_with_a_collectable_vm_still_running(kvm_available):
+    done = subprocess.run([sys.executable, "-c", UNCLOSED_AT_EXIT], capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr

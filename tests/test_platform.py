@@ -147,3 +147,29 @@ def test_pexpect_drives_the_console_through_its_file_descriptor(platform_vm):
     child.send("over the fd!")
     child.expect("over the fd")
     assert vm.wait(timeout=10).reason is ExitReason.RESET
+
+
+ECHO_TO_STDOUT = """
+import sys, kvmkit
+print("before the boot")
+with kvmkit.VM(memory="64M", irqchip=True, pit=True) as vm:
+    console = vm.boot_linux(sys.argv[1], cmdline="to a file")
+    console.log_to(sys.stdout)
+    vm.start()
+    console.expect(b"modules=0\\n", timeout=10)
+    console.write(".")
+    print("summary:", vm.wait(timeout=10).reason.name)
+"""
+
+
+def test_console_echo_to_a_redirected_stdout_keeps_the_file_in_order(assemble, tmp_path, kvm_available):
+    kernel = tmp_path / "kernel.elf"
+    kernel.write_bytes(assemble("pvh_platform", elf=True))
+    output = tmp_path / "output.txt"
+    with output.open("wb") as stdout:  # a regular file, as with `kvmkit demo > file`
+        done = subprocess.run(
+            [sys.executable, "-c", ECHO_TO_STDOUT, kernel], stdout=stdout, stderr=subprocess.PIPE, timeout=60
+        )
+    assert done.returncode == 0, done.stderr
+    expected = b"before the boot\ncmdline=to a file memmap=2 modules=0\nsummary: POWEROFF\n"
+    assert output.read_bytes() == expected

@@ -4,14 +4,17 @@ in the disk image and in the device counters, and how the devices treat broken d
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import random
 import re
 import struct
 import time
 from dataclasses import dataclass, field
 
+import kvmkit
 import pytest
-from kvmkit.errors import DeviceError, IoRangeConflictError
+from kvmkit.errors import DeviceError, ImageLockedError, IoRangeConflictError
 from support import C_DEBUG_PORT, C_EXIT_PORT
 
 pytestmark = pytest.mark.kvm
@@ -218,7 +221,10 @@ def test_disk_get_id_returns_the_serial(make_vm, run_c_guest, image, serial):
         assert re.fullmatch(rb"kvmkit-[0-9a-f]{13}", got), got
         other = make_vm(memory=MEMORY)
         again = run_blk(
-            other, run_c_guest, other.add_disk(path), [Request(T_GET_ID, 0, [(BUF, ID_LEN, True)])]
+            other,
+            run_c_guest,
+            other.add_disk(path, lock=False),
+            [Request(T_GET_ID, 0, [(BUF, ID_LEN, True)])],
         )
         assert again.answers == run.answers
         assert other.mem_read(BUF, ID_LEN) == got
@@ -285,6 +291,7 @@ def test_queue_notifications_cost_no_vmm_exit(make_vm, run_c_guest, image):
         assert run.answers == [(S_OK, SECTOR + 1)] * count
         assert disk.stats.notifications == count
         exits[count] = vm.stats["mmio_exits"]
+        vm.close()  # and with it the image's lock
 
     # The driver touches no register per request but QueueNotify, which the ioeventfd takes.
     assert exits[8] == exits[1]
@@ -502,3 +509,69 @@ def test_a_failed_attach_leaves_nothing_behind(make_vm):
     vm.unhook_mmio(FIRST_SLOT)
     rng = vm.add_rng()
     assert (rng.address, vm.virtio_devices) == (FIRST_SLOT, [rng])
+
+
+# 32-bit: `mov [ebx], eax; dec ecx; jnz back; hlt`, a guest that writes EAX to one MMIO register
+# ECX times as fast as it can.
+MMIO_WRITE_LOOP = bytes.fromhex("89 03 49 75 fb f4")
+QUEUE_NOTIFY = 0x50
+
+
+def test_guest_misbehaviour_is_logged_under_kvmkit_and_rate_limited(make_vm, caplog):
+    caplog.set_level(logging.WARNING, logger="kvmkit")
+    vm = make_vm(memory="2M")
+    rng = vm.add_rng()
+    vm.mem_write(0x1000, MMIO_WRITE_LOOP)
+    cpu = vm.vcpus[0]
+
+    def flood(count):
+        # Notifying a queue the device does not have marks it broken, with a warning, every time.
+        cpu.setup("protected", entry=0x1000)
+        for name, value in {"rbx": rng.address + QUEUE_NOTIFY, "rax": 99, "rcx": count}.items():
+            cpu.reg_write(name, value)
+        started = time.monotonic()
+        assert vm.run(timeout=30).reason is kvmkit.ExitReason.HLT
+        return time.monotonic() - started
+
+    def broken_records():
+        return [r for r in caplog.records if "needing reset" in r.getMessage()]
+
+    def suppressed(record):
+        found = re.search(r"\((\d+) more like it suppressed\)", record.getMessage())
+        return int(found.group(1)) if found else 0
+
+    seconds = flood(20_000)
+    first = broken_records()
+    assert 1 <= len(first) <= 5 * (seconds + 2), f"{len(first)} warnings in {seconds:.1f} s"
+    assert all(r.name.startswith("kvmkit.core.devices.virtio") for r in first), {r.name for r in first}
+    assert all(r.levelno == logging.WARNING for r in first)
+
+    time.sleep(1.1)  # a new window: the next warning reports how many were suppressed
+    flood(1)
+    records = broken_records()
+    assert len(records) == len(first) + 1
+    assert suppressed(records[-1]) > 0, records[-1].getMessage()
+    assert sum(1 + suppressed(r) for r in records) == 20_001  # every one logged or counted
+
+
+def test_disk_images_are_locked_against_a_second_writer(make_vm, tmp_path):
+    image = tmp_path / "shared.img"
+    image.write_bytes(bytes(4096))
+    first, second = make_vm(), make_vm()
+
+    first.add_disk(image)
+    with pytest.raises(ImageLockedError, match=re.escape(str(image))):
+        second.add_disk(image)
+    with pytest.raises(ImageLockedError, match="read-write"):
+        second.add_disk(image, read_only=True)
+    # Other programs see the lock too.
+    with image.open("rb") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    second.add_disk(image, lock=False)  # the explicit way past it
+
+    first.close()  # the lock goes with the VM
+    readers = [make_vm(), make_vm()]
+    for vm in readers:
+        vm.add_disk(image, read_only=True)  # readers share it
+    with pytest.raises(ImageLockedError):
+        make_vm().add_disk(image)

@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         console = vm.boot_linux(kernel, initrd=initrd, cmdline=cmdline or kvmkit.vm.DEFAULT_CMDLINE)
         if args.console_log:
             console.log_to(args.console_log)
-        console.log_to(f"/proc/self/fd/{sys.stdout.fileno()}")  # /dev/stdout may be missing
+        console.log_to(sys.stdout)
         fd = stdin_fd()
         with raw_terminal(fd), InputPump(fd, console.write, vm.stop):
             if os.isatty(fd):

@@ -8,7 +8,7 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Union
+from typing import IO, TYPE_CHECKING, Any, Union
 
 from kvmkit.errors import ConsoleTimeout
 
@@ -106,9 +106,17 @@ class Console:
                 except OSError:  # the other end is gone
                     return
 
-    def log_to(self, path: str | os.PathLike[str]) -> None:
-        """Appends all further output to the file at ``path``."""
-        self._core.console_log(os.fspath(path))
+    def log_to(self, target: str | os.PathLike[str] | IO[Any]) -> None:
+        """Copies all further output to ``target``: appended to the file at a path, or written
+        through an open file's descriptor (such as ``sys.stdout``) after what the file object has
+        written so far. Pass the open file rather than a path naming it (``/dev/stdout``,
+        ``/proc/self/fd/1``): a second opening of a regular file keeps an offset of its own, and
+        the two writers then overwrite each other."""
+        if isinstance(target, (str, os.PathLike)):
+            self._core.console_log(os.fspath(target))
+            return
+        target.flush()
+        self._core.console_log_fd(os.dup(target.fileno()))  # which owns the duplicate, even on failure
 
 
 def _compile(pattern: Pattern) -> re.Pattern[bytes]:

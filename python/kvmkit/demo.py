@@ -112,7 +112,7 @@ def run_linux(
         vm.add_vsock(GUEST_CID, os.path.join(work, "vsock.sock"))
         console = vm.boot_linux(guest.vmlinux, initrd=guest.initrd, cmdline=cmdline)
         if echo:
-            console.log_to(f"/proc/self/fd/{sys.stdout.fileno()}")
+            console.log_to(sys.stdout)
         vm.start()
         output = result = None
         try:

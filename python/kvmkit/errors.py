@@ -49,6 +49,12 @@ class DeviceError(ConfigError):
     multiple of 512 bytes, a tap that cannot be opened, a vsock socket path already in use."""
 
 
+class ImageLockedError(DeviceError):
+    """A disk image is in use elsewhere (another VM, this process's or another's, or another
+    program that locks it): a read-write disk needs it to itself, a read-only one needs it free of
+    writers. ``add_disk(..., lock=False)`` attaches it anyway."""
+
+
 class ConsoleTimeout(KvmkitError, TimeoutError):
     """The console did not show what was expected in time (or the VM stopped first)."""
 
@@ -113,6 +119,7 @@ __all__ = [
     "GuestMemoryError",
     "GuestOSError",
     "ImageError",
+    "ImageLockedError",
     "IoRangeConflictError",
     "KvmCapabilityError",
     "KvmError",

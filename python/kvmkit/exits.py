@@ -45,7 +45,8 @@ class Exit:
     vcpu: int | None
     """The vCPU whose exit ended the run, if one did."""
     vcpu_reasons: list[ExitReason]
-    """How each vCPU ended, by index."""
+    """How each vCPU ended, by index; empty when a timeout or Ctrl-C ended ``run()`` while a
+    handler was still busy."""
     details: dict[str, Any] = field(default_factory=dict)
     message: str = ""
 

@@ -81,7 +81,9 @@ class VM:
     return all ones, writes are dropped, both counted in :attr:`stats`) or ``"stop"`` (the run
     ends with ``ExitReason.UNHANDLED_IO``).
 
-    Use it as a context manager, or call :meth:`close`, to free its file descriptors and memory.
+    Use it as a context manager, or call :meth:`close`, to free its file descriptors and memory
+    at once; a VM no longer referenced is freed too (stopped first if it runs), by the garbage
+    collector when its handlers refer back to it.
     """
 
     def __init__(
@@ -206,12 +208,22 @@ class VM:
     # virtio devices
 
     def add_disk(
-        self, path: str | os.PathLike[str], read_only: bool = False, *, serial: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        read_only: bool = False,
+        *,
+        serial: str | None = None,
+        lock: bool = True,
     ) -> Disk:
         """Adds a virtio disk backed by the raw image file at ``path`` (its size must be a multiple
         of 512 bytes). ``read_only`` tells the guest so and fails its writes; ``serial`` is the id
-        the guest reads (at most 20 ASCII bytes; by default one derived from the file)."""
-        backend = _core.virtio_block(path, read_only, serial)
+        the guest reads (at most 20 ASCII bytes; by default one derived from the file).
+
+        The image is locked while the VM has it (``flock``): shared when ``read_only``, else
+        exclusive, so a read-write disk cannot share its image with any other disk, nor a read-only
+        one with a writer. :class:`~kvmkit.errors.ImageLockedError` says when the lock is held
+        elsewhere; ``lock=False`` neither takes nor respects it."""
+        backend = _core.virtio_block(path, read_only, serial, lock)
         return self._keep(Disk(self._add_virtio(backend), os.fspath(path), read_only))
 
     def add_net(self, tap: str, mac: str | None = None) -> Net:
@@ -326,11 +338,13 @@ class VM:
     # Running
 
     def run(self, timeout: float | None = None) -> Exit:
-        """Runs every vCPU until the run ends and returns how it ended. vCPU 0 runs on the calling
-        thread, the others on their own threads. After ``timeout`` seconds the VM is stopped and the
-        reason is ``TIMEOUT``. An exception raised by a handler during the run is raised here; Ctrl-C
-        stops the VM and raises ``KeyboardInterrupt``. The VM can be run again, resuming where it
-        stopped."""
+        """Runs every vCPU, each on its own thread, until the run ends and returns how it ended.
+        After ``timeout`` seconds the VM is stopped and the reason is ``TIMEOUT``. An exception
+        raised by a handler during the run is raised here; Ctrl-C stops the VM and raises
+        ``KeyboardInterrupt``. A timeout or Ctrl-C returns within about 0.1 s even while a handler
+        is busy; that handler's call finishes on its own thread, and until it has the VM is still
+        running (``vcpu_reasons`` is then empty; :meth:`wait` collects the full exit). The VM can
+        be run again, resuming where it stopped."""
         exit_ = Exit._from_core(self._core.run(timeout))
         log.debug("run ended: %s", exit_)
         return exit_
@@ -341,7 +355,8 @@ class VM:
 
     def wait(self, timeout: float | None = None) -> Exit:
         """Waits for the run to end. Raises :class:`~kvmkit.errors.WaitTimeout` if it has not
-        after ``timeout`` seconds (the VM keeps running)."""
+        after ``timeout`` seconds (the VM keeps running), and ``VmStateError`` when called from a
+        handler of the run, whose vCPU would wait for itself."""
         exit_ = self._wait(timeout)
         if exit_ is None:
             raise WaitTimeout(f"the VM is still running after {timeout} s")

@@ -61,6 +61,10 @@ pub enum Error {
     /// `wait` was called on a VM that was never started.
     #[error("the VM has not been started")]
     NotStarted,
+    /// `wait` was called from one of the run's own vCPU threads (a handler), which would wait for
+    /// itself.
+    #[error("a handler cannot wait for the run it serves (its vCPU would wait for itself); call stop() instead")]
+    WaitInRun,
     /// A kernel, initrd or command line cannot be booted.
     #[error(transparent)]
     Boot(#[from] BootError),

@@ -3,10 +3,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use log::debug;
-
 use crate::bus::{Bus, BusDevice, BusError, BusRange};
 use crate::config::UnhandledIo;
+use crate::ratelimit::guest_log;
 use crate::vstate::exit::{AddressSpace, IoError, IoHandler};
 
 /// Ports are 16 bits wide.
@@ -98,7 +97,11 @@ impl IoSpaces {
             AddressSpace::Mmio => &self.stats.unhandled_mmio,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        debug!("unhandled {size}-byte {} {space} {addr:#x}", if write { "write to" } else { "read from" });
+        guest_log!(
+            log::Level::Debug,
+            "unhandled {size}-byte {} {space} {addr:#x}",
+            if write { "write to" } else { "read from" }
+        );
         match self.unhandled {
             UnhandledIo::Ignore => Ok(()),
             UnhandledIo::Stop => Err(IoError::Unhandled),

@@ -12,6 +12,7 @@
 //!   queues are served on an event-loop thread.
 //! - [`linux`]: the PC platform a Linux guest boots on.
 //! - [`machine`]: a VM assembled from a [`MachineConfig`], with its run lifecycle.
+//! - [`ratelimit`]: keeps messages the guest can cause from flooding the host's log.
 
 pub mod arch;
 pub mod boot;
@@ -23,6 +24,7 @@ pub mod io;
 pub mod irq;
 pub mod linux;
 pub mod machine;
+pub mod ratelimit;
 pub mod size;
 pub mod vstate;
 

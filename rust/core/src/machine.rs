@@ -1,9 +1,9 @@
 //! A VM assembled from a [`MachineConfig`]: memory, vCPUs and I/O buses, and the lifecycle of
 //! its runs (start, wait, stop).
 //!
-//! Each run starts one thread per vCPU. A thread owns its vCPU while it runs and hands it back
-//! when joined, so register access and changes to the I/O map need the VM stopped, while memory
-//! and `stop` are available at any time.
+//! Each vCPU has a thread of its own, started with its first run and kept until the machine goes.
+//! The thread owns its vCPU during a run and hands it back at the end, so register access and
+//! changes to the I/O map need the VM stopped, while memory and `stop` are available at any time.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
@@ -26,7 +26,7 @@ use crate::irq::IrqLine;
 use crate::vstate::exit::{AddressSpace, Exit, ExitReason};
 use crate::vstate::kvm::Kvm;
 use crate::vstate::memory::{self, GuestMemory};
-use crate::vstate::runner::{install_kick_handler, run_vcpu, Kicker, RunControl, Ticker};
+use crate::vstate::runner::{install_kick_handler, run_vcpu, Kicker, RunControl};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{new_eventfd, Vm};
 
@@ -51,6 +51,8 @@ struct State {
     run: Option<ActiveRun>,
     last_exit: Option<Exit>,
     thread_hook: Option<VcpuThreadHook>,
+    /// Each vCPU's thread, by index, started with its first run and kept for the next ones.
+    workers: Vec<Worker>,
     /// Called when the first run starts (then dropped).
     on_first_start: Vec<Box<dyn FnOnce() + Send>>,
     /// virtio devices, in the order they were added.
@@ -76,13 +78,37 @@ pub struct VirtioSlot {
 
 struct ActiveRun {
     control: Arc<RunControl>,
-    threads: Vec<JoinHandle<(Vcpu, ExitReason)>>,
-    /// vCPUs given back without a thread to join (run on the caller's thread, or never started).
+    /// Where the vCPU threads hand their vCPU back at the end of the run.
+    finished: mpsc::Receiver<(Vcpu, ExitReason)>,
+    /// How many vCPUs are still to come through `finished`.
+    pending: usize,
+    /// vCPUs given back without running (their thread could not be started).
     returned: Vec<(Vcpu, ExitReason)>,
+}
+
+/// A vCPU's own thread, which runs it in every run. Kept across runs because KVM makes a run on a
+/// thread other than the previous run's wait for an RCU grace period, and a new thread costs its
+/// start-up as well: both would dominate short runs.
+struct Worker {
+    jobs: mpsc::Sender<Job>,
+    thread: JoinHandle<()>,
+}
+
+/// One run of one vCPU, for its worker.
+struct Job {
+    vcpu: Vcpu,
+    io: IoSpaces,
+    control: Arc<RunControl>,
+    finished: mpsc::Sender<(Vcpu, ExitReason)>,
 }
 
 /// How often a waiting or running caller checks its deadline and interrupt callback.
 const POLL_PERIOD: Duration = Duration::from_millis(20);
+
+/// How long a run told to end (by its deadline, by an interrupt) waits for its vCPUs before the
+/// caller gets its answer anyway. vCPUs in the guest stop within microseconds; one still inside a
+/// slow handler is left to finish it.
+pub const STOP_GRACE: Duration = Duration::from_millis(100);
 
 /// Runs the vCPU loop, turning a panic into an exit reason.
 fn run_guarded(
@@ -116,6 +142,7 @@ impl Machine {
             run: None,
             last_exit: None,
             thread_hook: None,
+            workers: Vec::new(),
             on_first_start: Vec::new(),
             virtio: Vec::new(),
             device_loop: None,
@@ -261,7 +288,8 @@ impl Machine {
         state.last_exit.clone()
     }
 
-    /// Sets the hook every vCPU thread runs inside, from the next start on.
+    /// Sets the hook every vCPU thread runs inside, for the threads not started yet (a vCPU's
+    /// thread starts with its first run).
     pub fn set_thread_hook(&self, hook: VcpuThreadHook) -> Result<()> {
         self.stopped_state()?.thread_hook = Some(hook);
         Ok(())
@@ -269,39 +297,40 @@ impl Machine {
 
     /// Starts every vCPU on its own thread and returns; [`wait`](Self::wait) collects the end.
     pub fn start(&self) -> Result<()> {
-        self.launch(false).map(drop)
+        self.launch().map(drop)
     }
 
-    /// Runs the VM until the run ends: vCPU 0 on the calling thread (no thread handoff, which is
-    /// what makes short runs cheap), the others on their own threads. The run ends with
-    /// [`ExitReason::Timeout`] after `timeout`, and with [`ExitReason::Stopped`] as soon as
-    /// `interrupted` (asked every few milliseconds) returns true.
+    /// Runs the VM until the run ends, every vCPU on its own thread while the caller waits. The run
+    /// ends with [`ExitReason::Timeout`] after `timeout`, and with [`ExitReason::Stopped`] as soon
+    /// as `interrupted` (asked every few milliseconds) returns true. Either way the caller gets its
+    /// answer within [`STOP_GRACE`]: a vCPU still busy in a device call then (a slow handler)
+    /// finishes the call on its thread and stops, the run stays in progress until it has, and the
+    /// exit returned lists no per-vCPU reasons.
     pub fn run(&self, timeout: Option<Duration>, interrupted: &mut dyn FnMut() -> bool) -> Result<Exit> {
         // A timeout too long to be a time of day never passes.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let mut should_stop = || {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+        let control = self.launch()?;
+        let mut give_up = None;
+        loop {
+            let slice = deadline.map_or(POLL_PERIOD, |d| d.saturating_duration_since(Instant::now()).min(POLL_PERIOD));
+            if control.wait(Some(slice)) {
+                break;
+            }
+            if let Some(give_up) = give_up {
+                if Instant::now() >= give_up {
+                    let (vcpu, reason) = control.cause().unwrap_or((None, ExitReason::Stopped));
+                    return Ok(Exit { reason, vcpu, vcpu_reasons: Vec::new() });
+                }
+                continue;
+            }
+            let reason = if deadline.is_some_and(|d| Instant::now() >= d) {
                 Some(ExitReason::Timeout)
             } else {
                 interrupted().then_some(ExitReason::Stopped)
-            }
-        };
-        let (control, vcpu) = self.launch(true)?;
-        if let Some(mut vcpu) = vcpu {
-            let io = self.lock().io.clone();
-            let reason = match Ticker::start(POLL_PERIOD) {
-                Ok(_ticker) => run_guarded(&mut vcpu, &io, &control, &mut should_stop),
-                Err(e) => ExitReason::VmmError(format!("cannot start the run's timer: {e}")),
             };
-            control.end_run_if(vcpu.index(), &reason);
-            if let Some(run) = self.lock().run.as_mut() {
-                run.returned.push((vcpu, reason));
-            }
-            control.finish();
-        }
-        while !control.wait(Some(POLL_PERIOD)) {
-            if let Some(reason) = should_stop() {
+            if let Some(reason) = reason {
                 control.request_stop(None, reason);
+                give_up = Some(Instant::now() + STOP_GRACE);
             }
         }
         let mut state = self.lock();
@@ -309,9 +338,8 @@ impl Machine {
         state.last_exit.clone().ok_or(Error::NotStarted)
     }
 
-    /// Starts the vCPU threads of a new run; with `keep_first`, vCPU 0 is returned for the caller
-    /// to run instead.
-    fn launch(&self, keep_first: bool) -> Result<(Arc<RunControl>, Option<Vcpu>)> {
+    /// Starts a new run on the vCPU threads (starting those that are not yet).
+    fn launch(&self) -> Result<Arc<RunControl>> {
         let mut state = self.stopped_state()?;
         install_kick_handler().map_err(Error::Thread)?;
         for first_start in std::mem::take(&mut state.on_first_start) {
@@ -319,72 +347,46 @@ impl Machine {
         }
         let mut vcpus = std::mem::take(&mut state.vcpus);
         let control = Arc::new(RunControl::new(vcpus.iter_mut().map(Kicker::new).collect()));
+        let (finished, receive) = mpsc::channel();
+        let mut run = ActiveRun { control: control.clone(), finished: receive, pending: 0, returned: Vec::new() };
         let mut vcpus = vcpus.into_iter();
-        let first = if keep_first { vcpus.next() } else { None };
-        state.run = Some(ActiveRun { control: control.clone(), threads: Vec::new(), returned: Vec::new() });
         while let Some(vcpu) = vcpus.next() {
-            match Self::spawn(vcpu, &state.io, &control, state.thread_hook.clone()) {
-                Ok(thread) => state.run.as_mut().map_or((), |run| run.threads.push(thread)),
+            let job = Job { vcpu, io: state.io.clone(), control: control.clone(), finished: finished.clone() };
+            match Self::hand_over(&mut state, job) {
+                Ok(()) => run.pending += 1,
                 Err((vcpu, e)) => {
                     // Stop what started, take every vCPU back, and report.
-                    let unstarted: Vec<_> = first.into_iter().chain(std::iter::once(vcpu)).chain(vcpus).collect();
-                    for vcpu in unstarted {
+                    for vcpu in std::iter::once(vcpu).chain(vcpus) {
                         control.finish();
-                        if let Some(run) = state.run.as_mut() {
-                            run.returned.push((vcpu, ExitReason::Stopped));
-                        }
+                        run.returned.push((vcpu, ExitReason::Stopped));
                     }
                     control.request_stop(None, ExitReason::VmmError(format!("cannot start a vCPU thread: {e}")));
                     control.wait(None);
+                    drop(finished);
+                    state.run = Some(run);
                     Self::join(&mut state);
                     return Err(Error::Thread(e));
                 }
             }
         }
-        Ok((control, first))
+        state.run = Some(run);
+        Ok(control)
     }
 
-    fn spawn(
-        vcpu: Vcpu,
-        io: &IoSpaces,
-        control: &Arc<RunControl>,
-        hook: Option<VcpuThreadHook>,
-    ) -> std::result::Result<JoinHandle<(Vcpu, ExitReason)>, (Vcpu, std::io::Error)> {
-        let index = vcpu.index();
-        let (io, control_for_thread) = (io.clone(), control.clone());
-        // The vCPU is handed over only once the thread exists, so a failed spawn keeps it here.
-        let (handover, receive) = mpsc::channel::<Vcpu>();
-        let thread = thread::Builder::new().name(format!("kvmkit-vcpu{index}")).spawn(move || {
-            let control = control_for_thread;
-            let Ok(mut vcpu) = receive.recv() else {
-                unreachable!("the spawner sends the vCPU before dropping the channel")
-            };
-            let mut reason = None;
-            let mut body = || {
-                let exit = run_guarded(&mut vcpu, &io, &control, &mut || None);
-                control.end_run_if(index, &exit);
-                reason = Some(exit);
-            };
-            match &hook {
-                Some(hook) => hook(&mut body),
-                None => body(),
+    /// Gives `job` to its vCPU's thread, starting the thread on the vCPU's first run; hands the
+    /// vCPU back when that fails.
+    fn hand_over(state: &mut State, job: Job) -> std::result::Result<(), (Vcpu, std::io::Error)> {
+        let index = job.vcpu.index() as usize;
+        if index >= state.workers.len() {
+            match Worker::start(index, state.thread_hook.clone()) {
+                Ok(worker) => state.workers.push(worker),
+                Err(e) => return Err((job.vcpu, e)),
             }
-            // Counted as finished only after the hook has returned, so that whoever joins finished
-            // threads never waits on a hook's teardown.
-            let reason =
-                reason.unwrap_or_else(|| ExitReason::VmmError("the vCPU thread hook did not run the vCPU".into()));
-            control.finish();
-            (vcpu, reason)
-        });
-        match thread {
-            Ok(thread) => {
-                handover
-                    .send(vcpu)
-                    .map_err(|mpsc::SendError(vcpu)| (vcpu, std::io::Error::other("vCPU thread exited early")))?;
-                Ok(thread)
-            }
-            Err(e) => Err((vcpu, e)),
         }
+        state.workers[index]
+            .jobs
+            .send(job)
+            .map_err(|mpsc::SendError(job)| (job.vcpu, std::io::Error::other("the vCPU thread has exited")))
     }
 
     /// Waits for the run to end, at most `timeout`. `Ok(None)` means it is still running. With no
@@ -397,6 +399,9 @@ impl Machine {
                 None => return state.last_exit.clone().map(Some).ok_or(Error::NotStarted),
             }
         };
+        if control.is_current_thread() {
+            return Err(Error::WaitInRun);
+        }
         if !control.wait(timeout) {
             return Ok(None);
         }
@@ -444,19 +449,111 @@ impl Machine {
     /// records how the run ended.
     fn join(state: &mut State) {
         let Some(run) = state.run.take() else { return };
-        let mut finished = run.returned;
-        for thread in run.threads {
-            match thread.join() {
+        let (vcpus, exit) = run.join();
+        state.vcpus = vcpus;
+        state.last_exit = Some(exit);
+    }
+}
+
+impl ActiveRun {
+    /// Takes the vCPUs back once their threads are done with them (they must have finished the
+    /// run or be about to): the vCPUs and how the run ended.
+    fn join(self) -> (Vec<Vcpu>, Exit) {
+        let mut finished = self.returned;
+        for _ in 0..self.pending {
+            match self.finished.recv() {
                 Ok(finished_vcpu) => finished.push(finished_vcpu),
-                // Unreachable: the thread body catches panics. Its vCPU is lost with it.
-                Err(panic) => log::error!("a vCPU thread was lost: {}", panic_message(&panic)),
+                // Unreachable: the thread body catches panics and always hands the vCPU back.
+                Err(_) => log::error!("a vCPU was lost with its thread"),
             }
         }
         finished.sort_by_key(|(vcpu, _)| vcpu.index());
         let (vcpus, vcpu_reasons): (Vec<_>, Vec<_>) = finished.into_iter().unzip();
-        state.vcpus = vcpus;
-        let (vcpu, reason) = run.control.cause().unwrap_or((None, ExitReason::Hlt));
-        state.last_exit = Some(Exit { reason, vcpu, vcpu_reasons });
+        let (vcpu, reason) = self.control.cause().unwrap_or((None, ExitReason::Hlt));
+        (vcpus, Exit { reason, vcpu, vcpu_reasons })
+    }
+}
+
+impl Worker {
+    /// Starts the thread of vCPU `index`, inside `hook` if given; it serves jobs until the sender
+    /// goes.
+    fn start(index: usize, hook: Option<VcpuThreadHook>) -> std::io::Result<Self> {
+        let (jobs, receive) = mpsc::channel::<Job>();
+        let thread = thread::Builder::new().name(format!("kvmkit-vcpu{index}")).spawn(move || {
+            let serve = |job: Job, run: bool| {
+                let Job { mut vcpu, io, control, finished } = job;
+                let exit = if run {
+                    run_guarded(&mut vcpu, &io, &control, &mut || None)
+                } else {
+                    ExitReason::VmmError("the vCPU thread hook did not run the vCPU".into())
+                };
+                control.end_run_if(vcpu.index(), &exit);
+                drop(io);
+                // Handed back before being counted, so whoever sees the run finished finds it.
+                let _ = finished.send((vcpu, exit));
+                control.finish();
+            };
+            let mut body = || receive.iter().for_each(|job| serve(job, true));
+            match &hook {
+                Some(hook) => hook(&mut body),
+                None => body(),
+            }
+            // A hook that did not call the body leaves jobs that must still end their runs.
+            receive.try_iter().for_each(|job| serve(job, false));
+        })?;
+        Ok(Self { jobs, thread })
+    }
+}
+
+/// What is left of a machine's runs when it goes: the run in progress and the vCPU threads.
+struct Teardown {
+    run: Option<ActiveRun>,
+    workers: Vec<Worker>,
+    /// Kept mapped until the vCPUs are gone, since they can still reach it.
+    memory: Arc<GuestMemory>,
+}
+
+impl Teardown {
+    /// Waits for the run (which was asked to stop) and ends the vCPU threads.
+    fn finish(self) {
+        if let Some(run) = self.run {
+            run.control.wait(None);
+            drop(run.join());
+        }
+        for Worker { jobs, thread } in self.workers {
+            drop(jobs);
+            if let Err(panic) = thread.join() {
+                log::error!("a vCPU thread panicked: {}", panic_message(&panic));
+            }
+        }
+        drop(self.memory);
+    }
+
+    /// Whether the calling thread is one of the vCPU threads (a handler dropping its VM), which
+    /// cannot wait for itself.
+    fn on_vcpu_thread(&self) -> bool {
+        let current = thread::current().id();
+        self.workers.iter().any(|worker| worker.thread.thread().id() == current)
+    }
+
+    /// [`finish`](Self::finish) on a thread of its own.
+    fn finish_elsewhere(self) {
+        let (handover, receive) = mpsc::channel::<Self>();
+        let reaper = thread::Builder::new().name("kvmkit-reaper".into()).spawn(move || {
+            if let Ok(teardown) = receive.recv() {
+                teardown.finish();
+            }
+        });
+        let (left, why) = match reaper {
+            Ok(_) => match handover.send(self) {
+                Ok(()) => return,
+                Err(mpsc::SendError(left)) => (left, "it exited early".to_owned()),
+            },
+            Err(e) => (self, e.to_string()),
+        };
+        // Freeing the vCPUs or memory under threads that still run them would be unsound.
+        std::mem::forget(left);
+        log::error!("cannot start a thread to free a VM dropped by its own handler, leaking it: {why}");
     }
 }
 
@@ -464,10 +561,17 @@ impl Drop for Machine {
     fn drop(&mut self) {
         self.stop(ExitReason::Stopped);
         let mut state = self.lock();
-        if let Some(run) = &state.run {
-            run.control.wait(None);
+        let teardown = Teardown {
+            run: state.run.take(),
+            workers: std::mem::take(&mut state.workers),
+            memory: self.memory().clone(),
+        };
+        drop(state);
+        if teardown.on_vcpu_thread() {
+            teardown.finish_elsewhere();
+        } else {
+            teardown.finish();
         }
-        Self::join(&mut state);
     }
 }
 

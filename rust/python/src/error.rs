@@ -15,6 +15,7 @@ pyo3::import_exception!(kvmkit.errors, GuestMemoryError);
 pyo3::import_exception!(kvmkit.errors, VmStateError);
 pyo3::import_exception!(kvmkit.errors, BootError);
 pyo3::import_exception!(kvmkit.errors, DeviceError);
+pyo3::import_exception!(kvmkit.errors, ImageLockedError);
 
 /// The exception for a core error.
 pub fn to_py(error: Error) -> PyErr {
@@ -32,7 +33,7 @@ pub fn to_py(error: Error) -> PyErr {
         | Error::Bus(_)
         | Error::NoSuchVcpu { .. } => ConfigError::new_err(message),
         Error::Boot(_) => BootError::new_err(message),
-        Error::Running | Error::NotStarted => VmStateError::new_err(message),
+        Error::Running | Error::NotStarted | Error::WaitInRun => VmStateError::new_err(message),
         Error::Thread(_) | Error::DeviceSetup(_) => KvmkitError::new_err(message),
     }
 }

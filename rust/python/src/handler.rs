@@ -3,25 +3,42 @@
 use std::sync::{Arc, Mutex};
 
 use kvmkit_core::{BusDevice, DeviceError};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyBaseException, PyTypeError, PyValueError};
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyInt};
+use pyo3::PyTraverseError;
 
-/// The first exception a handler of a VM raised, kept for the thread that waits on the VM.
+/// The first exception a handler of a VM raised, kept for the thread that waits on the VM. Kept
+/// as the exception object, which the VM shows the garbage collector: its traceback often leads
+/// back to the VM.
 #[derive(Clone, Default)]
-pub struct ErrorSlot(Arc<Mutex<Option<PyErr>>>);
+pub struct ErrorSlot(Arc<Mutex<Option<Py<PyBaseException>>>>);
 
 impl ErrorSlot {
-    fn keep(&self, error: PyErr) {
-        self.lock().get_or_insert(error);
+    fn keep(&self, py: Python<'_>, error: PyErr) {
+        let value = error.into_value(py);
+        let mut slot = self.lock();
+        let unused = if slot.is_none() { slot.replace(value) } else { Some(value) };
+        drop(slot);
+        drop(unused); // outside the lock: freeing an exception can run Python code
     }
 
     /// Takes the kept exception, if any.
-    pub fn take(&self) -> Option<PyErr> {
-        self.lock().take()
+    pub fn take(&self, py: Python<'_>) -> Option<PyErr> {
+        let value = self.lock().take()?;
+        Some(PyErr::from_value(value.into_bound(py).into_any()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<PyErr>> {
+    /// Visits the kept exception; never blocks (a slot in use is skipped).
+    pub fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        match self.0.try_lock() {
+            Ok(slot) => visit.call(&*slot),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Py<PyBaseException>>> {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -36,11 +53,16 @@ pub struct PyHandler {
 
 impl PyHandler {
     fn fail(&self, error: PyErr) -> DeviceError {
-        let message = Python::attach(|py| match error.value(py).str() {
-            Ok(text) => format!("{}: {}", error.get_type(py).name().map(|n| n.to_string()).unwrap_or_default(), text),
-            Err(_) => "a Python handler raised".to_owned(),
+        let message = Python::attach(|py| {
+            let message = match error.value(py).str() {
+                Ok(text) => {
+                    format!("{}: {}", error.get_type(py).name().map(|n| n.to_string()).unwrap_or_default(), text)
+                }
+                Err(_) => "a Python handler raised".to_owned(),
+            };
+            self.errors.keep(py, error);
+            message
         });
-        self.errors.keep(error);
         DeviceError::Failed(message)
     }
 }

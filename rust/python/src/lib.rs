@@ -6,6 +6,7 @@ mod devices;
 mod error;
 mod handler;
 mod initramfs;
+mod logging;
 mod memory_view;
 mod virtio;
 mod vm;
@@ -28,8 +29,7 @@ fn ram_regions(size: convert::Unsigned<u64>) -> Vec<(u64, u64)> {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // Rust log records go to Python's `logging`, under the `kvmkit` logger names.
-    let _ = pyo3_log::try_init();
+    logging::install();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(ram_regions, m)?)?;

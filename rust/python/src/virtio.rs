@@ -9,7 +9,7 @@ use kvmkit_core::machine::VirtioSlot;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::error::{config_error, DeviceError, VmStateError};
+use crate::error::{config_error, DeviceError, ImageLockedError, VmStateError};
 
 /// A virtio device model, not attached to a VM yet.
 #[pyclass(frozen, module = "kvmkit._core")]
@@ -49,15 +49,15 @@ pub fn virtio_rng() -> VirtioBackend {
     VirtioBackend::new("rng", Arc::new(Mutex::new(virtio::Rng::new())), Vec::new())
 }
 
-/// A block device on a raw image file.
+/// A block device on a raw image file, which it locks unless `lock` is false.
 #[pyfunction]
-#[pyo3(signature = (path, read_only=false, id=None))]
-pub fn virtio_block(path: PathBuf, read_only: bool, id: Option<&str>) -> PyResult<VirtioBackend> {
-    let block = match id {
-        Some(id) => virtio::Block::with_id(&path, read_only, id),
-        None => virtio::Block::new(&path, read_only),
-    };
-    Ok(VirtioBackend::new("block", Arc::new(Mutex::new(block.map_err(device_error)?)), Vec::new()))
+#[pyo3(signature = (path, read_only=false, id=None, lock=true))]
+pub fn virtio_block(path: PathBuf, read_only: bool, id: Option<&str>, lock: bool) -> PyResult<VirtioBackend> {
+    let block = virtio::Block::open(&path, read_only, id, lock).map_err(|e| match e {
+        virtio::BlockError::Locked { .. } => ImageLockedError::new_err(e.to_string()),
+        e => device_error(e),
+    })?;
+    Ok(VirtioBackend::new("block", Arc::new(Mutex::new(block)), Vec::new()))
 }
 
 /// A network card on the tap `tap` (opened, or created when this process may), with `mac` or a

@@ -2,6 +2,7 @@
 //! dicts. Methods that may wait or join vCPU threads release the GIL, since those threads may need
 //! it to call handlers.
 
+use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,14 +11,17 @@ use kvmkit_core::arch::x86_64::cpuid::{CpuidEdit, CpuidRegister};
 use kvmkit_core::arch::x86_64::mode::CpuMode;
 use kvmkit_core::boot::{Image, LinuxBoot};
 use kvmkit_core::linux::{self, LinuxPlatform};
+use kvmkit_core::machine::STOP_GRACE;
 use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
 use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
 use kvmkit_core::{Machine, MachineConfig, MemoryRegionConfig, UnhandledIo};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyTypeError;
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use pyo3::PyTraverseError;
 
 use crate::convert::{self, Unsigned};
 use crate::devices::bus_device;
@@ -40,6 +44,11 @@ pub struct Vm {
     machine: Mutex<Option<Arc<Machine>>>,
     handler_errors: ErrorSlot,
     linux: Mutex<Option<Arc<LinuxPlatform>>>,
+    /// The handlers on the buses, by where they are mapped, so that the garbage collector sees
+    /// their callables: those often refer back to the VM (one that stops it, say), a cycle that
+    /// runs through the machine where Python cannot otherwise follow it. Only touched with the
+    /// interpreter attached and never held across a release of it.
+    handlers: Mutex<Vec<(AddressSpace, u64, Arc<PyHandler>)>>,
 }
 
 fn space(name: &str) -> PyResult<AddressSpace> {
@@ -57,6 +66,10 @@ impl Vm {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Machine>>> {
         self.machine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn handlers(&self) -> std::sync::MutexGuard<'_, Vec<(AddressSpace, u64, Arc<PyHandler>)>> {
+        self.handlers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn linux(&self) -> PyResult<Arc<LinuxPlatform>> {
@@ -85,7 +98,7 @@ impl Vm {
 
     /// The exit as a dict, or the exception a handler raised during the run.
     fn report(&self, py: Python<'_>, exit: &Exit) -> PyResult<Py<PyAny>> {
-        if let Some(error) = self.handler_errors.take() {
+        if let Some(error) = self.handler_errors.take(py) {
             return Err(error);
         }
         Ok(convert::exit_to_dict(py, exit)?.into_any().unbind())
@@ -128,9 +141,20 @@ fn seconds(timeout: f64) -> PyResult<Duration> {
 }
 
 /// Drops a machine handle without the GIL: the last handle joins vCPU threads, which may be
-/// waiting for the GIL to call a handler.
+/// waiting for the GIL to call a handler. While the interpreter shuts down (a VM freed with the
+/// last modules) the last handle is leaked instead: the vCPU threads could no longer take the GIL
+/// to end, and the process ends them anyway.
 fn release(py: Python<'_>, machine: Option<Arc<Machine>>) {
+    if machine.as_ref().is_some_and(|m| Arc::strong_count(m) == 1) && finalizing(py) {
+        std::mem::forget(machine);
+        return;
+    }
     py.detach(move || drop(machine));
+}
+
+fn finalizing(py: Python<'_>) -> bool {
+    let answer = py.import("sys").and_then(|sys| sys.call_method0("is_finalizing")?.is_truthy());
+    answer.unwrap_or(true)
 }
 
 #[pymethods]
@@ -183,6 +207,7 @@ impl Vm {
             machine: Mutex::new(Some(Arc::new(machine))),
             handler_errors: ErrorSlot::default(),
             linux: Mutex::new(None),
+            handlers: Mutex::new(Vec::new()),
         })
     }
 
@@ -195,6 +220,26 @@ impl Vm {
             machine.stop(ExitReason::Stopped);
         }
         release(py, machine);
+        let handlers = std::mem::take(&mut *self.handlers());
+        drop((handlers, self.handler_errors.take(py)));
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // The collector must not block; a list being changed right now is skipped, which only
+        // keeps a cycle alive until the next collection.
+        self.handler_errors.traverse(&visit)?;
+        let Ok(handlers) = self.handlers.try_lock() else { return Ok(()) };
+        for (_, _, handler) in handlers.iter() {
+            visit.call(&handler.read)?;
+            visit.call(&handler.write)?;
+        }
+        Ok(())
+    }
+
+    /// Breaks a cycle through the handlers or a kept exception by closing the VM, which frees
+    /// both.
+    fn __clear__(slf: &Bound<'_, Self>) {
+        slf.get().close(slf.py());
     }
 
     #[getter]
@@ -322,8 +367,11 @@ impl Vm {
                 )));
             }
         }
-        let handler = PyHandler { read, write, errors: self.handler_errors.clone() };
-        self.machine()?.add_device(self::space(space)?, base, size, Arc::new(handler)).py()
+        let space = self::space(space)?;
+        let handler = Arc::new(PyHandler { read, write, errors: self.handler_errors.clone() });
+        self.machine()?.add_device(space, base, size, handler.clone()).py()?;
+        self.handlers().push((space, base, handler));
+        Ok(())
     }
 
     fn add_device(
@@ -339,7 +387,18 @@ impl Vm {
 
     fn remove(&self, space: &str, base: Unsigned<u64>) -> PyResult<()> {
         let base = base.0;
-        self.machine()?.remove_device(self::space(space)?, base).py().map(drop)
+        let space = self::space(space)?;
+        let removed = self.machine()?.remove_device(space, base).py()?;
+        // Dropped after the lock is released: freeing a callable can run Python code.
+        let forgotten: Vec<_> = {
+            let mut handlers = self.handlers();
+            let (forgotten, kept) =
+                std::mem::take(&mut *handlers).into_iter().partition(|(s, b, _)| (*s, *b) == (space, base));
+            *handlers = kept;
+            forgotten
+        };
+        drop((removed, forgotten));
+        Ok(())
     }
 
     /// Attaches a virtio device in the next free MMIO slot.
@@ -389,6 +448,16 @@ impl Vm {
         Ok(())
     }
 
+    /// Writes all further console output to the descriptor `fd`, which this takes over, even when
+    /// it fails (the caller passes a duplicate). Sharing the caller's open file keeps one file offset for both writers,
+    /// where opening the same file again would have each overwrite the other's output.
+    fn console_log_fd(&self, fd: i32) -> PyResult<()> {
+        // SAFETY: the caller hands over a descriptor of its own that nothing else uses or closes.
+        let file = std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        self.linux()?.console.add_copy(Box::new(file));
+        Ok(())
+    }
+
     /// Seconds from the first start to the guest's boot-timer write, if it has happened.
     #[getter]
     fn boot_time(&self) -> PyResult<Option<f64>> {
@@ -396,20 +465,20 @@ impl Vm {
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        self.handler_errors.take();
+        self.handler_errors.take(py);
         let machine = self.machine()?;
-        // A failed start joins the threads it began, which need the GIL to end (see attach_for_life).
+        // A failed start waits for the vCPUs it began, which may need the GIL to call a handler.
         let started = py.detach(|| machine.start());
         release(py, Some(machine));
         started.py()
     }
 
-    /// Runs the VM to the end of the run (vCPU 0 on this thread). After `timeout` seconds the run
-    /// ends as a timeout; Ctrl-C stops it and raises.
+    /// Runs the VM to the end of the run. After `timeout` seconds the run ends as a timeout; Ctrl-C
+    /// stops it and raises. Either returns promptly even while a handler is busy (see Machine::run).
     #[pyo3(signature = (timeout=None))]
     fn run(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         let timeout = timeout.map(seconds).transpose()?;
-        self.handler_errors.take();
+        self.handler_errors.take(py);
         let machine = self.machine()?;
         let mut signal = None;
         let mut interrupted = || {
@@ -419,7 +488,7 @@ impl Vm {
         let exit = py.detach(|| machine.run(timeout, &mut interrupted));
         release(py, Some(machine));
         if let Some(signal) = signal {
-            self.handler_errors.take();
+            self.handler_errors.take(py);
             return Err(signal);
         }
         self.report(py, &exit.py()?)
@@ -440,8 +509,9 @@ impl Vm {
             }
             if let Err(interrupt) = py.check_signals() {
                 machine.stop(ExitReason::Stopped);
-                let _ = py.detach(|| machine.wait(None));
-                self.handler_errors.take();
+                // A vCPU busy in a slow handler is left to finish it (see Machine::run).
+                let _ = py.detach(|| machine.wait(Some(STOP_GRACE)));
+                self.handler_errors.take(py);
                 break Err(interrupt);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {

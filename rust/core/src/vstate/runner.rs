@@ -17,6 +17,8 @@ fn kick_signal() -> libc::c_int {
 thread_local! {
     /// `immediate_exit` of the vCPU this thread runs, or null.
     static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+    /// The run whose vCPU this thread runs (only compared, never dereferenced), or null.
+    static CURRENT_RUN: Cell<*const RunControl> = const { Cell::new(std::ptr::null()) };
 }
 
 /// Sets `immediate_exit` of the thread's vCPU, so that a signal arriving while the thread is
@@ -119,47 +121,19 @@ impl Kicker {
 
 struct BoundThread<'a>(&'a Kicker);
 
+/// Runs a closure when dropped, on every way out of a scope.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 impl Drop for BoundThread<'_> {
     fn drop(&mut self) {
         *lock(&self.0.thread) = None;
         IMMEDIATE_EXIT.with(|cell| cell.set(std::ptr::null_mut()));
-    }
-}
-
-/// A timer that kicks the calling thread every `period`, so a vCPU running there notices
-/// deadlines and pending signals even when the guest makes no exits.
-pub struct Ticker(libc::timer_t);
-
-impl Ticker {
-    /// Starts ticking the calling thread.
-    pub fn start(period: Duration) -> std::io::Result<Self> {
-        // SAFETY: an all-zero sigevent is valid; the fields that matter are set below.
-        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
-        event.sigev_notify = libc::SIGEV_THREAD_ID;
-        event.sigev_signo = kick_signal();
-        // SAFETY: gettid has no preconditions.
-        event.sigev_notify_thread_id = unsafe { libc::gettid() };
-        let mut timer: libc::timer_t = std::ptr::null_mut();
-        // SAFETY: both pointers are valid for the call.
-        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ticker = Self(timer);
-        let interval =
-            libc::timespec { tv_sec: period.as_secs() as libc::time_t, tv_nsec: period.subsec_nanos().into() };
-        let spec = libc::itimerspec { it_interval: interval, it_value: interval };
-        // SAFETY: the timer exists (it is deleted only on drop) and `spec` is valid.
-        if unsafe { libc::timer_settime(ticker.0, 0, &spec, std::ptr::null_mut()) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(ticker)
-    }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        // SAFETY: the timer was created by `start` and is deleted only here.
-        unsafe { libc::timer_delete(self.0) };
     }
 }
 
@@ -230,6 +204,11 @@ impl RunControl {
         }
     }
 
+    /// Whether the calling thread runs one of this run's vCPUs (a handler called from it, say).
+    pub fn is_current_thread(&self) -> bool {
+        std::ptr::eq(CURRENT_RUN.with(Cell::get), self)
+    }
+
     /// The recorded cause of the run's end, if any.
     pub fn cause(&self) -> Option<(Option<u32>, ExitReason)> {
         lock(&self.cause).clone()
@@ -250,6 +229,8 @@ pub fn run_vcpu(
         Ok(bound) => bound,
         Err(e) => return ExitReason::VmmError(format!("cannot receive vCPU kicks on this thread: {e}")),
     };
+    CURRENT_RUN.with(|cell| cell.set(control));
+    let _unmark = OnDrop(|| CURRENT_RUN.with(|cell| cell.set(std::ptr::null())));
     loop {
         if control.stop_requested() {
             return ExitReason::Stopped;

@@ -22,6 +22,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, F_EVENT_IDX, TYPE_BLOCK};
+use crate::ratelimit::guest_log;
 use crate::vstate::memory::GuestMemory;
 
 /// Bytes in a sector, the unit of the capacity and of request offsets.
@@ -107,6 +108,19 @@ pub enum BlockError {
         /// Its size in bytes.
         size: u64,
     },
+    /// Another disk (of this or another VM or program) holds the image's lock in a way that
+    /// excludes this one: any user excludes a read-write disk, a read-write user any disk.
+    #[error(
+        "disk image {} is locked: another VM or program is using it{}",
+        path.display(),
+        if *read_only { " read-write" } else { "" }
+    )]
+    Locked {
+        /// The image's path.
+        path: PathBuf,
+        /// Whether the disk that could not lock it was read-only.
+        read_only: bool,
+    },
     /// The id given for the device cannot be used.
     #[error("block device id {id:?} must be at most 20 bytes of ASCII without NUL")]
     BadId {
@@ -122,6 +136,24 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     counters: Arc<DeviceCounters>,
     active: Option<ActiveQueues>,
+}
+
+/// Takes `file`'s lock without waiting: shared when `read_only`, else exclusive. False when it is
+/// held elsewhere in a way that excludes this one. The lock goes when the file is closed.
+fn lock_image(file: &File, read_only: bool) -> io::Result<bool> {
+    let operation = if read_only { libc::LOCK_SH } else { libc::LOCK_EX } | libc::LOCK_NB;
+    loop {
+        // SAFETY: the descriptor is open for the call (`file` owns it); flock touches no memory.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(true);
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(error),
+        }
+    }
 }
 
 /// The back end: the image file and what requests need to know about it.
@@ -141,17 +173,23 @@ impl Block {
     /// A block device on the raw image at `path`, opened read-write, or read-only when
     /// `read_only` (then the driver is told so and writes fail). Its id is derived from the file
     /// (device and inode numbers), so it stays the same across runs on the same image.
+    /// The image is locked as [`open`](Self::open) describes.
     pub fn new(path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        Self::open(path, read_only, None)
+        Self::open(path, read_only, None, true)
     }
 
     /// Like [`new`](Self::new), with the id `GET_ID` returns: at most [`ID_LEN`] ASCII bytes,
     /// without NUL.
     pub fn with_id(path: &Path, read_only: bool, id: &str) -> Result<Self, BlockError> {
-        Self::open(path, read_only, Some(id))
+        Self::open(path, read_only, Some(id), true)
     }
 
-    fn open(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, BlockError> {
+    /// Like [`new`](Self::new), with an id when `id` is given, and with `lock`, an advisory
+    /// lock on the image for as long as the device lives (`flock`, which other programs such as
+    /// QEMU's users of the same file can see): shared for a read-only disk, exclusive for a
+    /// read-write one, so that nothing writes an image another disk uses. A lock held elsewhere
+    /// fails with [`BlockError::Locked`].
+    pub fn open(path: &Path, read_only: bool, id: Option<&str>, lock: bool) -> Result<Self, BlockError> {
         let open_error = |source| BlockError::Open { path: path.to_owned(), source };
         let not_regular = || BlockError::NotRegularFile { path: path.to_owned() };
         // Checked before opening: opening a FIFO would block, and a directory cannot be opened
@@ -164,6 +202,9 @@ impl Block {
         let metadata = file.metadata().map_err(open_error)?;
         if !metadata.is_file() {
             return Err(not_regular());
+        }
+        if lock && !lock_image(&file, read_only).map_err(open_error)? {
+            return Err(BlockError::Locked { path: path.to_owned(), read_only });
         }
         let size = metadata.len();
         if size == 0 {
@@ -452,16 +493,16 @@ impl Disk {
             Ok(request) => match self.execute(memory, &request) {
                 Ok(moved) => (S_OK, moved, Some(request.status)),
                 Err(Failure::Unsupported(kind)) => {
-                    log::debug!("virtio-blk: unsupported request type {kind}");
+                    guest_log!(log::Level::Debug, "virtio-blk: unsupported request type {kind}");
                     (S_UNSUPP, Moved::default(), Some(request.status))
                 }
                 Err(Failure::Io(why)) => {
-                    log::debug!("virtio-blk: request failed: {why}");
+                    guest_log!(log::Level::Debug, "virtio-blk: request failed: {why}");
                     (S_IOERR, Moved::default(), Some(request.status))
                 }
             },
             Err(invalid) => {
-                log::debug!("virtio-blk: bad request: {invalid}");
+                guest_log!(log::Level::Debug, "virtio-blk: bad request: {invalid}");
                 (S_IOERR, Moved::default(), invalid.status)
             }
         };
@@ -539,7 +580,7 @@ impl Disk {
 
     fn host_error(&self, what: &str, error: io::Error) -> Failure {
         // The host failed, not the driver: worth a warning.
-        log::warn!("virtio-blk: {what} of the disk image failed: {error}");
+        guest_log!(log::Level::Warn, "virtio-blk: {what} of the disk image failed: {error}");
         Failure::Io(format!("host {what} failed: {error}"))
     }
 }
@@ -854,9 +895,11 @@ mod tests {
         assert_eq!(request(&mut driver, T_GET_ID, 0, &[(DATA2, 4, true)]), (5, S_OK));
         assert_eq!(driver.read_mem(DATA2, 4), b"disk");
 
+        drop(driver); // which holds the image's lock
         let default = Block::new(&image.0, false).unwrap();
         assert!(default.id().starts_with("kvmkit-") && default.id().len() == ID_LEN, "{}", default.id());
-        assert_eq!(default.id(), Block::new(&image.0, true).unwrap().id(), "the default id is stable");
+        let again = Block::open(&image.0, true, None, false).unwrap();
+        assert_eq!(default.id(), again.id(), "the default id is stable");
         let mut driver = MockDriver::new(default);
         driver.activate(F_FLUSH);
         assert_eq!(request(&mut driver, T_GET_ID, 0, &[(DATA, 20, true)]), (21, S_OK));
@@ -1073,6 +1116,7 @@ mod tests {
         assert_eq!(counters(&driver).requests, 0);
 
         // Set up again, it serves.
+        drop(driver);
         let mut driver = MockDriver::new(Block::new(&image.0, false).unwrap());
         driver.activate(F_FLUSH);
         assert_eq!(request(&mut driver, T_IN, 0, &[(DATA, 512, true)]), (513, S_OK));
@@ -1158,6 +1202,25 @@ mod tests {
         // Reading past the end of the file fails instead of looping.
         let error = transfer(&file, 4096 - 2, &slices[..2], Direction::ToGuest).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn images_are_locked_shared_for_readers_and_exclusive_for_a_writer() {
+        let image = TempPath::image(&pattern(8));
+        let locked = |result: Result<Block, BlockError>| match result {
+            Err(BlockError::Locked { path, .. }) => path == image.0,
+            Err(other) => panic!("{other}"),
+            Ok(_) => false,
+        };
+        let readers = [Block::new(&image.0, true).unwrap(), Block::new(&image.0, true).unwrap()];
+        assert!(locked(Block::new(&image.0, false)), "a writer while readers have it");
+        drop(readers);
+        let writer = Block::new(&image.0, false).unwrap();
+        assert!(locked(Block::new(&image.0, true)), "a reader while a writer has it");
+        assert!(locked(Block::new(&image.0, false)), "a second writer");
+        let unlocked = Block::open(&image.0, false, None, false).expect("opting out ignores the lock");
+        drop((writer, unlocked));
+        Block::new(&image.0, false).expect("the lock goes with the device");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActiveQueues, Interrupt, SharedDevice, F_EVENT_IDX, F_VERSION_1};
 use crate::bus::{BusDevice, DeviceError};
+use crate::ratelimit::guest_log;
 use crate::vstate::memory::GuestMemory;
 
 const MAGIC: u32 = u32::from_le_bytes(*b"virt");
@@ -113,7 +114,10 @@ impl MmioTransport {
             0x50 => self.notify(value),
             0x64 => self.interrupt.acknowledge(value),
             0x70 => self.write_status(&mut state, value),
-            _ => log::debug!("virtio-mmio: write of {value:#x} to read-only or unknown register {offset:#x} ignored"),
+            _ => guest_log!(
+                log::Level::Debug,
+                "virtio-mmio: write of {value:#x} to read-only or unknown register {offset:#x} ignored"
+            ),
         }
     }
 
@@ -136,7 +140,10 @@ impl MmioTransport {
         }
         let select = state.queue_select as usize;
         let Some(queue) = state.queues.get_mut(select) else {
-            return log::debug!("virtio-mmio: queue register {offset:#x} written for absent queue {select}");
+            return guest_log!(
+                log::Level::Debug,
+                "virtio-mmio: queue register {offset:#x} written for absent queue {select}"
+            );
         };
         // A ready queue's layout is fixed until reset.
         if queue.ready() && offset != 0x44 {
@@ -244,7 +251,7 @@ impl BusDevice for MmioTransport {
         } else if let Ok(bytes) = <[u8; 4]>::try_from(data) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         } else {
-            log::debug!("virtio-mmio: {}-byte write to register {offset:#x} ignored", data.len());
+            guest_log!(log::Level::Debug, "virtio-mmio: {}-byte write to register {offset:#x} ignored", data.len());
         }
         Ok(())
     }

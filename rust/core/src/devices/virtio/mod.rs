@@ -30,6 +30,7 @@ pub use net::{Net, NetError, Tap};
 pub use rng::Rng;
 pub use vsock::{Vsock, VsockError};
 
+use crate::ratelimit::guest_log;
 use crate::vstate::memory::GuestMemory;
 
 /// virtio device type of a network card.
@@ -190,7 +191,7 @@ impl Interrupt {
     /// Marks the device broken (`DEVICE_NEEDS_RESET`) because the driver did something the
     /// device cannot recover from, and tells the driver so.
     pub fn mark_broken(&self, why: &str) {
-        log::warn!("virtio device marked as needing reset: {why}");
+        guest_log!(log::Level::Warn, "virtio device marked as needing reset: {why}");
         self.counters.count_error();
         if !self.needs_reset.swap(true, Ordering::AcqRel) {
             self.raise(INT_CONFIG);

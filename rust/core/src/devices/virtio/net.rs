@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use tap::{NetError, Tap, VNET_HDR_LEN};
 
 use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, F_EVENT_IDX, TYPE_NET};
+use crate::ratelimit::guest_log;
 use crate::vstate::memory::GuestMemory;
 
 const QUEUE_SIZE: u16 = 256;
@@ -213,11 +214,13 @@ impl Net {
                 }
                 Err(RxError::TooSmall) => {
                     // Dropped: the driver's next buffer is most likely no bigger.
-                    log::debug!("virtio-net: a {len}-byte frame does not fit the receive buffers");
+                    guest_log!(log::Level::Debug, "virtio-net: a {len}-byte frame does not fit the receive buffers");
                     *pending = None;
                 }
                 // The frame waits for the next chain.
-                Err(RxError::Memory) => log::debug!("virtio-net: a receive buffer outside guest memory"),
+                Err(RxError::Memory) => {
+                    guest_log!(log::Level::Debug, "virtio-net: a receive buffer outside guest memory")
+                }
             }
             // The chain goes back empty, so that a bad one does not block the queue.
             counters.count_request(0, 0);
@@ -243,7 +246,7 @@ impl Net {
             match sent {
                 Ok(len) => counters.count_request(0, len as u64),
                 Err(why) => {
-                    log::debug!("virtio-net: transmitted frame dropped: {why}");
+                    guest_log!(log::Level::Debug, "virtio-net: transmitted frame dropped: {why}");
                     counters.count_request(0, 0);
                     counters.count_error();
                 }
@@ -358,7 +361,7 @@ impl VirtioDevice for Net {
         self.active = None;
         self.rx_pending = None;
         if let Err(e) = self.tap.set_offload(0) {
-            log::warn!("virtio-net: {e}");
+            guest_log!(log::Level::Warn, "virtio-net: {e}");
         }
     }
 

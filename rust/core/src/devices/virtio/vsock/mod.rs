@@ -25,6 +25,7 @@ use self::connection::BUF_ALLOC;
 use self::muxer::Muxer;
 use self::packet::{read_header, read_payload, Buffers, HEADER_SIZE, TYPE_STREAM};
 use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, F_EVENT_IDX, TYPE_VSOCK};
+use crate::ratelimit::guest_log;
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -137,7 +138,7 @@ fn serve_tx(active: &mut ActiveQueues, muxer: &mut Muxer, counters: &DeviceCount
 
 /// Counts a tx packet the device drops; the driver gets its buffers back untouched.
 fn drop_packet(counters: &DeviceCounters, why: &dyn std::fmt::Display) -> u32 {
-    log::debug!("vsock: dropping a packet from the guest: {why}");
+    guest_log!(log::Level::Debug, "vsock: dropping a packet from the guest: {why}");
     counters.count_error();
     counters.count_request(0, 0);
     0
@@ -149,7 +150,11 @@ fn serve_rx(active: &mut ActiveQueues, muxer: &mut Muxer, counters: &DeviceCount
         let memory = chain.memory();
         let buffers = Buffers::of(&chain, true);
         if buffers.len() < HEADER_SIZE as u64 || !buffers.in_memory(memory) {
-            log::debug!("vsock: an rx chain of {} bytes is too short or outside guest memory", buffers.len());
+            guest_log!(
+                log::Level::Debug,
+                "vsock: an rx chain of {} bytes is too short or outside guest memory",
+                buffers.len()
+            );
             counters.count_error();
             counters.count_request(0, 0);
             return Some(0);
@@ -160,7 +165,7 @@ fn serve_rx(active: &mut ActiveQueues, muxer: &mut Muxer, counters: &DeviceCount
         packet.extend_from_slice(&header.to_bytes());
         packet.extend_from_slice(&payload);
         if let Err(e) = buffers.write(memory, &packet) {
-            log::warn!("vsock: writing a packet for the guest failed: {e}");
+            guest_log!(log::Level::Warn, "vsock: writing a packet for the guest failed: {e}");
             counters.count_error();
         }
         counters.count_request(packet.len() as u64, 0);

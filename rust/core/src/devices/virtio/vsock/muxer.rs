@@ -19,6 +19,7 @@ use super::connection::{Connection, Line, State};
 use super::packet::{op, Header, HOST_CID};
 use super::VsockError;
 use crate::devices::virtio::{backend_data, DeviceCounters};
+use crate::ratelimit::guest_log;
 
 /// At most this many connections, host- and guest-initiated, at a time.
 const MAX_CONNECTIONS: usize = 1024;
@@ -220,7 +221,7 @@ impl Muxer {
             (op::RESPONSE, State::Requesting) => conn.establish(),
             (op::RW, State::Established) => {
                 if let Err(why) = conn.receive(payload) {
-                    log::debug!("vsock: guest port {}: {why}", header.src_port);
+                    guest_log!(log::Level::Debug, "vsock: guest port {}: {why}", header.src_port);
                     self.counters.count_error();
                     conn.failed = true;
                 }
@@ -229,7 +230,11 @@ impl Muxer {
             (op::CREDIT_UPDATE, _) => {}
             (op::CREDIT_REQUEST, State::Established) => conn.request_credit_update(),
             (op, state) => {
-                log::debug!("vsock: guest port {}: op {op} unexpected in state {state:?}", header.src_port);
+                guest_log!(
+                    log::Level::Debug,
+                    "vsock: guest port {}: op {op} unexpected in state {state:?}",
+                    header.src_port
+                );
                 self.counters.count_error();
                 conn.failed = true;
             }
@@ -254,7 +259,7 @@ impl Muxer {
 
     fn connect_guest(&mut self, request: &Header) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            log::warn!("vsock: {MAX_CONNECTIONS} connections already, refusing the guest another");
+            guest_log!(log::Level::Warn, "vsock: {MAX_CONNECTIONS} connections already, refusing the guest another");
             return self.reply_rst(request);
         }
         let mut path = OsString::from(&self.path);
@@ -267,7 +272,7 @@ impl Muxer {
                 self.to_register.push(fd);
             }
             Err(e) => {
-                log::debug!("vsock: guest connection to {} refused: {e}", Path::new(&path).display());
+                guest_log!(log::Level::Debug, "vsock: guest connection to {} refused: {e}", Path::new(&path).display());
                 self.reply_rst(request);
             }
         }
