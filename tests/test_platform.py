@@ -173,3 +173,23 @@ def test_console_echo_to_a_redirected_stdout_keeps_the_file_in_order(assemble, t
     assert done.returncode == 0, done.stderr
     expected = b"before the boot\ncmdline=to a file memmap=2 modules=0\nsummary: POWEROFF\n"
     assert output.read_bytes() == expected
+
+
+def test_close_frees_the_platforms_descriptors_at_once(kvm_available, assemble):
+    """The console's interrupt eventfd and the rest go with close(), not with garbage collection."""
+    import gc
+    import os
+
+    kernel = assemble("pvh_platform", elf=True)
+    kvmkit.VM(memory="2M").close()  # opens the process-wide KVM handle, which stays
+    gc.disable()  # nothing may be left for the collector to free
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        vm = kvmkit.VM(memory="64M", irqchip=True, pit=True)
+        console = vm.boot_linux(kernel, cmdline="hello guest")
+        vm.start()
+        console.expect(b"cmdline=hello guest", timeout=10)
+        vm.close()
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        gc.enable()

@@ -10,6 +10,9 @@ use kvm_bindings::kvm_cpuid_entry2;
 use kvmkit_core::arch::x86_64::cpuid::{CpuidEdit, CpuidRegister};
 use kvmkit_core::arch::x86_64::mode::CpuMode;
 use kvmkit_core::boot::{Image, LinuxBoot};
+use kvmkit_core::devices::console::ConsoleOutput;
+use kvmkit_core::devices::{BootTimer, SerialPort};
+use kvmkit_core::irq::IrqLine;
 use kvmkit_core::linux::{self, LinuxPlatform};
 use kvmkit_core::machine::STOP_GRACE;
 use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
@@ -43,7 +46,7 @@ type CpuidEditTuple = (Unsigned<u32>, Option<Unsigned<u32>>, String, Unsigned<u3
 pub struct Vm {
     machine: Mutex<Option<Arc<Machine>>>,
     handler_errors: ErrorSlot,
-    linux: Mutex<Option<Arc<LinuxPlatform>>>,
+    linux: Mutex<Option<Linux>>,
     /// The handlers on the buses, by where they are mapped, so that the garbage collector sees
     /// their callables: those often refer back to the VM (one that stops it, say), a cycle that
     /// runs through the machine where Python cannot otherwise follow it. Only touched with the
@@ -56,6 +59,20 @@ fn space(name: &str) -> PyResult<AddressSpace> {
         "pio" => Ok(AddressSpace::Pio),
         "mmio" => Ok(AddressSpace::Mmio),
         other => Err(config_error(format!("unknown address space {other:?} (expected \"pio\" or \"mmio\")"))),
+    }
+}
+
+/// What a VM keeps of its Linux platform: the console's output and the boot time stay readable
+/// after `close()`; the console's input, which holds its interrupt eventfd, goes with it.
+struct Linux {
+    console: Arc<ConsoleOutput>,
+    boot_timer: Arc<BootTimer>,
+    input: Option<Arc<SerialPort<IrqLine>>>,
+}
+
+impl From<LinuxPlatform> for Linux {
+    fn from(platform: LinuxPlatform) -> Self {
+        Self { console: platform.console, boot_timer: platform.boot_timer, input: Some(platform.serial) }
     }
 }
 
@@ -72,9 +89,10 @@ impl Vm {
         self.handlers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn linux(&self) -> PyResult<Arc<LinuxPlatform>> {
-        let linux = self.linux.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        linux.clone().ok_or_else(|| VmStateError::new_err("no Linux kernel was loaded into this VM"))
+    /// Calls `f` with the Linux platform, if a kernel was loaded.
+    fn linux<R>(&self, f: impl FnOnce(&mut Linux) -> R) -> PyResult<R> {
+        let mut linux = self.linux.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        linux.as_mut().map(f).ok_or_else(|| VmStateError::new_err("no Linux kernel was loaded into this VM"))
     }
 
     fn with_vcpu<R>(&self, index: usize, f: impl FnOnce(&Vcpu) -> kvmkit_core::Result<R>) -> PyResult<R> {
@@ -220,8 +238,11 @@ impl Vm {
             machine.stop(ExitReason::Stopped);
         }
         release(py, machine);
+        // The console's input holds its interrupt eventfd, which goes now, not when the collector
+        // gets to this object.
+        let input = self.linux(|linux| linux.input.take()).ok().flatten();
         let handlers = std::mem::take(&mut *self.handlers());
-        drop((handlers, self.handler_errors.take(py)));
+        drop((input, handlers, self.handler_errors.take(py)));
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
@@ -423,28 +444,29 @@ impl Vm {
         let initrd = initrd.map(image).transpose()?;
         let boot = LinuxBoot { kernel, initrd, cmdline };
         let platform = py.detach(|| linux::boot_linux(&machine, &boot)).py()?;
-        *self.linux.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(platform));
+        *self.linux.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(platform.into());
         Ok(())
     }
 
     /// Console output from `offset` on, waiting up to `timeout` seconds for some: `(start, bytes)`.
     fn console_read<'py>(&self, py: Python<'py>, offset: u64, timeout: f64) -> PyResult<(u64, Bound<'py, PyBytes>)> {
-        let (linux, wait) = (self.linux()?, seconds(timeout)?);
-        let (start, bytes) = py.detach(|| linux.console.read_from(offset, wait));
+        let (console, wait) = (self.linux(|linux| linux.console.clone())?, seconds(timeout)?);
+        let (start, bytes) = py.detach(|| console.read_from(offset, wait));
         Ok((start, PyBytes::new(py, &bytes)))
     }
 
     /// Sends bytes to the guest's console input.
     fn console_write(&self, data: Vec<u8>) -> PyResult<()> {
-        self.linux()?.serial.send_input(&data);
+        let input = self.linux(|linux| linux.input.clone())?;
+        input.ok_or_else(|| VmStateError::new_err("the VM is closed"))?.send_input(&data);
         Ok(())
     }
 
     /// Appends all further console output to the file at `path` (created if missing).
     fn console_log(&self, path: std::path::PathBuf) -> PyResult<()> {
-        let linux = self.linux()?;
+        let console = self.linux(|linux| linux.console.clone())?;
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-        linux.console.add_copy(Box::new(file));
+        console.add_copy(Box::new(file));
         Ok(())
     }
 
@@ -454,14 +476,13 @@ impl Vm {
     fn console_log_fd(&self, fd: i32) -> PyResult<()> {
         // SAFETY: the caller hands over a descriptor of its own that nothing else uses or closes.
         let file = std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
-        self.linux()?.console.add_copy(Box::new(file));
-        Ok(())
+        self.linux(|linux| linux.console.add_copy(Box::new(file)))
     }
 
     /// Seconds from the first start to the guest's boot-timer write, if it has happened.
     #[getter]
     fn boot_time(&self) -> PyResult<Option<f64>> {
-        Ok(self.linux()?.boot_timer.boot_time().map(|t| t.as_secs_f64()))
+        self.linux(|linux| linux.boot_timer.boot_time().map(|t| t.as_secs_f64()))
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {
