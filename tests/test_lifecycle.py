@@ -168,8 +168,15 @@ def test_starting_a_running_vm_is_rejected(boot, what):
 @pytest.mark.parametrize("how", ["run", "start-wait"])
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_ctrl_c_stops_the_vm(boot, how, cpus):
-    assert threading.current_thread() is threading.main_thread(), "signals are delivered to the main thread"
     vm = boot("loop", "protected", cpus=cpus)
+    ctrl_c_during(vm, how, within=PROMPT)  # not just raised after the run timed out
+    assert not vm.running
+
+
+def ctrl_c_during(vm, how: str, within: float) -> None:
+    """Runs ``vm`` (``how``: "run", or "start-wait") and presses Ctrl-C 0.3 s in; asserts that
+    KeyboardInterrupt comes out within ``within`` seconds."""
+    assert threading.current_thread() is threading.main_thread(), "signals are delivered to the main thread"
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     try:
@@ -181,12 +188,11 @@ def test_ctrl_c_stops_the_vm(boot, how, cpus):
             else:
                 vm.start()
                 vm.wait(timeout=HANG_GUARD)
-        assert time.monotonic() - start < PROMPT  # not just raised after the run timed out
+        assert time.monotonic() - start < within
     finally:
         timer.cancel()
         timer.join()
         signal.signal(signal.SIGINT, previous)
-    assert not vm.running
 
 
 # --------------------------------------------------------------------------- handler errors
@@ -414,27 +420,13 @@ def test_timeout_ends_run_during_a_slow_handler(boot):
 @pytest.mark.watchdog(30)
 @pytest.mark.parametrize("how", ["run", "start-wait"])
 def test_ctrl_c_ends_run_during_a_slow_handler(boot, how):
-    assert threading.current_thread() is threading.main_thread(), "signals are delivered to the main thread"
     vm = boot("pio_read_loop", "protected", cpus=2, regs={"rdx": PORT})
     release = threading.Event()
     blocking_handler(vm, release)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    timer = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     try:
-        start = time.monotonic()
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            if how == "run":
-                vm.run(timeout=HANG_GUARD)
-            else:
-                vm.start()
-                vm.wait(timeout=HANG_GUARD)
-        assert time.monotonic() - start < 2.0  # the handlers block for HANG_GUARD
+        ctrl_c_during(vm, how, within=2.0)  # the handlers block for HANG_GUARD
         assert vm.running
     finally:
-        timer.cancel()
-        timer.join()
-        signal.signal(signal.SIGINT, previous)
         release.set()
     assert vm.wait(timeout=HANG_GUARD).reason == ExitReason.STOPPED
     assert not vm.running
