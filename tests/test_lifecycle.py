@@ -325,6 +325,19 @@ def task_count():
     return len(os.listdir("/proc/self/task"))
 
 
+def steady(count, within=PROMPT):
+    """`count()` once it has not changed for 0.3 s: threads of earlier tests' VMs may still be
+    ending, and a baseline taken while they do would be off."""
+    deadline = time.monotonic() + within
+    last, since = count(), time.monotonic()
+    while time.monotonic() - since < 0.3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def settles_at(expected, count, within=PROMPT):
     """Waits for `count()` to reach `expected` (threads end a little after a VM is freed)."""
     deadline = time.monotonic() + within
@@ -336,7 +349,7 @@ def settles_at(expected, count, within=PROMPT):
 @pytest.mark.watchdog(30)
 @pytest.mark.parametrize("how", ["close", "drop"])
 def test_handler_frees_its_own_started_vm(kvm_available, assemble, how):
-    tasks = task_count()
+    tasks = steady(task_count)
     holder = [kvmkit.VM(memory="2M")]  # not the boot fixture, which keeps a reference
     holder[0].mem_write(LOAD_ADDR, assemble("pio_read_loop"))
     holder[0].vcpus[0].setup("protected", entry=LOAD_ADDR)
@@ -462,7 +475,7 @@ def test_vms_whose_handlers_refer_to_them_are_collected(kvm_available, assemble)
 
     make(False)  # the process-wide KVM handle stays open: not counted
     gc.collect()
-    fds, tasks = fd_count(), task_count()
+    fds, tasks = fd_count(), steady(task_count)
 
     def churn(index):
         for i in range(6):
