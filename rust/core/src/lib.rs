@@ -12,6 +12,7 @@
 //!   queues are served on an event-loop thread.
 //! - [`linux`]: the PC platform a Linux guest boots on.
 //! - [`machine`]: a VM assembled from a [`MachineConfig`], with its run lifecycle.
+//! - [`snapshot`]: how each part of a VM saves and restores its own state.
 //! - [`ratelimit`]: keeps messages the guest can cause from flooding the host's log.
 
 pub mod arch;
@@ -26,6 +27,7 @@ pub mod linux;
 pub mod machine;
 pub mod ratelimit;
 pub mod size;
+pub mod snapshot;
 pub mod vstate;
 
 pub use bus::{Bus, BusDevice, BusRange, DeviceError};
