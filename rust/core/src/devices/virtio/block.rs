@@ -19,11 +19,12 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_blk;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, F_EVENT_IDX, TYPE_BLOCK};
 use crate::ratelimit::guest_log;
-use crate::vstate::memory::GuestMemory;
+use crate::vstate::memory::{GuestMemory, GuestSlice};
 
 /// Bytes in a sector, the unit of the capacity and of request offsets.
 pub const SECTOR_SIZE: u64 = 512;
@@ -586,7 +587,7 @@ impl Disk {
 }
 
 /// The host memory behind guest buffers `data`, in order, without empty pieces.
-fn slices<'m>(memory: &'m GuestMemory, data: &[(GuestAddress, u32)]) -> Result<Vec<VolatileSlice<'m>>, Failure> {
+fn slices<'m>(memory: &'m GuestMemory, data: &[(GuestAddress, u32)]) -> Result<Vec<GuestSlice<'m>>, Failure> {
     let mut slices = Vec::with_capacity(data.len());
     for &(addr, len) in data {
         for slice in memory.get_slices(addr, len as usize) {
@@ -608,12 +609,16 @@ enum Direction {
 /// Moves data between the file from byte `offset` and `slices` (none empty), as few system calls
 /// as the kernel allows: each call takes up to [`MAX_IOVECS`] buffers and may move less than
 /// asked, so this goes on from where the last one stopped until all is done.
-fn transfer(file: &File, mut offset: u64, slices: &[VolatileSlice<'_>], direction: Direction) -> io::Result<()> {
+fn transfer(file: &File, mut offset: u64, slices: &[GuestSlice<'_>], direction: Direction) -> io::Result<()> {
+    if direction == Direction::ToGuest {
+        // The kernel writes these through raw pointers, which vm-memory's dirty bitmap cannot see.
+        slices.iter().for_each(|slice| slice.bitmap().mark_dirty(0, slice.len()));
+    }
     let mut first = 0; // the first slice not entirely done
     let mut done_in_first = 0; // bytes of it already done
     while first < slices.len() {
         let end = slices.len().min(first + MAX_IOVECS);
-        let batch: Vec<VolatileSlice<'_>> = std::iter::once(slices[first].offset(done_in_first))
+        let batch: Vec<GuestSlice<'_>> = std::iter::once(slices[first].offset(done_in_first))
             .chain(slices[first + 1..end].iter().map(|s| Ok(*s)))
             .collect::<Result<_, _>>()
             .map_err(io::Error::other)?;

@@ -1,9 +1,19 @@
+//! Guest RAM: regions, validation, bounds-checked access, and tracking of the pages written since
+//! the last snapshot (see [`image`]).
+
+pub mod image;
+mod pages;
+
 use std::ops::Range;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use thiserror::Error;
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
-};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
+
+pub use image::{BaseFile, ImageError, MemoryImage};
+pub use pages::PageSet;
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use crate::config::MemoryRegionConfig;
@@ -16,8 +26,16 @@ const HUGE_PAGE_MIN_REGION: u64 = 32 << 20;
 const MAP_PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
 const MAP_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
 
-/// Guest RAM: one anonymous host mapping per region, owned here and unmapped when the last user
-/// drops it.
+/// A region of guest memory whose writes by the VMM (through vm-memory) are tracked per page.
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// A piece of guest memory as vm-memory hands it out, with its part of the dirty bitmap.
+pub type GuestSlice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
+
+/// Guest RAM: one host mapping per region, owned here and unmapped when the last user drops it.
+/// A region starts as anonymous memory; once its content has been captured in a [`MemoryImage`]
+/// it is a private (copy-on-write) mapping of the image's base file, and the pages that may differ
+/// from that file are tracked, so that a later capture or restore touches only those.
 ///
 /// Regions of 32 MiB (`HUGE_PAGE_MIN_REGION`) or more start at a 2 MiB-aligned host address (so host
 /// and guest addresses agree modulo 2 MiB) and are advised for transparent huge pages, as QEMU
@@ -28,7 +46,36 @@ const MAP_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::M
 pub struct GuestMemory {
     // Fields drop in order: the regions (which do not own their memory) before the mappings.
     regions: GuestMemoryMmap,
-    _mappings: Vec<Mapping>,
+    mappings: Vec<Mapping>,
+    /// Per region, in address order; changed only while nothing runs (see [`image`]).
+    tracking: Mutex<Tracking>,
+    /// Ranges handed out for direct writes (views from other languages), by region: their pages
+    /// count as written for as long as the loan lives.
+    loans: Mutex<Vec<Loan>>,
+}
+
+/// Pages of region `region` lent out for direct writes while `token` lives.
+#[derive(Debug)]
+struct Loan {
+    region: usize,
+    pages: Range<usize>,
+    token: Weak<()>,
+}
+
+/// What is known about the content of each region.
+#[derive(Debug, Default)]
+struct Tracking {
+    regions: Vec<RegionTracking>,
+    /// The image memory equalled when dirty pages were last collected, if any.
+    synced_with: Option<u64>,
+}
+
+#[derive(Debug)]
+struct RegionTracking {
+    /// The file the region is a private mapping of, and where in it the region starts.
+    base: Option<(Arc<BaseFile>, u64)>,
+    /// Pages that may differ from the base (a superset): those written since the base was made.
+    diverged: PageSet,
 }
 
 impl GuestMemoryBackend for GuestMemory {
@@ -66,12 +113,66 @@ impl GuestMemory {
                     .ok_or_else(|| std::io::Error::other("a memory region wraps around the address space"))?,
             );
         }
+        Self::from_parts(regions, mappings)
+    }
+
+    fn from_parts(regions: Vec<GuestRegionMmap>, mappings: Vec<Mapping>) -> std::io::Result<Self> {
         let regions = GuestMemoryMmap::from_regions(regions).map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(Self { regions, _mappings: mappings })
+        let tracking = regions
+            .iter()
+            .map(|region| RegionTracking { base: None, diverged: PageSet::new(page_count(region.len())) })
+            .collect();
+        Ok(Self {
+            regions,
+            mappings,
+            tracking: Mutex::new(Tracking { regions: tracking, synced_with: None }),
+            loans: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The host address of `[addr, addr + len)` for writing to directly (a buffer handed to another
+    /// language): its pages count as written, for snapshots, as long as the returned loan lives.
+    pub fn lend(&self, addr: u64, len: usize) -> Result<(*mut u8, Arc<()>), MemoryError> {
+        let host = host_range(self, addr, len)?;
+        let index = self.region_index(addr).ok_or(MemoryError::OutOfRange { addr, len })?;
+        let offset = (addr - self.region_start(index)) as usize;
+        let pages = offset / PAGE_SIZE as usize..(offset + len).div_ceil(PAGE_SIZE as usize);
+        let loan = Arc::new(());
+        let mut loans = lock(&self.loans);
+        loans.retain(|loan| loan.token.strong_count() > 0);
+        loans.push(Loan { region: index, pages, token: Arc::downgrade(&loan) });
+        Ok((host, loan))
+    }
+
+    /// Whether the content is tracked against an image (after a capture, or when made from one),
+    /// so the VM must log the pages the guest writes.
+    pub fn is_tracked(&self) -> bool {
+        lock(&self.tracking).synced_with.is_some()
+    }
+
+    fn region_index(&self, addr: u64) -> Option<usize> {
+        self.regions.iter().position(|r| r.start_addr().0 <= addr && addr - r.start_addr().0 < r.len())
+    }
+
+    fn region_start(&self, index: usize) -> u64 {
+        self.region(index).start_addr().0
+    }
+
+    fn region(&self, index: usize) -> &GuestRegionMmap {
+        self.regions.iter().nth(index).expect("region indexes come from the regions")
     }
 }
 
-/// An anonymous mapping, unmapped on drop.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Tracking is only changed by whole assignments; a panic elsewhere leaves it usable.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn page_count(len: u64) -> usize {
+    len.div_ceil(PAGE_SIZE) as usize
+}
+
+/// A mapping of guest memory, unmapped on drop.
 #[derive(Debug)]
 struct Mapping {
     addr: *mut libc::c_void,
@@ -114,6 +215,39 @@ impl Mapping {
         }
         Ok(Self { addr: aligned as *mut libc::c_void, len })
     }
+
+    /// Maps `len` bytes of `file` from `offset`, private: reads come from the file until a page is
+    /// written, which then gets a copy of its own.
+    fn private_of(file: BorrowedFd<'_>, offset: u64, len: usize) -> std::io::Result<Self> {
+        let addr = map_file(std::ptr::null_mut(), file, offset, len, 0)?;
+        Ok(Self { addr, len })
+    }
+
+    /// Replaces this mapping, at the same address, with a private mapping of `file` from `offset`:
+    /// its current pages are dropped. Whoever uses the address (KVM, vm-memory) sees the new pages.
+    fn remap_private_of(&self, file: BorrowedFd<'_>, offset: u64) -> std::io::Result<()> {
+        map_file(self.addr, file, offset, self.len, libc::MAP_FIXED).map(drop)
+    }
+}
+
+/// `mmap` of `len` bytes of `file` at `offset`, private and writable, at `addr` with `MAP_FIXED`.
+fn map_file(
+    addr: *mut libc::c_void,
+    file: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+    extra_flags: libc::c_int,
+) -> std::io::Result<*mut libc::c_void> {
+    let offset = libc::off_t::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE | extra_flags;
+    // SAFETY: maps a file the caller holds open. With MAP_FIXED, `addr..addr + len` is a mapping
+    // this module owns (a `Mapping`), replaced atomically by the kernel; without it the kernel
+    // picks a free address.
+    let mapped = unsafe { libc::mmap(addr, len, MAP_PROT, flags, file.as_raw_fd(), offset) };
+    if mapped == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(mapped)
 }
 
 impl Drop for Mapping {
