@@ -33,6 +33,8 @@ class ExitReason(enum.Enum):
     """``stop()`` was called, Ctrl-C was pressed, or (per vCPU) another vCPU ended the run."""
     TIMEOUT = "timeout"
     """The run's time limit passed."""
+    PAUSED = "paused"
+    """``pause()`` was called; ``resume()`` continues the guest where it stopped."""
     VMM_ERROR = "vmm_error"
     """Something outside the guest failed; ``details["message"]`` says what."""
 

@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::snapshot::{DeviceState, StateError};
+
 /// Why a device access ends the run.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DeviceError {
@@ -38,6 +40,17 @@ pub trait BusDevice: Send + Sync {
     fn read(&self, base: u64, offset: u64, data: &mut [u8]) -> Result<(), DeviceError>;
     /// Accepts the bytes the guest wrote at `base + offset`.
     fn write(&self, base: u64, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+
+    /// The device's state for a snapshot; `None` for a device that keeps none, or keeps it
+    /// elsewhere (one served by an embedder's callbacks, whose state is the embedder's).
+    fn save_state(&self) -> Option<DeviceState> {
+        None
+    }
+
+    /// Puts back a state [`save_state`](Self::save_state) returned, while the VM is stopped.
+    fn restore_state(&self, state: &DeviceState) -> Result<(), StateError> {
+        Err(StateError::new(format!("this device keeps no state, but a {} was saved here", state.kind())))
+    }
 }
 
 /// A non-empty address range `[base, base + len)`.
@@ -147,6 +160,11 @@ impl Bus {
     /// The ranges mapped, in address order.
     pub fn ranges(&self) -> impl Iterator<Item = BusRange> + '_ {
         self.devices.iter().map(|(range, _)| *range)
+    }
+
+    /// The devices mapped, with their ranges, in address order.
+    pub fn devices(&self) -> impl Iterator<Item = (BusRange, &Arc<dyn BusDevice>)> + '_ {
+        self.devices.iter().map(|(range, device)| (*range, device))
     }
 
     /// The device whose range holds all of `[addr, addr + size)`.

@@ -1,10 +1,12 @@
 //! What a VM is made of, as plain data: the builder turns a [`MachineConfig`] into a
 //! [`Machine`](crate::Machine).
 
+use serde::{Deserialize, Serialize};
+
 use crate::arch::x86_64::cpuid::CpuidEdit;
 
 /// One range of guest RAM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryRegionConfig {
     /// Guest physical address of the first byte; page aligned.
     pub guest_addr: u64,
@@ -13,7 +15,8 @@ pub struct MemoryRegionConfig {
 }
 
 /// What happens to port I/O or MMIO that reaches no device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UnhandledIo {
     /// Reads return all ones (as on a bus with nothing behind it), writes are dropped; both are
     /// counted and logged at debug level.
@@ -24,7 +27,7 @@ pub enum UnhandledIo {
 }
 
 /// The configuration of one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineConfig {
     /// Guest RAM, one or more non-overlapping regions.
     pub memory: Vec<MemoryRegionConfig>,

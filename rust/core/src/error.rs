@@ -6,6 +6,7 @@ use crate::arch::x86_64::mode::ModeError;
 use crate::boot::BootError;
 use crate::bus::BusError;
 use crate::size::SizeError;
+use crate::snapshot::SnapshotError;
 use crate::vstate::memory::MemoryError;
 
 /// The result type of the core.
@@ -71,6 +72,9 @@ pub enum Error {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// A snapshot cannot be taken, saved, read or restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The host could not provide what a virtio device needs (an eventfd, its event-loop thread).
     #[error("cannot set up a virtio device: {0}")]
     DeviceSetup(#[source] std::io::Error),

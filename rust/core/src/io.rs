@@ -60,6 +60,17 @@ impl IoSpaces {
         self.bus_mut(space).remove(base)
     }
 
+    /// Every mapped device with its place, ports first, each bus in address order.
+    pub fn devices(&self) -> impl Iterator<Item = (AddressSpace, BusRange, &Arc<dyn BusDevice>)> + '_ {
+        let on = |space| self.bus(space).devices().map(move |(range, device)| (space, range, device));
+        on(AddressSpace::Pio).chain(on(AddressSpace::Mmio))
+    }
+
+    /// The device whose range starts at `base` in `space`.
+    pub fn device_at(&self, space: AddressSpace, base: u64) -> Option<(BusRange, Arc<dyn BusDevice>)> {
+        self.bus(space).resolve(base, 1).filter(|(range, _)| range.base() == base).map(|(r, d)| (r, d.clone()))
+    }
+
     /// The bus of `space`.
     pub fn bus(&self, space: AddressSpace) -> &Bus {
         match space {

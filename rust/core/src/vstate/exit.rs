@@ -12,7 +12,8 @@ const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 const KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 
 /// Port I/O or memory-mapped I/O.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AddressSpace {
     /// x86 I/O ports (`in`/`out`).
     Pio,
@@ -105,6 +106,8 @@ pub enum ExitReason {
     Stopped,
     /// The run's time limit passed.
     Timeout,
+    /// The VM was paused; resuming it continues the guest where it stopped.
+    Paused,
     /// Something outside the guest failed: `KVM_RUN` returned an error, KVM reported an exit
     /// kvmkit has no use for, or the vCPU thread panicked.
     VmmError(String),
@@ -131,6 +134,7 @@ impl ExitReason {
             Self::DeviceError { .. } => "handler_error",
             Self::Stopped => "stopped",
             Self::Timeout => "timeout",
+            Self::Paused => "paused",
             Self::VmmError(_) => "vmm_error",
         }
     }

@@ -26,7 +26,8 @@ const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
 
 /// One of the four output registers of a CPUID leaf.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CpuidRegister {
     /// EAX.
     Eax,
@@ -59,7 +60,7 @@ impl FromStr for CpuidRegister {
 
 /// A caller's change to the CPUID a vCPU reports: clear then set bits of one register of one leaf
 /// (every subleaf, or only `subleaf`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuidEdit {
     /// The leaf (EAX input).
     pub leaf: u32,

@@ -12,7 +12,7 @@ use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
-pub use image::{BaseFile, ImageError, MemoryImage};
+pub use image::{BaseFile, ImageError, MemoryImage, RestoreStats};
 pub use pages::PageSet;
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};

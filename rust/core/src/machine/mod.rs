@@ -5,6 +5,10 @@
 //! The thread owns its vCPU during a run and hands it back at the end, so register access and
 //! changes to the I/O map need the VM stopped, while memory and `stop` are available at any time.
 
+mod snapshot;
+
+pub use snapshot::RestoreTimes;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,6 +46,8 @@ pub struct Machine {
     vm: Vm,
     vcpu_count: usize,
     irqchip: bool,
+    /// What the machine was built from, kept for snapshots.
+    config: MachineConfig,
 }
 
 struct State {
@@ -59,6 +65,8 @@ struct State {
     virtio: Vec<VirtioSlot>,
     /// Serves the virtio devices; started with the first one.
     device_loop: Option<DeviceEventLoop>,
+    /// Set while the VM is paused.
+    pause: Option<snapshot::Pause>,
 }
 
 /// Where a virtio device sits and how it is doing.
@@ -125,12 +133,20 @@ fn run_guarded(
 impl Machine {
     /// Builds the VM the configuration describes.
     pub fn new(config: &MachineConfig) -> Result<Self> {
+        Self::build(config, None)
+    }
+
+    /// Builds the VM, over `memory` if given (which must have the configuration's layout).
+    fn build(config: &MachineConfig, memory: Option<memory::GuestMemory>) -> Result<Self> {
         let kvm = Kvm::shared()?;
         let max = kvm.max_vcpus();
         if config.vcpus == 0 || config.vcpus as usize > max {
             return Err(Error::InvalidConfig(format!("a VM needs 1 to {max} vCPUs, not {}", config.vcpus)));
         }
-        let vm = Vm::new(&kvm, config)?;
+        let vm = match memory {
+            Some(memory) => Vm::with_memory(&kvm, config, memory)?,
+            None => Vm::new(&kvm, config)?,
+        };
         let vcpus = (0..config.vcpus)
             .map(|index| {
                 Vcpu::new(vm.fd(), index, config.vcpus, config.irqchip, kvm.supported_cpuid(), &config.cpuid_edits)
@@ -146,8 +162,10 @@ impl Machine {
             on_first_start: Vec::new(),
             virtio: Vec::new(),
             device_loop: None,
+            pause: None,
         };
-        Ok(Self { state: Mutex::new(state), vm, vcpu_count: config.vcpus as usize, irqchip: config.irqchip })
+        let vcpu_count = config.vcpus as usize;
+        Ok(Self { state: Mutex::new(state), vm, vcpu_count, irqchip: config.irqchip, config: config.clone() })
     }
 
     /// Guest memory; usable while the VM runs.
@@ -342,6 +360,7 @@ impl Machine {
     fn launch(&self) -> Result<Arc<RunControl>> {
         let mut state = self.stopped_state()?;
         install_kick_handler().map_err(Error::Thread)?;
+        self.unpause(&mut state)?;
         for first_start in std::mem::take(&mut state.on_first_start) {
             first_start();
         }
