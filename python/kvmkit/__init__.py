@@ -12,12 +12,13 @@ Rust devices, and run it at KVM speed::
         print(vm.run(timeout=5).reason)
 """
 
-from kvmkit import agent, devices, errors, virtio
+from kvmkit import agent, devices, errors, snapshot, virtio
 from kvmkit._core import __version__
 from kvmkit.agent import ExecResult
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, CpuidEntry, CpuMode, DescriptorTable, Fpu, Regs, Segment, SRegs, Vcpu
 from kvmkit.exits import Exit, ExitReason
+from kvmkit.snapshot import Snapshot
 from kvmkit.vm import VM, parse_size
 
 __all__ = [
@@ -34,11 +35,13 @@ __all__ = [
     "Regs",
     "SRegs",
     "Segment",
+    "Snapshot",
     "Vcpu",
     "__version__",
     "agent",
     "devices",
     "errors",
     "parse_size",
+    "snapshot",
     "virtio",
 ]

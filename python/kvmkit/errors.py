@@ -63,6 +63,24 @@ class WaitTimeout(KvmkitError, TimeoutError):
     """``VM.wait`` timed out; the VM is still running."""
 
 
+class SnapshotError(KvmkitError):
+    """A snapshot cannot be taken, saved, read or restored."""
+
+
+class SnapshotFormatError(SnapshotError):
+    """A snapshot's files are not usable: not a snapshot, cut short, corrupt, or a memory file of
+    the wrong size. The message names the file and the problem."""
+
+
+class SnapshotVersionError(SnapshotFormatError):
+    """A snapshot written in a format version this kvmkit does not read."""
+
+
+class SnapshotMismatchError(SnapshotError):
+    """A snapshot of a VM of another shape (vCPUs, memory, devices) than the one it is restored
+    into."""
+
+
 class ImageError(KvmkitError):
     """A guest image cannot be read or built: not a bzImage, a failed download, no apt."""
 

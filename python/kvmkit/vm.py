@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 from kvmkit import _core
 from kvmkit.agent import Agent, Command, ExecResult, PathArg
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, Vcpu
 from kvmkit.devices import Device
-from kvmkit.errors import AgentError, ConfigError, VmStateError, WaitTimeout
+from kvmkit.errors import AgentError, ConfigError, SnapshotFormatError, VmStateError, WaitTimeout
 from kvmkit.exits import Exit
+from kvmkit.snapshot import SETUP_VERSION, Snapshot
 from kvmkit.virtio import Disk, Net, Rng, VirtioDevice, Vsock
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ WriteHandler = Callable[[int, bytes], object]
 _Device = TypeVar("_Device", bound=VirtioDevice)
 
 _live: weakref.WeakSet[VM] = weakref.WeakSet()
+_fork_numbers = itertools.count(1)
 
 DEFAULT_CMDLINE = (
     "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd"
@@ -103,13 +106,18 @@ class VM:
         for edit in edits:
             if not isinstance(edit, CpuidEdit):
                 raise TypeError(f"cpuid must hold CpuidEdit values, not {type(edit).__name__}")
-        self._core = _core.Vm(layout, cpus, irqchip, pit, unhandled_io, [e._to_core() for e in edits])
+        self._adopt(_core.Vm(layout, cpus, irqchip, pit, unhandled_io, [e._to_core() for e in edits]), cpus)
+        log.debug("created VM with %d vCPU(s), memory %s", cpus, [(hex(a), s) for a, s in layout])
+
+    def _adopt(self, core: _core.Vm, cpus: int) -> None:
+        self._core = core
         self.vcpus: list[Vcpu] = [Vcpu(self._core, i) for i in range(cpus)]
         self._console: Console | None = None
         self._virtio: list[VirtioDevice] = []
         self._agent: Agent | None = None
+        # How to build the same devices again, for snapshots restored elsewhere and forks.
+        self._setup: list[dict[str, Any]] = []
         _live.add(self)
-        log.debug("created VM with %d vCPU(s), memory %s", cpus, [(hex(a), s) for a, s in layout])
 
     def __enter__(self) -> VM:
         return self
@@ -224,25 +232,33 @@ class VM:
         one with a writer. :class:`~kvmkit.errors.ImageLockedError` says when the lock is held
         elsewhere; ``lock=False`` neither takes nor respects it."""
         backend = _core.virtio_block(path, read_only, serial, lock)
-        return self._keep(Disk(self._add_virtio(backend), os.fspath(path), read_only))
+        disk = self._keep(Disk(self._add_virtio(backend), os.fspath(path), read_only))
+        self._setup.append({"kind": "block", "path": disk.path, "read_only": read_only, "serial": serial, "lock": lock})
+        return disk
 
     def add_net(self, tap: str, mac: str | None = None) -> Net:
         """Adds a virtio network card on the Linux tap ``tap``: an existing tap this user may open,
         or a new one when the process has CAP_NET_ADMIN (a ``%d`` in the name lets the kernel
         number it). ``mac`` defaults to a random locally administered address. Checksum and
         segmentation offloads are offered to the guest when the tap supports them."""
-        return self._keep(Net(self._add_virtio(_core.virtio_net(tap, mac))))
+        net = self._keep(Net(self._add_virtio(_core.virtio_net(tap, mac))))
+        self._setup.append({"kind": "net", "tap": net.tap, "mac": net.mac})
+        return net
 
     def add_vsock(self, cid: int, uds_path: str | os.PathLike[str]) -> Vsock:
         """Adds a virtio vsock device giving the guest context id ``cid`` (3 or more), with its
         host side on the Unix socket ``uds_path``, which must not exist yet (see
         :class:`kvmkit.virtio.Vsock`)."""
         backend = _core.virtio_vsock(cid, uds_path)
-        return self._keep(Vsock(self._add_virtio(backend), cid, os.fspath(uds_path)))
+        vsock = self._keep(Vsock(self._add_virtio(backend), cid, os.fspath(uds_path)))
+        self._setup.append({"kind": "vsock", "cid": cid, "uds_path": vsock.uds_path})
+        return vsock
 
     def add_rng(self) -> Rng:
         """Adds a virtio entropy device fed by the host's ``getrandom``."""
-        return self._keep(Rng(self._add_virtio(_core.virtio_rng())))
+        rng = self._keep(Rng(self._add_virtio(_core.virtio_rng())))
+        self._setup.append({"kind": "rng"})
+        return rng
 
     def _keep(self, device: _Device) -> _Device:
         self._virtio.append(device)
@@ -275,6 +291,7 @@ class VM:
         :meth:`run` or :meth:`start` boots."""
         self._core.boot_linux(_image(kernel), None if initrd is None else _image(initrd), cmdline)
         self._console = Console(self._core)
+        self._setup.append({"kind": "linux"})
         return self._console
 
     @property
@@ -383,6 +400,109 @@ class VM:
         """How the last finished run ended."""
         raw = self._core.last_exit
         return None if raw is None else Exit._from_core(raw)
+
+    # Pause, snapshot, restore, fork
+
+    def pause(self) -> None:
+        """Stops the VM with every vCPU's last instruction complete, and freezes its devices (no
+        device touches memory or raises an interrupt) and the guest's clock (the guest sees no
+        time pass) until :meth:`resume`. A run in progress ends with ``ExitReason.PAUSED``.
+        Pausing a stopped or paused VM only freezes it."""
+        self._core.pause()
+
+    def resume(self) -> None:
+        """Continues a paused VM in the background, as :meth:`start` does (:meth:`run` and
+        :meth:`start` resume a paused VM too)."""
+        self._core.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self._core.paused
+
+    def snapshot(self) -> Snapshot:
+        """The whole state of the stopped or paused VM (see :mod:`kvmkit.snapshot`). The first
+        snapshot moves guest memory into a memory file the VM then maps copy-on-write; later ones
+        copy only the pages written since."""
+        return Snapshot(self._core.snapshot(), {"version": SETUP_VERSION, "devices": list(self._setup)})
+
+    def restore(self, snapshot: Snapshot) -> dict[str, float]:
+        """Puts the stopped or paused VM back to ``snapshot`` (taken from this VM, from the VM it
+        was forked from, or loaded from files of a VM of the same configuration and devices),
+        copying back only the memory pages written since. The guest's clock moves on by the time
+        passed since the snapshot, so its wall clock stays right. Returns how long each part took
+        in microseconds, and ``pages_copied``. Repeatable any number of times."""
+        return self._core.restore(snapshot._core)
+
+    @classmethod
+    def from_snapshot(
+        cls, snapshot: Snapshot | str | os.PathLike[str], *, vsock_uds_paths: Sequence[str] | None = None
+    ) -> VM:
+        """A new VM in the state of ``snapshot`` (a :class:`Snapshot`, or the directory one was
+        saved to), stopped; :meth:`run` or :meth:`start` continues it. Memory is the snapshot's,
+        mapped copy-on-write and read as the guest touches it, so this is fast whatever the memory
+        size. Devices are built again as the snapshot describes them; each vsock device needs a
+        Unix socket path that does not exist yet: its old one, or the next of ``vsock_uds_paths``.
+        Python handlers are not part of a snapshot: add them again before running."""
+        if not isinstance(snapshot, Snapshot):
+            snapshot = Snapshot.load(snapshot)
+        paths = iter(vsock_uds_paths or ())
+        return cls._clone(snapshot, lambda device: next(paths, device["uds_path"]))
+
+    def fork(self, count: int | None = None) -> VM | list[VM]:
+        """New VMs in this process that start from this VM's current state and share its memory
+        copy-on-write; this VM goes on as it was (a running one is paused for the snapshot and
+        resumed). ``fork()`` returns one VM, ``fork(n)`` a list of ``n``. Per device: read-only
+        disks are shared; a vsock device gets its own socket, ``<uds_path>.fork<N>``; writable
+        disks and network cards cannot be shared and make the fork fail (see the README)."""
+        for device in self._setup:
+            if device["kind"] == "block" and not device["read_only"]:
+                raise ConfigError(f"cannot fork a VM with the writable disk {device['path']}: add it read_only")
+            if device["kind"] == "net":
+                raise ConfigError(f"cannot fork a VM with a network card (tap {device['tap']})")
+        was_running = self.running and not self.paused
+        if was_running:
+            self.pause()
+        try:
+            snapshot = self.snapshot()
+        finally:
+            if was_running:
+                self.resume()
+        clones = [
+            VM._clone(snapshot, lambda device: f"{device['uds_path']}.fork{next(_fork_numbers)}")
+            for _ in range(1 if count is None else count)
+        ]
+        return clones[0] if count is None else clones
+
+    @classmethod
+    def _clone(cls, snapshot: Snapshot, vsock_path: Callable[[dict[str, Any]], str]) -> VM:
+        vm = cls.__new__(cls)
+        vm._adopt(_core.Vm.from_snapshot(snapshot._core), snapshot.cpus)
+        try:
+            for device in snapshot._setup.get("devices", []):
+                vm._add_from_setup(device, vsock_path)
+            vm._core.restore(snapshot._core)
+        except BaseException:
+            vm.close()
+            raise
+        log.debug("made a VM from %r", snapshot)
+        return vm
+
+    def _add_from_setup(self, device: dict[str, Any], vsock_path: Callable[[dict[str, Any]], str]) -> None:
+        kind = device.get("kind")
+        if kind == "block":
+            self.add_disk(device["path"], device["read_only"], serial=device["serial"], lock=device["lock"])
+        elif kind == "net":
+            self.add_net(device["tap"], device["mac"])
+        elif kind == "vsock":
+            self.add_vsock(device["cid"], vsock_path(device))
+        elif kind == "rng":
+            self.add_rng()
+        elif kind == "linux":
+            self._core.attach_linux()
+            self._console = Console(self._core)
+            self._setup.append(device)
+        else:
+            raise SnapshotFormatError(f"the snapshot names a device kvmkit does not know: {device!r}")
 
 
 @atexit.register

@@ -47,23 +47,31 @@ pub struct LinuxPlatform {
 /// Loads `boot` into `machine` (which needs the in-kernel irqchip), sets up every vCPU as Linux
 /// expects from firmware, points vCPU 0 at the kernel's entry, and maps the platform devices.
 pub fn boot_linux(machine: &Machine, boot: &LinuxBoot) -> Result<LinuxPlatform> {
+    let platform = with_platform(machine, || load(machine, boot))?;
+    let timer = platform.boot_timer.clone();
+    machine.on_first_start(Box::new(move || timer.restart(Instant::now())));
+    Ok(platform)
+}
+
+/// Maps the platform's devices without loading a kernel, for a VM whose state comes from a
+/// snapshot of a Linux VM.
+pub fn attach_platform(machine: &Machine) -> Result<LinuxPlatform> {
+    with_platform(machine, || Ok(()))
+}
+
+/// Maps the platform's devices, then runs `then`. The devices come off again if either fails, so
+/// that a failure leaves the I/O map as it was and can be retried (guest memory may have been
+/// written).
+fn with_platform(machine: &Machine, then: impl FnOnce() -> Result<()>) -> Result<LinuxPlatform> {
     if !machine.has_irqchip() {
         return Err(Error::InvalidConfig("booting Linux needs the in-kernel irqchip (irqchip=True)".into()));
     }
-    // The devices go first and come off again if anything after them fails, so that a failed
-    // boot leaves the I/O map as it was and can be retried (guest memory may have been written).
     let mut mapped = Vec::new();
-    let platform = map_devices(machine, &mut mapped).and_then(|platform| load(machine, boot).map(|()| platform));
-    match &platform {
-        Ok(platform) => {
-            let timer = platform.boot_timer.clone();
-            machine.on_first_start(Box::new(move || timer.restart(Instant::now())));
-        }
-        Err(_) => {
-            for (space, base) in mapped.into_iter().rev() {
-                // Each was mapped by this call a moment ago, and the VM cannot have started since.
-                let _ = machine.remove_device(space, base);
-            }
+    let platform = map_devices(machine, &mut mapped).and_then(|platform| then().map(|()| platform));
+    if platform.is_err() {
+        for (space, base) in mapped.into_iter().rev() {
+            // Each was mapped by this call a moment ago, and the VM cannot have started since.
+            let _ = machine.remove_device(space, base);
         }
     }
     platform

@@ -1,7 +1,8 @@
 //! Core errors become the exceptions of `kvmkit.errors`.
 
 use kvmkit_core::bus::BusError;
-use kvmkit_core::vstate::memory::MemoryError;
+use kvmkit_core::snapshot::SnapshotError as CoreSnapshotError;
+use kvmkit_core::vstate::memory::{ImageError, MemoryError};
 use kvmkit_core::Error;
 use pyo3::prelude::*;
 
@@ -16,6 +17,10 @@ pyo3::import_exception!(kvmkit.errors, VmStateError);
 pyo3::import_exception!(kvmkit.errors, BootError);
 pyo3::import_exception!(kvmkit.errors, DeviceError);
 pyo3::import_exception!(kvmkit.errors, ImageLockedError);
+pyo3::import_exception!(kvmkit.errors, SnapshotError);
+pyo3::import_exception!(kvmkit.errors, SnapshotFormatError);
+pyo3::import_exception!(kvmkit.errors, SnapshotVersionError);
+pyo3::import_exception!(kvmkit.errors, SnapshotMismatchError);
 
 /// The exception for a core error.
 pub fn to_py(error: Error) -> PyErr {
@@ -35,6 +40,22 @@ pub fn to_py(error: Error) -> PyErr {
         Error::Boot(_) => BootError::new_err(message),
         Error::Running | Error::NotStarted | Error::WaitInRun => VmStateError::new_err(message),
         Error::Thread(_) | Error::DeviceSetup(_) => KvmkitError::new_err(message),
+        Error::Snapshot(error) => snapshot_error(error, message),
+    }
+}
+
+fn snapshot_error(error: CoreSnapshotError, message: String) -> PyErr {
+    match error {
+        CoreSnapshotError::Version { .. } => SnapshotVersionError::new_err(message),
+        CoreSnapshotError::NotASnapshot { .. }
+        | CoreSnapshotError::Corrupt { .. }
+        | CoreSnapshotError::Memory(ImageError::WrongSize { .. }) => SnapshotFormatError::new_err(message),
+        CoreSnapshotError::Mismatch(_)
+        | CoreSnapshotError::DeviceState(_)
+        | CoreSnapshotError::Memory(ImageError::Layout { .. }) => {
+            SnapshotMismatchError::new_err(message)
+        }
+        CoreSnapshotError::Io { .. } | CoreSnapshotError::Memory(_) => SnapshotError::new_err(message),
     }
 }
 

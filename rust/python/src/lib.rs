@@ -8,6 +8,7 @@ mod handler;
 mod initramfs;
 mod logging;
 mod memory_view;
+mod snapshot;
 mod virtio;
 mod vm;
 
@@ -38,6 +39,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<devices::NullDevice>()?;
     m.add_class::<devices::Scratchpad>()?;
     m.add_class::<memory_view::GuestMemoryView>()?;
+    m.add_class::<snapshot::Snapshot>()?;
     m.add_class::<initramfs::Initramfs>()?;
     m.add_class::<virtio::VirtioBackend>()?;
     m.add_class::<virtio::VirtioHandle>()?;

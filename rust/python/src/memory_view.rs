@@ -15,12 +15,14 @@ pub struct GuestMemoryView {
     _memory: Arc<GuestMemory>,
     host: usize,
     len: usize,
+    /// While it lives, snapshots count the view's pages as written (Python writes them directly).
+    _loan: Arc<()>,
 }
 
 impl GuestMemoryView {
-    /// A view of `len` bytes at host address `host`, inside `memory`.
-    pub fn new(memory: Arc<GuestMemory>, host: *mut u8, len: usize) -> Self {
-        Self { _memory: memory, host: host as usize, len }
+    /// A view of `len` bytes at host address `host`, inside `memory`, lent under `loan`.
+    pub fn new(memory: Arc<GuestMemory>, host: *mut u8, len: usize, loan: Arc<()>) -> Self {
+        Self { _memory: memory, host: host as usize, len, _loan: loan }
     }
 }
 

@@ -31,6 +31,7 @@ use crate::devices::bus_device;
 use crate::error::{config_error, IntoPyResult, VmStateError};
 use crate::handler::{ErrorSlot, PyHandler};
 use crate::memory_view::GuestMemoryView;
+use crate::snapshot::Snapshot;
 use crate::virtio::{VirtioBackend, VirtioHandle};
 
 /// How often a waiting caller checks for signals such as Ctrl-C.
@@ -175,6 +176,18 @@ fn finalizing(py: Python<'_>) -> bool {
     answer.unwrap_or(true)
 }
 
+impl Vm {
+    fn wrap(machine: Machine) -> PyResult<Self> {
+        machine.set_thread_hook(Arc::new(attach_for_life)).py()?;
+        Ok(Self {
+            machine: Mutex::new(Some(Arc::new(machine))),
+            handler_errors: ErrorSlot::default(),
+            linux: Mutex::new(None),
+            handlers: Mutex::new(Vec::new()),
+        })
+    }
+}
+
 #[pymethods]
 impl Vm {
     #[new]
@@ -220,13 +233,60 @@ impl Vm {
             cpuid_edits,
         };
         let machine = py.detach(|| Machine::new(&config)).py()?;
-        machine.set_thread_hook(Arc::new(attach_for_life)).py()?;
-        Ok(Self {
-            machine: Mutex::new(Some(Arc::new(machine))),
-            handler_errors: ErrorSlot::default(),
-            linux: Mutex::new(None),
-            handlers: Mutex::new(Vec::new()),
-        })
+        Self::wrap(machine)
+    }
+
+    /// A VM of the snapshot's configuration whose memory is the snapshot's, shared copy-on-write;
+    /// its devices are to be added, then `restore(snapshot)` puts back the rest.
+    #[staticmethod]
+    fn from_snapshot(py: Python<'_>, snapshot: &Snapshot) -> PyResult<Self> {
+        let snapshot = snapshot.get().clone();
+        let machine = py.detach(|| Machine::from_image(&snapshot.state.config, &snapshot.memory)).py()?;
+        Self::wrap(machine)
+    }
+
+    /// Maps the Linux platform's devices (console, i8042, CMOS, ACPI, boot timer) without loading
+    /// a kernel: a VM restored from a Linux VM's snapshot needs them for its state.
+    fn attach_linux(&self) -> PyResult<()> {
+        let platform = linux::attach_platform(&self.machine()?).py()?;
+        *self.linux.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(platform.into());
+        Ok(())
+    }
+
+    /// Stops the run with every instruction complete, and freezes devices and the guest's clock.
+    fn pause(&self, py: Python<'_>) -> PyResult<()> {
+        let machine = self.machine()?;
+        py.detach(|| machine.pause()).py()
+    }
+
+    /// Continues a paused VM in the background.
+    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+        self.start(py)
+    }
+
+    #[getter]
+    fn paused(&self) -> PyResult<bool> {
+        Ok(self.machine()?.is_paused())
+    }
+
+    /// The whole state of the stopped or paused VM.
+    fn snapshot(&self, py: Python<'_>) -> PyResult<Snapshot> {
+        let machine = self.machine()?;
+        Ok(Snapshot::new(py.detach(|| machine.snapshot()).py()?))
+    }
+
+    /// Puts the stopped or paused VM back to `snapshot`; returns the time each part took (µs).
+    fn restore<'py>(&self, py: Python<'py>, snapshot: &Snapshot) -> PyResult<Bound<'py, PyDict>> {
+        let (machine, snapshot) = (self.machine()?, snapshot.get().clone());
+        let times = py.detach(|| machine.restore(&snapshot)).py()?;
+        let dict = PyDict::new(py);
+        let micros = |d: Duration| d.as_secs_f64() * 1e6;
+        dict.set_item("memory_us", micros(times.memory))?;
+        dict.set_item("vm_us", micros(times.vm))?;
+        dict.set_item("vcpus_us", micros(times.vcpus))?;
+        dict.set_item("devices_us", micros(times.devices))?;
+        dict.set_item("pages_copied", times.memory_stats.pages_copied)?;
+        Ok(dict)
     }
 
     /// Stops the VM if it runs and frees its file descriptors and memory (memory views keep their
@@ -301,8 +361,8 @@ impl Vm {
     fn mem_view(&self, addr: Unsigned<u64>, size: Unsigned<usize>) -> PyResult<GuestMemoryView> {
         let (addr, size) = (addr.0, size.0);
         let machine = self.machine()?;
-        let host = memory::host_range(machine.memory(), addr, size).map_err(kvmkit_core::Error::from).py()?;
-        Ok(GuestMemoryView::new(machine.memory().clone(), host, size))
+        let (host, loan) = machine.memory().lend(addr, size).map_err(kvmkit_core::Error::from).py()?;
+        Ok(GuestMemoryView::new(machine.memory().clone(), host, size, loan))
     }
 
     fn get_regs<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
