@@ -1,0 +1,307 @@
+"""Pause, snapshot, in-place restore, files and fork, on small bare-metal guests."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import kvmkit
+import pytest
+from kvmkit import ExitReason
+from kvmkit.errors import (
+    ConfigError,
+    SnapshotError,
+    SnapshotFormatError,
+    SnapshotMismatchError,
+    SnapshotVersionError,
+    VmStateError,
+)
+
+pytestmark = [pytest.mark.kvm, pytest.mark.standard_kvm]
+
+LOAD_ADDR = 0x1000
+PORT = 0xE9
+COUNTER = 0x2000
+PAGES = [0x10000 + i * 0x1000 for i in range(64)]
+HANG_GUARD = 10.0
+
+
+class Walker:
+    """snapshot_walk.S in a VM: each run writes the next count to 64 pages, reports it on the
+    port and halts."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.reported: list[int] = []
+        vm.hook_io(PORT, 4, write=lambda port, data: self.reported.append(int.from_bytes(data, "little")))
+
+    def step(self) -> int:
+        exit = self.vm.run(timeout=HANG_GUARD)
+        assert exit.reason == ExitReason.HLT, exit
+        return self.reported[-1]
+
+    def count_in_memory(self) -> int:
+        return int.from_bytes(self.vm.mem_read(COUNTER, 4), "little")
+
+
+@pytest.fixture
+def walker(boot):
+    return Walker(boot("snapshot_walk", "protected"))
+
+
+def test_restore_puts_registers_and_memory_back_any_number_of_times(walker):
+    vm = walker.vm
+    assert [walker.step() for _ in range(3)] == [1, 2, 3]
+    snap = vm.snapshot()
+    regs = vm.vcpus[0].regs
+    memory = vm.mem_read(0, 2 << 20)
+
+    for _ in range(50):
+        assert [walker.step() for _ in range(2)] == [4, 5]
+        times = vm.restore(snap)
+        assert times["pages_copied"] == 65  # the counter's page and the 64 the guest walks
+        assert vm.vcpus[0].regs == regs
+        assert walker.count_in_memory() == 3
+    assert vm.mem_read(0, 2 << 20) == memory == snap.mem_read(0, 2 << 20)
+    assert walker.step() == 4
+
+
+def test_an_older_snapshot_comes_back_after_a_newer_one(walker):
+    vm = walker.vm
+    walker.step()
+    first = vm.snapshot()
+    walker.step()
+    walker.step()
+    second = vm.snapshot()
+    walker.step()
+
+    vm.restore(first)
+    assert walker.count_in_memory() == 1
+    assert walker.step() == 2
+    vm.restore(second)
+    assert walker.count_in_memory() == 3
+    assert walker.step() == 4
+    assert first.mem_read(COUNTER, 4) == (1).to_bytes(4, "little")
+
+
+def test_writes_by_the_host_are_undone_too(walker):
+    vm = walker.vm
+    walker.step()
+    snap = vm.snapshot()
+    vm.mem_write(0x80000, b"host")
+    view = vm.mem_view(0x90000, 16)
+    view[:4] = b"view"
+    vm.restore(snap)
+    assert vm.mem_read(0x80000, 4) == bytes(4)
+    assert vm.mem_read(0x90000, 4) == bytes(4)
+
+
+def test_pause_completes_the_port_read_it_stopped_after(boot):
+    """A run stopped right after its handler served an ``in`` has the value in EAX already and
+    RIP past the instruction, so a snapshot taken then continues without reading the port again."""
+    vm = boot("pio_read_loop", "protected", regs={"rdx": 0x60})
+    reads = []
+
+    def read(port, size):
+        reads.append(port)
+        if len(reads) == 5:
+            vm.stop()
+        return 0x1000 + len(reads)
+
+    vm.hook_io(0x60, 4, read=read)
+    exit = vm.run(timeout=HANG_GUARD)
+    assert exit.reason == ExitReason.STOPPED
+    regs = vm.vcpus[0].regs
+    assert (regs.rax & 0xFFFF_FFFF, regs.rbx & 0xFFFF_FFFF, regs.rcx & 0xFFFF_FFFF) == (0x1005, 0x1004, 4)
+
+
+def test_pause_and_resume_from_another_thread(boot):
+    vm = boot("loop", "protected")
+    vm.start()
+    time.sleep(0.05)
+    vm.pause()
+    assert vm.paused and not vm.running
+    assert vm.last_exit.reason == ExitReason.PAUSED
+    rip = vm.vcpus[0].regs.rip
+    time.sleep(0.05)
+    assert vm.vcpus[0].regs.rip == rip, "a paused vCPU does not move"
+    vm.resume()
+    assert vm.running and not vm.paused
+    vm.stop()
+    vm.wait(timeout=HANG_GUARD)
+
+
+def test_a_snapshot_of_a_running_vm_needs_it_paused(boot):
+    vm = boot("loop", "protected")
+    vm.start()
+    with pytest.raises(VmStateError):
+        vm.snapshot()
+    vm.pause()
+    snap = vm.snapshot()
+    vm.resume()
+    vm.pause()
+    vm.restore(snap)
+    assert vm.paused
+    vm.close()
+
+
+def test_saved_snapshots_continue_in_another_process(walker, tmp_path):
+    vm = walker.vm
+    walker.step()
+    walker.step()
+    vm.snapshot().save(tmp_path / "snap")
+    assert {p.name for p in (tmp_path / "snap").iterdir()} == {"state", "memory"}
+
+    script = textwrap.dedent(
+        f"""
+        import kvmkit
+        vm = kvmkit.VM.from_snapshot({str(tmp_path / "snap")!r})
+        seen = []
+        vm.hook_io({PORT}, 4, write=lambda port, data: seen.append(int.from_bytes(data, "little")))
+        for _ in range(3):
+            assert vm.run(timeout={HANG_GUARD}).reason == kvmkit.ExitReason.HLT
+        print(seen)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[3, 4, 5]"
+    assert [walker.step() for _ in range(3)] == [3, 4, 5]
+
+
+def test_a_snapshot_restores_into_a_vm_built_from_its_files(walker, tmp_path):
+    vm = walker.vm
+    walker.step()
+    snap = vm.snapshot()
+    snap.save(tmp_path / "snap")
+    loaded = kvmkit.Snapshot.load(tmp_path / "snap")
+    assert loaded.mem_read(0, 2 << 20) == snap.mem_read(0, 2 << 20)
+    assert (loaded.cpus, loaded.memory_regions) == (1, [(0, 2 << 20)])
+    walker.step()
+    vm.restore(loaded)
+    assert walker.count_in_memory() == 1
+    assert walker.step() == 2
+
+
+def _corrupt(path: Path, how: str) -> None:
+    state = path / "state"
+    data = state.read_bytes()
+    if how == "truncated":
+        state.write_bytes(data[: len(data) // 2])
+    elif how == "flipped":
+        state.write_bytes(data[:-10] + bytes([data[-10] ^ 0x20]) + data[-9:])
+    elif how == "version":
+        header, body = data.split(b"\n", 1)
+        fields = header.split(b" ")
+        fields[1] = b"99"
+        state.write_bytes(b" ".join(fields) + b"\n" + body)
+    elif how == "not_a_snapshot":
+        state.write_text('{"hello": "world"}\n')
+    elif how == "memory_size":
+        with open(path / "memory", "r+b") as memory:
+            memory.truncate(4096)
+
+
+@pytest.mark.parametrize(
+    "how, error, words",
+    [
+        ("truncated", SnapshotFormatError, "cut short"),
+        ("flipped", SnapshotFormatError, "checksum"),
+        ("version", SnapshotVersionError, "version 99"),
+        ("not_a_snapshot", SnapshotFormatError, "not a kvmkit snapshot"),
+        ("memory_size", SnapshotFormatError, "holds 4096 bytes"),
+    ],
+)
+def test_damaged_snapshot_files_are_named_and_refused(walker, tmp_path, how, error, words):
+    walker.vm.snapshot().save(tmp_path / "snap")
+    _corrupt(tmp_path / "snap", how)
+    with pytest.raises(error, match=words):
+        kvmkit.VM.from_snapshot(tmp_path / "snap")
+
+
+def test_missing_snapshots_and_mismatched_vms_are_refused(walker, make_vm, tmp_path):
+    with pytest.raises(SnapshotError, match="cannot read snapshot state file"):
+        kvmkit.Snapshot.load(tmp_path / "nothing")
+    snap = walker.vm.snapshot()
+    with pytest.raises(SnapshotMismatchError, match="vCPUs"):
+        make_vm(cpus=2).restore(snap)
+    with pytest.raises(SnapshotMismatchError, match="memory"):
+        make_vm(memory="4M").restore(snap)
+
+
+def test_forks_share_memory_and_go_their_own_ways(walker):
+    vm = walker.vm
+    walker.step()
+    clones = vm.fork(3)
+    assert isinstance(clones, list) and len(clones) == 3
+    try:
+        walkers = [Walker(clone) for clone in clones]
+        for i, clone in enumerate(walkers):
+            clone.vm.mem_write(0x2000, (100 * (i + 1)).to_bytes(4, "little"))
+        assert [clone.step() for clone in walkers] == [101, 201, 301]
+        assert walker.step() == 2
+        assert [clone.step() for clone in walkers] == [102, 202, 302]
+        assert [clone.vm.mem_read(PAGES[-1], 4) for clone in walkers] == [
+            n.to_bytes(4, "little") for n in (102, 202, 302)
+        ]
+    finally:
+        for clone in clones:
+            clone.close()
+
+
+def test_a_running_vm_forks_and_keeps_running(boot):
+    vm = boot("loop", "protected")
+    vm.start()
+    clone = vm.fork()
+    try:
+        assert vm.running and not clone.running
+        assert clone.run(timeout=0.1).reason == ExitReason.TIMEOUT
+    finally:
+        clone.close()
+        vm.stop()
+        vm.wait(timeout=HANG_GUARD)
+
+
+def test_devices_that_cannot_be_shared_refuse_a_fork(make_vm, tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    vm = make_vm()
+    vm.add_disk(image)
+    with pytest.raises(ConfigError, match="writable disk"):
+        vm.fork()
+
+
+def test_many_restores_from_several_threads_leave_vms_intact(boot):
+    """Snapshots and restores of several VMs at once do not interfere."""
+    vms = [Walker(boot("snapshot_walk", "protected")) for _ in range(3)]
+    errors = []
+
+    def churn(walker):
+        try:
+            walker.step()
+            snap = walker.vm.snapshot()
+            for _ in range(30):
+                assert walker.step() == 2
+                walker.vm.restore(snap)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(w,)) for w in vms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+def test_the_state_file_is_readable_json_after_its_header(walker, tmp_path):
+    walker.vm.snapshot().save(tmp_path / "snap")
+    header, body = (tmp_path / "snap" / "state").read_bytes().split(b"\n", 1)
+    assert header.split(b" ")[:2] == [b"kvmkit-snapshot", b"1"]
+    state = json.loads(body)
+    assert state["machine"]["config"]["vcpus"] == 1
+    assert state["memory"]["regions"] == [[0, 2 << 20]]
+    assert state["embedder"]["devices"] == []
