@@ -1,8 +1,11 @@
 //! The sleep control and status registers of a hardware-reduced ACPI platform, only as far as a
 //! guest uses them in a VM: entering S5 (soft off) is how it powers off.
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::{BusDevice, DeviceError};
 use crate::devices::{AccessCounters, CountedDevice};
+use crate::snapshot::{Persist, StateError};
 
 /// The one port that holds both registers (the FADT names it twice). On a PC it is the first
 /// port of the VGA attribute controller; kvmkit's platform has no VGA, and its FADT says so, so
@@ -55,6 +58,25 @@ impl CountedDevice for AcpiSleepControl {
     }
 }
 
+/// The saved state of an [`AcpiSleepControl`]. The registers keep nothing between accesses (the
+/// status reads as zero, a write acts at once), so it is empty; it is a struct so that fields can
+/// be added later without breaking saved states.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(default)]
+pub struct AcpiSleepControlState {}
+
+impl Persist for AcpiSleepControl {
+    type State = AcpiSleepControlState;
+
+    fn save(&self) -> AcpiSleepControlState {
+        AcpiSleepControlState {}
+    }
+
+    fn restore(&self, _state: &AcpiSleepControlState) -> Result<(), StateError> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +114,24 @@ mod tests {
         sleep.read(0x3c0, 0, &mut status).unwrap();
         assert_eq!(status, [0]);
         assert_eq!(sleep.counters().reads(), 1);
+    }
+
+    #[test]
+    fn restored_registers_behave_as_saved() {
+        let sleep = AcpiSleepControl::default();
+        sleep.write(0x3c0, 0, &[0x80]).unwrap(); // clears WAK_STS, as before a sleep
+        let json = serde_json::to_string(&sleep.save()).unwrap();
+        assert_eq!(json, "{}");
+
+        let fresh = AcpiSleepControl::default();
+        fresh.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        for device in [&sleep, &fresh] {
+            let mut status = [0xff];
+            device.read(0x3c0, 0, &mut status).unwrap();
+            assert_eq!(status, [0]);
+            assert_eq!(device.write(0x3c0, 0, &[0x14]), Ok(()));
+            assert_eq!(device.write(0x3c0, 0, &[S5_SLEEP_CONTROL]), Err(DeviceError::PowerOff));
+        }
+        assert_eq!(fresh.save(), sleep.save());
     }
 }

@@ -4,13 +4,20 @@
 //! The guest selects a register through the index port and reads or writes it through the data
 //! port. Time registers are computed from the host clock (UTC) on every read, so the guest's clock
 //! follows the host's and never needs setting; writes to them are ignored.
+//!
+//! A snapshot ([`CmosState`]) keeps what the guest programmed, the control registers, alarm
+//! bytes and NVRAM, but no time: a restored RTC reads its clock as before, so after a restore, later
+//! or in another process, the guest sees the current time, as a PC's RTC shows after a suspend.
 
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::{BusDevice, DeviceError};
 use crate::devices::{AccessCounters, CountedDevice};
+use crate::snapshot::{Persist, StateError};
 
 /// Where PCs put the RTC's ports: the index port at 0x70, the data port at 0x71.
 pub const CMOS_PORT_BASE: u64 = 0x70;
@@ -67,17 +74,27 @@ type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
 
 /// An MC146818 RTC with 128 bytes of CMOS RAM, reading the time from a clock the caller can choose.
 pub struct Cmos {
-    state: Mutex<CmosState>,
+    registers: Mutex<Registers>,
     clock: Clock,
     /// Accesses served.
     pub counters: AccessCounters,
 }
 
-struct CmosState {
+struct Registers {
     /// The register the index port selected last.
     index: u8,
     /// NVRAM and the control registers; the time registers' bytes stay unused.
     ram: [u8; NVRAM_SIZE],
+}
+
+/// Control registers A-D as firmware leaves them, the rest of the RAM zero.
+fn power_on_ram() -> [u8; NVRAM_SIZE] {
+    let mut ram = [0; NVRAM_SIZE];
+    ram[usize::from(REG_A)] = REG_A_AT_RESET;
+    ram[usize::from(REG_B)] = REG_B_AT_RESET;
+    ram[usize::from(REG_C)] = REG_C_AT_RESET;
+    ram[usize::from(REG_D)] = REG_D_VALID_RAM_AND_TIME;
+    ram
 }
 
 impl Cmos {
@@ -89,49 +106,44 @@ impl Cmos {
     /// An RTC that tells the time `clock` returns, in seconds since the Unix epoch: lets tests and
     /// callers pin or offset the guest's clock.
     pub fn with_clock(clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
-        let mut ram = [0; NVRAM_SIZE];
-        ram[usize::from(REG_A)] = REG_A_AT_RESET;
-        ram[usize::from(REG_B)] = REG_B_AT_RESET;
-        ram[usize::from(REG_C)] = REG_C_AT_RESET;
-        ram[usize::from(REG_D)] = REG_D_VALID_RAM_AND_TIME;
         Self {
-            state: Mutex::new(CmosState { index: 0, ram }),
+            registers: Mutex::new(Registers { index: 0, ram: power_on_ram() }),
             clock: Box::new(clock),
             counters: AccessCounters::default(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, CmosState> {
+    fn lock(&self) -> MutexGuard<'_, Registers> {
         // The state is plain bytes that every update leaves consistent, so a poisoned lock is fine.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.registers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn read_port(&self, state: &CmosState, port: u64) -> Result<u8, DeviceError> {
+    fn read_port(&self, registers: &Registers, port: u64) -> Result<u8, DeviceError> {
         match port {
             INDEX_PORT => Ok(FLOATING_BUS),
-            DATA_PORT => Ok(self.read_register(state)),
+            DATA_PORT => Ok(self.read_register(registers)),
             _ => Err(outside_ports(port)),
         }
     }
 
-    fn write_port(state: &mut CmosState, port: u64, value: u8) -> Result<(), DeviceError> {
+    fn write_port(registers: &mut Registers, port: u64, value: u8) -> Result<(), DeviceError> {
         match port {
-            INDEX_PORT => state.index = value & INDEX_MASK,
-            DATA_PORT => write_register(state, value),
+            INDEX_PORT => registers.index = value & INDEX_MASK,
+            DATA_PORT => write_register(registers, value),
             _ => return Err(outside_ports(port)),
         }
         Ok(())
     }
 
-    fn read_register(&self, state: &CmosState) -> u8 {
-        let reg_b = state.ram[usize::from(REG_B)];
-        if is_time_register(state.index) {
+    fn read_register(&self, registers: &Registers) -> u8 {
+        let reg_b = registers.ram[usize::from(REG_B)];
+        if is_time_register(registers.index) {
             // Each read takes a fresh time; guests that read several registers re-read until two
             // passes agree, as they must on real hardware around an update.
             let time = CivilTime::from_unix((self.clock)());
-            time_register(state.index, &time, reg_b)
+            time_register(registers.index, &time, reg_b)
         } else {
-            state.ram[usize::from(state.index)]
+            registers.ram[usize::from(registers.index)]
         }
     }
 }
@@ -145,6 +157,70 @@ impl Default for Cmos {
 impl fmt::Debug for Cmos {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cmos").field("index", &self.lock().index).field("counters", &self.counters).finish()
+    }
+}
+
+/// The saved state of a [`Cmos`]: everything the guest programmed, and no time. A restored RTC
+/// reads the time from its clock, so however much later, and in whichever process, the restore
+/// happens, the guest sees the current time, as a PC's RTC shows after a suspend. The guest cannot
+/// set the time (writes to the time registers are ignored), so there is no offset from the clock
+/// to keep either.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default)]
+pub struct CmosState {
+    /// The register the index port selects, 0 to 127.
+    pub index: u8,
+    /// The 128 bytes of CMOS RAM, by register number: control registers A and B as the guest
+    /// programmed them, the alarm bytes and NVRAM. C and D hold this RTC's fixed status, and the
+    /// time registers' bytes are unused, since a read takes the time from the clock.
+    pub ram: Vec<u8>,
+}
+
+impl Default for CmosState {
+    /// The RTC at power-on, so that a field an older state lacks takes its power-on value.
+    fn default() -> Self {
+        Self { index: 0, ram: power_on_ram().to_vec() }
+    }
+}
+
+impl CmosState {
+    /// The registers this state holds, if the RTC could be in it.
+    fn registers(&self) -> Result<Registers, StateError> {
+        let invalid = |problem: String| Err(StateError::new(format!("CMOS: {problem}")));
+        let Ok(ram) = <[u8; NVRAM_SIZE]>::try_from(self.ram.as_slice()) else {
+            return invalid(format!("the state holds {} bytes of RAM, not {NVRAM_SIZE}", self.ram.len()));
+        };
+        if self.index & !INDEX_MASK != 0 {
+            return invalid(format!("register index {:#x} is beyond the {NVRAM_SIZE} registers", self.index));
+        }
+        // Bits that neither this RTC nor the guest ever changes.
+        if ram[usize::from(REG_A)] & REG_A_UPDATE_IN_PROGRESS != 0 {
+            return invalid("register A has update-in-progress set, which this RTC never shows".into());
+        }
+        for (name, register, fixed) in [("C", REG_C, REG_C_AT_RESET), ("D", REG_D, REG_D_VALID_RAM_AND_TIME)] {
+            let value = ram[usize::from(register)];
+            if value != fixed {
+                return invalid(format!(
+                    "register {name} holds {value:#04x}, but in this RTC it is always {fixed:#04x}"
+                ));
+            }
+        }
+        Ok(Registers { index: self.index, ram })
+    }
+}
+
+impl Persist for Cmos {
+    type State = CmosState;
+
+    fn save(&self) -> CmosState {
+        let registers = self.lock();
+        CmosState { index: registers.index, ram: registers.ram.to_vec() }
+    }
+
+    fn restore(&self, state: &CmosState) -> Result<(), StateError> {
+        let registers = state.registers()?;
+        *self.lock() = registers;
+        Ok(())
     }
 }
 
@@ -168,13 +244,13 @@ fn is_time_register(index: u8) -> bool {
 
 /// Stores a byte the guest wrote. Time registers ignore it (the time is the host's); C and D are
 /// status the guest cannot change; the update-in-progress flag of A is read-only.
-fn write_register(state: &mut CmosState, value: u8) {
-    let index = state.index;
+fn write_register(registers: &mut Registers, value: u8) {
+    let index = registers.index;
     match index {
         _ if is_time_register(index) => {}
         REG_C | REG_D => {}
-        REG_A => state.ram[usize::from(REG_A)] = value & !REG_A_UPDATE_IN_PROGRESS,
-        _ => state.ram[usize::from(index)] = value,
+        REG_A => registers.ram[usize::from(REG_A)] = value & !REG_A_UPDATE_IN_PROGRESS,
+        _ => registers.ram[usize::from(index)] = value,
     }
 }
 
@@ -302,9 +378,9 @@ impl BusDevice for Cmos {
     /// Reads each byte of the access from its own port, as the chipset splits a wide access.
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         self.counters.count_read();
-        let state = self.lock();
+        let registers = self.lock();
         for (port, byte) in (offset..).zip(data.iter_mut()) {
-            *byte = self.read_port(&state, port)?;
+            *byte = self.read_port(&registers, port)?;
         }
         Ok(())
     }
@@ -313,9 +389,9 @@ impl BusDevice for Cmos {
     /// a register and stores its high byte there.
     fn write(&self, _base: u64, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         self.counters.count_write();
-        let mut state = self.lock();
+        let mut registers = self.lock();
         for (port, &value) in (offset..).zip(data) {
-            Self::write_port(&mut state, port, value)?;
+            Self::write_port(&mut registers, port, value)?;
         }
         Ok(())
     }
@@ -330,6 +406,8 @@ impl CountedDevice for Cmos {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
 
     /// 2024-02-29 13:45:07 UTC, a Thursday.
     const LEAP_DAY_AFTERNOON: u64 = 1_709_214_307;
@@ -461,5 +539,117 @@ mod tests {
         assert_eq!(century, 0x20);
         assert!(year >= 0x24 && (0x01..=0x12).contains(&month));
         assert_eq!((cmos.counters().reads(), cmos.counters().writes()), (8, 8));
+    }
+
+    /// An RTC whose clock reads `now`, which a test can move.
+    fn with_shared_clock(now: &Arc<AtomicU64>) -> Cmos {
+        let now = now.clone();
+        Cmos::with_clock(move || now.load(Ordering::SeqCst))
+    }
+
+    fn round_trip(state: &CmosState) -> CmosState {
+        serde_json::from_str(&serde_json::to_string(state).unwrap()).unwrap()
+    }
+
+    /// What the data port returns for the register selected now, without selecting one.
+    fn read_selected(cmos: &Cmos) -> u8 {
+        let mut data = [0];
+        cmos.read(CMOS_PORT_BASE, DATA_PORT, &mut data).unwrap();
+        data[0]
+    }
+
+    fn all_registers(cmos: &Cmos) -> Vec<u8> {
+        (0..128).map(|index| read(cmos, index)).collect()
+    }
+
+    /// Programs binary 12-hour mode, a rate in A, an alarm at 06:30:15 and some NVRAM, and leaves
+    /// register 0x40 selected.
+    fn program(cmos: &Cmos) {
+        write(cmos, REG_A, 0x2f);
+        write(cmos, REG_B, REG_B_BINARY);
+        for (alarm, value) in [(0x01, 15), (0x03, 30), (0x05, 6)] {
+            write(cmos, alarm, value);
+        }
+        for index in 0x0e..0x40 {
+            write(cmos, index, index.wrapping_mul(7));
+        }
+        write(cmos, 0x40, 0xc3);
+    }
+
+    #[test]
+    fn restored_rtc_answers_as_saved() {
+        let cmos = at(LEAP_DAY_AFTERNOON);
+        program(&cmos);
+        let state = round_trip(&cmos.save());
+
+        let fresh = at(LEAP_DAY_AFTERNOON);
+        fresh.restore(&state).unwrap();
+        assert_eq!(read_selected(&fresh), 0xc3, "the selected register stays selected");
+        assert_eq!(read_selected(&cmos), 0xc3);
+        let registers = all_registers(&fresh);
+        assert_eq!(registers, all_registers(&cmos));
+        assert_eq!(registers[..0x0e], [7, 15, 45, 30, 1 | HOUR_PM, 6, 5, 29, 2, 24, 0x2f, REG_B_BINARY, 0, 0x80]);
+        assert_eq!(registers[0x32], 20);
+
+        for device in [&cmos, &fresh] {
+            write(device, REG_B, REG_B_24_HOUR);
+            write(device, 0x41, 0x99);
+            assert_eq!(read(device, REG_HOURS), 0x13);
+        }
+        assert_eq!(all_registers(&fresh), all_registers(&cmos));
+        assert_eq!(fresh.save(), cmos.save());
+    }
+
+    #[test]
+    fn restored_rtc_tells_the_current_time() {
+        let now = Arc::new(AtomicU64::new(LEAP_DAY_AFTERNOON));
+        let cmos = with_shared_clock(&now);
+        program(&cmos);
+        let state = round_trip(&cmos.save());
+        // Restored a day and two hours later: in place, and into a new RTC (another process).
+        now.fetch_add(SECONDS_PER_DAY + 2 * 3600, Ordering::SeqCst);
+        let fresh = with_shared_clock(&now);
+        fresh.restore(&state).unwrap();
+        cmos.restore(&state).unwrap();
+        for device in [&cmos, &fresh] {
+            // Friday 2024-03-01 15:45:07, in the binary 12-hour mode the guest programmed.
+            assert_eq!(time_fields(device), [7, 45, 3 | HOUR_PM, 6, 1, 3, 24, 20]);
+            assert_eq!([0x01, 0x03, 0x05].map(|alarm| read(device, alarm)), [15, 30, 6], "the alarm stays");
+        }
+    }
+
+    #[test]
+    fn states_the_rtc_cannot_be_in_are_refused() {
+        let cmos = at(LEAP_DAY_AFTERNOON);
+        program(&cmos);
+        let before = cmos.save();
+        let with_ram = |index: u8, value: u8| {
+            let mut state = before.clone();
+            state.ram[usize::from(index)] = value;
+            state
+        };
+        let refused = [
+            (CmosState { ram: vec![0; 64], ..before.clone() }, "64 bytes of RAM"),
+            (CmosState { index: 0x80, ..before.clone() }, "index 0x80"),
+            (with_ram(REG_A, 0xa6), "register A has update-in-progress set"),
+            (with_ram(REG_C, 0x10), "register C holds 0x10"),
+            (with_ram(REG_D, 0x00), "register D holds 0x00"),
+        ];
+        for (state, problem) in refused {
+            let err = cmos.restore(&state).unwrap_err();
+            assert!(err.0.starts_with("CMOS: ") && err.0.contains(problem), "{err}");
+        }
+        assert_eq!(cmos.save(), before, "a refused state changes nothing");
+        assert_eq!(read_selected(&cmos), 0xc3);
+    }
+
+    #[test]
+    fn a_state_missing_fields_takes_power_on_values() {
+        let cmos = at(0);
+        write(&cmos, 0x40, 0x12);
+        let state: CmosState = serde_json::from_str(r#"{"index": 16}"#).unwrap();
+        cmos.restore(&state).unwrap();
+        assert_eq!(read_selected(&cmos), 0);
+        assert_eq!([REG_A, REG_B, REG_C, REG_D, 0x40].map(|r| read(&cmos, r)), [0x26, 0x02, 0x00, 0x80, 0x00]);
     }
 }

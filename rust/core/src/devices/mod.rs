@@ -12,13 +12,13 @@ pub mod virtio;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use acpi_pm::{AcpiSleepControl, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE, S5_SLEEP_TYPE};
-pub use boot_timer::{BootTimer, BOOT_COMPLETE_SIGNAL};
-pub use cmos::{Cmos, CMOS_PORT_BASE, CMOS_PORT_SIZE};
-pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
+pub use acpi_pm::{AcpiSleepControl, AcpiSleepControlState, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE, S5_SLEEP_TYPE};
+pub use boot_timer::{BootTimer, BootTimerState, BOOT_COMPLETE_SIGNAL};
+pub use cmos::{Cmos, CmosState, CMOS_PORT_BASE, CMOS_PORT_SIZE};
+pub use i8042::{I8042State, I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
 pub use null::NullDevice;
-pub use scratchpad::{Scratchpad, MAX_SCRATCHPAD_SIZE};
-pub use serial::{SerialPort, SERIAL_PORT_SIZE};
+pub use scratchpad::{Scratchpad, ScratchpadState, MAX_SCRATCHPAD_SIZE};
+pub use serial::{SerialPort, SerialPortState, UartState, SERIAL_PORT_SIZE};
 
 use crate::bus::BusDevice;
 
