@@ -435,25 +435,34 @@ class VM:
 
     @classmethod
     def from_snapshot(
-        cls, snapshot: Snapshot | str | os.PathLike[str], *, vsock_uds_paths: Sequence[str] | None = None
+        cls,
+        snapshot: Snapshot | str | os.PathLike[str],
+        *,
+        vsock_uds_paths: Sequence[str] | None = None,
+        prepare: Callable[[VM], object] | None = None,
     ) -> VM:
         """A new VM in the state of ``snapshot`` (a :class:`Snapshot`, or the directory one was
         saved to), stopped; :meth:`run` or :meth:`start` continues it. Memory is the snapshot's,
         mapped copy-on-write and read as the guest touches it, so this is fast whatever the memory
         size. Devices are built again as the snapshot describes them; each vsock device needs a
         Unix socket path that does not exist yet: its old one, or the next of ``vsock_uds_paths``.
-        Python handlers are not part of a snapshot: add them again before running."""
+        Python handlers and the devices added with :meth:`add_io_device` or :meth:`add_mmio_device`
+        are not rebuilt: ``prepare(vm)``, called before the state is restored, adds them again
+        (a device that saved state must then be at its old place, or the restore raises
+        :class:`~kvmkit.errors.SnapshotMismatchError`)."""
         if not isinstance(snapshot, Snapshot):
             snapshot = Snapshot.load(snapshot)
         paths = iter(vsock_uds_paths or ())
-        return cls._clone(snapshot, lambda device: next(paths, device["uds_path"]))
+        return cls._clone(snapshot, lambda device: next(paths, device["uds_path"]), prepare)
 
-    def fork(self, count: int | None = None) -> VM | list[VM]:
+    def fork(self, count: int | None = None, *, prepare: Callable[[VM], object] | None = None) -> VM | list[VM]:
         """New VMs in this process that start from this VM's current state and share its memory
         copy-on-write; this VM goes on as it was (a running one is paused for the snapshot and
         resumed). ``fork()`` returns one VM, ``fork(n)`` a list of ``n``. Per device: read-only
         disks are shared; a vsock device gets its own socket, ``<uds_path>.fork<N>``; writable
-        disks and network cards cannot be shared and make the fork fail (see the README)."""
+        disks and network cards cannot be shared and make the fork fail (see the README). Python
+        handlers and devices added with :meth:`add_io_device`/:meth:`add_mmio_device` are not
+        copied: ``prepare(clone)`` adds them, as for :meth:`from_snapshot`."""
         for device in self._setup:
             if device["kind"] == "block" and not device["read_only"]:
                 raise ConfigError(f"cannot fork a VM with the writable disk {device['path']}: add it read_only")
@@ -468,18 +477,25 @@ class VM:
             if was_running:
                 self.resume()
         clones = [
-            VM._clone(snapshot, lambda device: f"{device['uds_path']}.fork{next(_fork_numbers)}")
+            VM._clone(snapshot, lambda device: f"{device['uds_path']}.fork{next(_fork_numbers)}", prepare)
             for _ in range(1 if count is None else count)
         ]
         return clones[0] if count is None else clones
 
     @classmethod
-    def _clone(cls, snapshot: Snapshot, vsock_path: Callable[[dict[str, Any]], str]) -> VM:
+    def _clone(
+        cls,
+        snapshot: Snapshot,
+        vsock_path: Callable[[dict[str, Any]], str],
+        prepare: Callable[[VM], object] | None = None,
+    ) -> VM:
         vm = cls.__new__(cls)
         vm._adopt(_core.Vm.from_snapshot(snapshot._core), snapshot.cpus)
         try:
             for device in snapshot._setup.get("devices", []):
                 vm._add_from_setup(device, vsock_path)
+            if prepare is not None:
+                prepare(vm)
             vm._core.restore(snapshot._core)
         except BaseException:
             vm.close()

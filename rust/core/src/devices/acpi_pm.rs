@@ -34,6 +34,8 @@ pub struct AcpiSleepControl {
 }
 
 impl BusDevice for AcpiSleepControl {
+    crate::persist_on_bus!();
+
     fn read(&self, _base: u64, _offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         self.counters.count_read();
         // The status register's WAK_STS (bit 7) would tell a guest it woke from sleep; nothing

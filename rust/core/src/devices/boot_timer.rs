@@ -118,6 +118,8 @@ fn is_boot_complete_signal(offset: u64, data: &[u8]) -> bool {
 }
 
 impl BusDevice for BootTimer {
+    crate::persist_on_bus!();
+
     /// Reads return zero: the device has nothing for the guest to read.
     fn read(&self, _base: u64, _offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         self.counters.count_read();

@@ -375,6 +375,8 @@ fn civil_date(days: u64) -> (u64, u8, u8) {
 }
 
 impl BusDevice for Cmos {
+    crate::persist_on_bus!();
+
     /// Reads each byte of the access from its own port, as the chipset splits a wide access.
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         self.counters.count_read();

@@ -42,6 +42,8 @@ impl Default for I8042 {
 }
 
 impl BusDevice for I8042 {
+    crate::persist_on_bus!();
+
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         self.counters.count_read();
         data.fill(0);

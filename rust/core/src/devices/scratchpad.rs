@@ -90,6 +90,8 @@ fn window(bytes: &mut [u8], offset: u64, len: usize) -> Result<&mut [u8], Device
 }
 
 impl BusDevice for Scratchpad {
+    crate::persist_on_bus!();
+
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         self.counters.count_read();
         data.copy_from_slice(window(&mut self.lock(), offset, data.len())?);

@@ -84,6 +84,8 @@ impl<T: Trigger> SerialPort<T> {
 }
 
 impl<T: Trigger + Send + Sync> BusDevice for SerialPort<T> {
+    crate::persist_on_bus!();
+
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         self.counters.count_read();
         let mut uart = self.lock();

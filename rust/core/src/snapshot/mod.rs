@@ -42,6 +42,7 @@ mod file;
 
 pub use file::FORMAT_VERSION;
 
+use crate::devices;
 use crate::vstate::exit::AddressSpace;
 use crate::vstate::memory::{ImageError, MemoryImage};
 use crate::vstate::vcpu::VcpuState;
@@ -128,32 +129,97 @@ pub struct MachineSnapshot {
     pub memory: MemoryImage,
 }
 
-/// The saved state of one device, tagged with its kind.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", content = "state", rename_all = "snake_case")]
-pub enum DeviceState {}
+/// Declares [`DeviceState`] with one variant per kind of device that keeps state, and ties each
+/// device's own state type to its variant.
+macro_rules! device_states {
+    ($($(#[$doc:meta])* $variant:ident($state:ty) = $kind:literal,)*) => {
+        /// The saved state of one device, tagged with its kind.
+        #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+        #[serde(tag = "kind", content = "state")]
+        pub enum DeviceState {
+            $($(#[$doc])* #[serde(rename = $kind)] $variant($state),)*
+        }
 
-impl DeviceState {
-    /// The kind of device, as the state file names it.
-    pub fn kind(&self) -> &'static str {
-        match *self {}
-    }
+        impl DeviceState {
+            /// The kind of device, as the state file names it.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Self::$variant(_) => $kind,)*
+                }
+            }
+        }
+
+        $(
+            impl DeviceStateOf for $state {
+                fn wrap(self) -> DeviceState {
+                    DeviceState::$variant(self)
+                }
+
+                fn unwrap(state: &DeviceState) -> Option<&Self> {
+                    match state {
+                        DeviceState::$variant(state) => Some(state),
+                        #[allow(unreachable_patterns)]
+                        _ => None,
+                    }
+                }
+            }
+        )*
+    };
 }
 
-/// Saves and restores a bus device through its [`Persist`] implementation, for devices whose
-/// state is one [`DeviceState`] variant.
-pub fn save_device<D: Persist>(device: &D, wrap: fn(D::State) -> DeviceState) -> Option<DeviceState> {
-    Some(wrap(device.save()))
+device_states! {
+    /// COM1.
+    Serial(devices::SerialPortState) = "serial",
+    /// The i8042 controller.
+    I8042(devices::I8042State) = "i8042",
+    /// The CMOS RTC and NVRAM.
+    Cmos(devices::CmosState) = "cmos",
+    /// The ACPI sleep control register.
+    AcpiSleep(devices::AcpiSleepControlState) = "acpi_sleep",
+    /// The boot timer.
+    BootTimer(devices::BootTimerState) = "boot_timer",
+    /// A scratchpad.
+    Scratchpad(devices::ScratchpadState) = "scratchpad",
 }
 
-/// The counterpart of [`save_device`]: `unwrap` picks the device's own variant.
-pub fn restore_device<D: Persist>(
-    device: &D,
-    state: &DeviceState,
-    unwrap: fn(&DeviceState) -> Option<&D::State>,
-) -> Result<(), StateError> {
-    match unwrap(state) {
-        Some(state) => device.restore(state),
+/// A device's own state type, as one variant of [`DeviceState`].
+pub trait DeviceStateOf: Sized {
+    /// The variant holding this state.
+    fn wrap(self) -> DeviceState;
+    /// This state, if `state` is its variant.
+    fn unwrap(state: &DeviceState) -> Option<&Self>;
+}
+
+/// [`BusDevice::save_state`](crate::BusDevice::save_state) of a device that implements [`Persist`].
+pub fn save_device<D: Persist>(device: &D) -> Option<DeviceState>
+where
+    D::State: DeviceStateOf,
+{
+    Some(device.save().wrap())
+}
+
+/// [`BusDevice::restore_state`](crate::BusDevice::restore_state) of a device that implements
+/// [`Persist`]: refuses the state of another kind of device.
+pub fn restore_device<D: Persist>(device: &D, state: &DeviceState) -> Result<(), StateError>
+where
+    D::State: DeviceStateOf,
+{
+    match D::State::unwrap(state) {
+        Some(own) => device.restore(own),
         None => Err(StateError::new(format!("a saved {} does not fit this device", state.kind()))),
     }
+}
+
+/// The two [`BusDevice`](crate::BusDevice) methods of a device that implements [`Persist`].
+#[macro_export]
+macro_rules! persist_on_bus {
+    () => {
+        fn save_state(&self) -> Option<$crate::snapshot::DeviceState> {
+            $crate::snapshot::save_device(self)
+        }
+
+        fn restore_state(&self, state: &$crate::snapshot::DeviceState) -> Result<(), $crate::snapshot::StateError> {
+            $crate::snapshot::restore_device(self, state)
+        }
+    };
 }
