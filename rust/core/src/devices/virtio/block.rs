@@ -19,10 +19,11 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_blk;
 use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, F_EVENT_IDX, TYPE_BLOCK};
+use super::{serve_queue, ActiveQueues, DeviceCounters, ModelState, VirtioDevice, F_EVENT_IDX, TYPE_BLOCK};
 use crate::ratelimit::guest_log;
 use crate::vstate::memory::{GuestMemory, GuestSlice};
 
@@ -716,6 +717,16 @@ impl VirtioDevice for Block {
     fn counters(&self) -> &Arc<DeviceCounters> {
         &self.counters
     }
+
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|active| &active.queues[..])
+    }
+
+    fn save_state(&self) -> ModelState {
+        ModelState::Block
+    }
+
+    fn restore_state(&mut self, _state: &ModelState) {}
 }
 
 #[cfg(test)]
@@ -728,6 +739,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::testing::{MockDriver, DATA_START, MEMORY_SIZE, NEXT, WRITE};
     use crate::devices::virtio::{CounterSnapshot, F_VERSION_1};
+    use crate::snapshot::Persist;
 
     /// A file (or directory) in the temporary directory, removed when dropped.
     struct TempPath(PathBuf);
@@ -1263,5 +1275,50 @@ mod tests {
         let block = Block::with_id(&good.0, false, "12345678901234567890").unwrap();
         assert_eq!((block.id(), block.capacity(), block.read_only()), ("12345678901234567890", 1, false));
         assert_eq!(block.path(), good.0);
+    }
+
+    #[test]
+    fn restored_into_a_fresh_device_it_serves_where_the_original_left_off() {
+        let Setup { image, mut driver } = setup(false, F_FLUSH | F_EVENT_IDX);
+        let written: Vec<u8> = (0..512).map(|i| (i * 7 % 256) as u8).collect();
+        driver.write_mem(DATA, &written);
+        assert_eq!(request(&mut driver, T_OUT, 3, &[(DATA, 512, false)]), (1, S_OK));
+        assert_eq!(request(&mut driver, T_IN, 0, &[(DATA2, 512, true)]), (513, S_OK));
+        let state = driver.save();
+        assert_eq!(state.model, ModelState::Block);
+        assert!(state.queues[0].event_idx);
+        assert_eq!((state.queues[0].next_avail, state.queues[0].next_used), (2, 2));
+
+        // Another device on the same image, as another process would open it.
+        let mut restored = driver.fork(Block::open(&image.0, false, None, false).unwrap());
+        restored.transport.restore(&state).unwrap();
+        restored.write_mem(DATA2, &[0; 512]);
+        assert_eq!(request(&mut restored, T_IN, 3, &[(DATA2, 512, true)]), (513, S_OK));
+        assert_eq!(restored.read_mem(DATA2, 512), written);
+        let used = restored.used(0);
+        assert_eq!((&used[..2], used.len()), (&driver.used(0)[..], 3), "the used ring goes on after the snapshot");
+        assert_eq!(restored.save().queues[0].next_used, 3);
+        assert_eq!(counters(&restored).requests, 1, "requests before the snapshot served again");
+    }
+
+    #[test]
+    fn restored_in_place_it_goes_back_to_the_snapshot_point() {
+        let Setup { image, mut driver } = setup(false, F_FLUSH);
+        let file = image.contents();
+        assert_eq!(request(&mut driver, T_IN, 1, &[(DATA, 512, true)]), (513, S_OK));
+        let (checkpoint, state, used) = (driver.checkpoint(), driver.save(), driver.used(0));
+        for sector in 2..5 {
+            assert_eq!(request(&mut driver, T_IN, sector, &[(DATA, 512, true)]), (513, S_OK));
+        }
+        assert_eq!(driver.read_mem(DATA, 512), file[2048..2560]);
+
+        driver.rewind(&checkpoint);
+        driver.transport.restore(&state).unwrap();
+        assert_eq!(driver.read_mem(DATA, 512), file[512..1024]);
+        assert_eq!(request(&mut driver, T_IN, 5, &[(DATA2, 512, true)]), (513, S_OK));
+        assert_eq!(driver.read_mem(DATA2, 512), file[2560..3072]);
+        assert_eq!(driver.used(0).len(), 2, "the used ring goes on from the snapshot");
+        assert_eq!(driver.used(0)[0], used[0]);
+        assert_eq!(driver.read_mem(DATA, 512), file[512..1024], "a request after the snapshot served again");
     }
 }

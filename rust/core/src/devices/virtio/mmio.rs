@@ -10,9 +10,10 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActiveQueues, Interrupt, SharedDevice, F_EVENT_IDX, F_VERSION_1};
+use super::{ActiveQueues, Interrupt, SharedDevice, TransportState, VirtqueueState, F_EVENT_IDX, F_VERSION_1};
 use crate::bus::{BusDevice, DeviceError};
 use crate::ratelimit::guest_log;
+use crate::snapshot::{Persist, StateError};
 use crate::vstate::memory::GuestMemory;
 
 const MAGIC: u32 = u32::from_le_bytes(*b"virt");
@@ -44,6 +45,11 @@ struct DriverState {
     driver_features: u64,
     queue_select: u32,
     queues: Vec<Queue>,
+    /// The configuration never changes behind the driver's back, so this stays as it starts (0)
+    /// or as a restored state has it.
+    config_generation: u32,
+    /// `DRIVER_OK` activated the device, which has not been reset since.
+    activated: bool,
 }
 
 impl MmioTransport {
@@ -95,8 +101,7 @@ impl MmioTransport {
             0x44 => queue.is_some_and(|q| q.ready()).into(),
             0x60 => self.interrupt.status(),
             0x70 => state.status | if self.interrupt.needs_reset() { NEEDS_RESET } else { 0 },
-            // The configuration never changes behind the driver's back, so its generation stays 0.
-            0xfc => 0,
+            0xfc => state.config_generation,
             _ => 0,
         }
     }
@@ -196,6 +201,7 @@ impl MmioTransport {
                 state.status = new & !DRIVER_OK;
                 return self.interrupt.mark_broken(&why);
             }
+            state.activated = true;
         }
         state.status = new;
     }
@@ -224,7 +230,7 @@ impl MmioTransport {
     }
 
     fn reset(&self, state: &mut DriverState) {
-        if state.status & DRIVER_OK != 0 {
+        if state.activated {
             self.lock_device().reset();
         }
         self.interrupt.reset();
@@ -257,13 +263,140 @@ impl BusDevice for MmioTransport {
     }
 }
 
+impl MmioTransport {
+    /// The queues `saved` gives this transport, if the state fits it; changes nothing.
+    fn check_state(&self, saved: &TransportState) -> Result<Vec<Queue>, StateError> {
+        let device = self.lock_device();
+        let device_type = device.device_type();
+        if saved.device_type != device_type {
+            return Err(StateError::new(format!(
+                "the state is of virtio device type {}, this device is of type {device_type}",
+                saved.device_type
+            )));
+        }
+        let max_sizes = device.queue_max_sizes().to_vec();
+        if saved.queues.len() != max_sizes.len() {
+            return Err(StateError::new(format!(
+                "the state has {} queues, this device has {}",
+                saved.queues.len(),
+                max_sizes.len()
+            )));
+        }
+        let unknown = saved.driver_features & !(device.features() | F_VERSION_1);
+        if unknown != 0 {
+            return Err(StateError::new(format!(
+                "the driver accepted features {unknown:#x} this device does not offer"
+            )));
+        }
+        saved.model.check(device_type)?;
+        drop(device);
+        if saved.activated && saved.status & (FEATURES_OK | DRIVER_OK) != FEATURES_OK | DRIVER_OK {
+            return Err(StateError::new(format!(
+                "the device is activated but its status {:#x} lacks FEATURES_OK or DRIVER_OK",
+                saved.status
+            )));
+        }
+        let queues = saved.queues.iter().zip(max_sizes);
+        queues.enumerate().map(|(index, (saved, max_size))| self.check_queue(index, saved, max_size)).collect()
+    }
+
+    /// Queue `index` as `saved`, if it is valid here, with `max_size` entries at most.
+    fn check_queue(&self, index: usize, saved: &VirtqueueState, max_size: u16) -> Result<Queue, StateError> {
+        if saved.max_size != max_size {
+            return Err(StateError::new(format!(
+                "queue {index} holds at most {} entries in the state, {max_size} on this device",
+                saved.max_size
+            )));
+        }
+        let queue = saved.to_queue().map_err(|e| StateError::new(format!("queue {index}: {e}")))?;
+        if queue.ready() && !queue.is_valid(self.memory.as_ref()) {
+            return Err(StateError::new(format!("queue {index} does not fit in guest memory")));
+        }
+        Ok(queue)
+    }
+}
+
+/// Saves and restores the transport with its device, while the VM is paused and the device
+/// event loop parked.
+///
+/// Restoring an activated state activates the device again with the saved queues, on this
+/// transport's memory, interrupt and notifiers, as `DRIVER_OK` does; the device then goes on
+/// from the saved ring positions, and looks at every ring once the event loop runs again, so
+/// that chains made available before the snapshot are served. Restoring a state from before
+/// activation leaves the device reset. A state of another device type or queue count, or one
+/// that does not fit guest memory, is refused and the transport left as it was; if activation
+/// itself fails, the transport is left reset.
+impl Persist for MmioTransport {
+    type State = TransportState;
+
+    fn save(&self) -> TransportState {
+        let state = self.lock_state();
+        let device = self.lock_device();
+        // Once active, the device's own queues have moved on from the transport's copies.
+        let served = device.active_queues().filter(|_| state.activated);
+        let queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, queue)| served.and_then(|served| served.get(index)).unwrap_or(queue).state().into())
+            .collect();
+        TransportState {
+            device_type: device.device_type(),
+            status: state.status,
+            device_features_select: state.device_features_select,
+            driver_features_select: state.driver_features_select,
+            driver_features: state.driver_features,
+            queue_select: state.queue_select,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            config_generation: state.config_generation,
+            activated: state.activated,
+            queues,
+            model: device.save_state(),
+        }
+    }
+
+    fn restore(&self, saved: &TransportState) -> Result<(), StateError> {
+        let mut state = self.lock_state();
+        let queues = self.check_state(saved)?;
+        // From here on the device starts over from the state, whatever it is doing now.
+        self.lock_device().reset();
+        self.interrupt.reset();
+        *state = DriverState {
+            status: saved.status,
+            device_features_select: saved.device_features_select,
+            driver_features_select: saved.driver_features_select,
+            driver_features: saved.driver_features,
+            queue_select: saved.queue_select,
+            queues,
+            config_generation: saved.config_generation,
+            activated: false,
+        };
+        if saved.activated {
+            if let Err(why) = self.activate(&state) {
+                self.reset(&mut state);
+                return Err(StateError::new(format!("the restored device cannot be activated: {why}")));
+            }
+            state.activated = true;
+            // Notifications the event loop had not taken at the snapshot are not in the state:
+            // one per queue has the device look at every ring once the loop runs again.
+            for index in 0..state.queues.len() {
+                self.notify(index as u32);
+            }
+        }
+        self.interrupt.restore(saved.interrupt_status, saved.needs_reset);
+        self.lock_device().restore_state(&saved.model);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 
     use super::*;
     use crate::devices::virtio::testing::*;
-    use crate::devices::virtio::{Rng, TYPE_RNG};
+    use crate::devices::virtio::{ModelState, Rng, VirtioDevice, INT_USED_RING, TYPE_BLOCK, TYPE_RNG};
 
     fn driver() -> MockDriver<Rng> {
         MockDriver::new(Rng::new())
@@ -410,5 +543,110 @@ mod tests {
         assert_eq!(byte, [0]);
         driver.transport.write(0, 0x70, &[1]).unwrap();
         assert_eq!(driver.read(0x70), 0);
+    }
+
+    /// Makes `count` one-buffer requests from `DATA_START + 0x1000 * first` on, and has each
+    /// served; returns their heads.
+    fn serve(driver: &mut MockDriver<Rng>, first: u64, count: u64) -> Vec<u16> {
+        (first..first + count)
+            .map(|i| {
+                let head = driver.add_chain(0, &[(DATA_START + 0x1000 * i, 8, true)]);
+                driver.notify(0);
+                head
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_restored_transport_reads_back_as_saved() {
+        let mut driver = driver();
+        driver.activate(0);
+        serve(&mut driver, 0, 1); // its interrupt is left unacknowledged
+        driver.write(0x14, 1);
+        driver.write(0x24, 1);
+        let state = driver.save();
+        assert!(state.activated);
+        assert_eq!(
+            (state.status, state.interrupt_status),
+            (ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK, INT_USED_RING)
+        );
+        let queue = state.queues[0];
+        assert_eq!((queue.size, queue.ready, queue.next_avail, queue.next_used), (16, true, 1, 1));
+        assert_eq!(state.model, ModelState::Rng);
+
+        let restored = driver.fork(Rng::new());
+        restored.transport.restore(&state).unwrap();
+        for register in [0x10, 0x34, 0x44, 0x60, 0x70, 0xfc] {
+            assert_eq!(restored.read(register), driver.read(register), "register {register:#x}");
+        }
+        assert!(!restored.take_interrupt(), "a restore raises no interrupt");
+        assert_eq!(restored.save(), state);
+    }
+
+    #[test]
+    fn a_broken_device_stays_broken_after_restore() {
+        let mut driver = driver();
+        driver.activate(0);
+        driver.write(0x50, 7); // no such queue
+        let state = driver.save();
+        let restored = driver.fork(Rng::new());
+        restored.transport.restore(&state).unwrap();
+        assert!(restored.needs_reset());
+        restored.write(0x70, 0);
+        assert!(!restored.needs_reset());
+    }
+
+    #[test]
+    fn a_state_for_another_device_or_queue_count_is_refused_and_changes_nothing() {
+        let mut driver = driver();
+        driver.activate(0);
+        serve(&mut driver, 0, 2);
+        let good = driver.save();
+        let queue = good.queues[0];
+        let refused = [
+            (TransportState { device_type: TYPE_BLOCK, model: ModelState::Block, ..good.clone() }, "device type 2"),
+            (TransportState { queues: vec![queue; 2], ..good.clone() }, "has 2 queues"),
+            (TransportState { model: ModelState::Vsock, ..good.clone() }, "model state"),
+            (TransportState { driver_features: good.driver_features | 1 << 3, ..good.clone() }, "features 0x8"),
+            (TransportState { queues: vec![VirtqueueState { size: 3, ..queue }], ..good.clone() }, "queue 0"),
+            (TransportState { queues: vec![VirtqueueState { max_size: 64, ..queue }], ..good.clone() }, "at most 64"),
+            (
+                TransportState { queues: vec![VirtqueueState { desc_table: 1 << 36, ..queue }], ..good.clone() },
+                "memory",
+            ),
+            (TransportState { status: ACKNOWLEDGE | DRIVER, ..good.clone() }, "DRIVER_OK"),
+        ];
+        for (state, problem) in refused {
+            let error = driver.transport.restore(&state).unwrap_err();
+            assert!(error.to_string().contains(problem), "{error:?} does not say {problem:?}");
+            assert_eq!(driver.save(), good, "a refused state changed the transport");
+        }
+        // The device goes on where it was.
+        let heads = serve(&mut driver, 2, 1);
+        assert_eq!(driver.used(0).len(), 3);
+        assert_eq!(driver.used(0)[2], (heads[0] as u32, 8));
+    }
+
+    #[test]
+    fn restoring_a_state_from_before_activation_resets_the_device() {
+        let mut driver = driver();
+        driver.negotiate(0);
+        driver.setup_queues(16);
+        let (before, state) = (driver.checkpoint(), driver.save());
+        assert!(!state.activated);
+        driver.driver_ok();
+        serve(&mut driver, 0, 2);
+
+        driver.rewind(&before);
+        driver.transport.restore(&state).unwrap();
+        assert_eq!(driver.read(0x70), ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert!(driver.device.lock().unwrap().active_queues().is_none(), "the device is still active");
+        let head = driver.add_chain(0, &[(DATA_START, 8, true)]);
+        driver.notify(0);
+        assert!(driver.used(0).is_empty(), "a device that is not active served a queue");
+        // The driver goes on from there.
+        assert_eq!(driver.driver_ok() & DRIVER_OK, DRIVER_OK);
+        driver.notify(0);
+        assert_eq!(driver.used(0), [(head as u32, 8)]);
     }
 }

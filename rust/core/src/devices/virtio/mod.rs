@@ -5,12 +5,17 @@
 //! on the MMIO bus and runs the driver handshake; [`DeviceEventLoop`] serves its queues and
 //! back-end on a thread of its own, woken by ioeventfds, so that a guest notification costs no
 //! exit to the VMM and device work never runs on a vCPU thread.
+//!
+//! A transport saves and restores its device whole ([`Persist`](crate::snapshot::Persist) into a
+//! [`TransportState`]); each model adds what it keeps beyond its queues ([`ModelState`]). The
+//! event loop is parked around that ([`DeviceEventLoop::park`]), so that no device runs meanwhile.
 
 pub mod block;
 mod event_loop;
 mod mmio;
 mod net;
 mod rng;
+mod state;
 #[cfg(test)]
 pub(crate) mod testing;
 mod vsock;
@@ -24,10 +29,11 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::{Block, BlockError};
-pub use event_loop::{DeviceEventLoop, SharedDevice};
+pub use event_loop::{DeviceEventLoop, Parked, SharedDevice};
 pub use mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-pub use net::{Net, NetError, Tap};
+pub use net::{Net, NetError, NetState, Tap};
 pub use rng::Rng;
+pub use state::{ModelState, TransportState, VirtqueueState};
 pub use vsock::{Vsock, VsockError};
 
 use crate::ratelimit::guest_log;
@@ -92,6 +98,17 @@ pub trait VirtioDevice: Send {
     fn process_backend(&mut self, _token: u32, _events: EventSet, _ops: &mut EventOps) {}
     /// The device's counters, shared with whoever reports them.
     fn counters(&self) -> &Arc<DeviceCounters>;
+    /// The queues the device serves, as far as it has served them; `None` unless it is active.
+    fn active_queues(&self) -> Option<&[Queue]>;
+    /// What the device keeps beyond its queues, for a snapshot. Called while no queue or back-end
+    /// work runs (the event loop is parked).
+    fn save_state(&self) -> ModelState;
+    /// Puts back what [`save_state`](Self::save_state) returned, into a device the transport has
+    /// just reset and, if the state was saved while active, activated again with the saved queues.
+    /// The transport checked `state` with [`ModelState::check`] for this device's type. Called
+    /// while the event loop is parked: work the restored state calls for (an interrupt, a packet)
+    /// is left for the event loop, which the device wakes through a back-end descriptor.
+    fn restore_state(&mut self, state: &ModelState);
 }
 
 /// Takes the chains the driver made available on `queue`, one at a time, and hands each to
@@ -211,6 +228,13 @@ impl Interrupt {
     /// Clears the bits the driver acknowledged.
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// Sets `InterruptStatus` and the broken state as saved, without raising the line: a pending
+    /// interrupt is the interrupt controller's state, restored with it.
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
     }
 
     /// Forgets everything on device reset.

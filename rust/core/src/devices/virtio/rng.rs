@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use virtio_queue::DescriptorChain;
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, TYPE_RNG};
+use super::{serve_queue, ActiveQueues, DeviceCounters, ModelState, VirtioDevice, TYPE_RNG};
 use crate::vstate::memory::GuestMemory;
 
 const QUEUE_SIZE: u16 = 256;
@@ -98,12 +98,23 @@ impl VirtioDevice for Rng {
     fn counters(&self) -> &Arc<DeviceCounters> {
         &self.counters
     }
+
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|active| &active.queues[..])
+    }
+
+    fn save_state(&self) -> ModelState {
+        ModelState::Rng
+    }
+
+    fn restore_state(&mut self, _state: &ModelState) {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::testing::{MockDriver, DATA_START};
+    use crate::snapshot::Persist;
 
     #[test]
     fn fills_writable_buffers_with_random_bytes() {
@@ -145,5 +156,73 @@ mod tests {
         assert_eq!(driver.used(0)[0].1, 0);
         assert_eq!(driver.read_mem(DATA_START, 32), [0; 32]);
         assert_eq!(driver.config(0, 8), [0; 8], "virtio-rng has no configuration");
+    }
+
+    const REQUEST_LEN: u32 = 64;
+
+    /// Makes a request for random bytes at `DATA_START + 0x1000 * slot`; returns its head.
+    fn request(driver: &mut MockDriver<Rng>, slot: u64) -> u16 {
+        driver.add_chain(0, &[(DATA_START + 0x1000 * slot, REQUEST_LEN, true)])
+    }
+
+    fn filled(driver: &MockDriver<Rng>, slot: u64) -> bool {
+        driver.read_mem(DATA_START + 0x1000 * slot, REQUEST_LEN as usize).iter().any(|&b| b != 0)
+    }
+
+    #[test]
+    fn restored_into_a_fresh_transport_it_serves_where_the_original_left_off() {
+        let mut driver = MockDriver::new(Rng::new());
+        driver.activate(0);
+        for slot in 0..3 {
+            request(&mut driver, slot);
+            driver.notify(0);
+        }
+        // Made available before the snapshot, not yet served.
+        let pending = request(&mut driver, 3);
+        let state = driver.save();
+
+        let mut restored = driver.fork(Rng::new());
+        let served = restored.read_mem(DATA_START, 3 * 0x1000);
+        restored.transport.restore(&state).unwrap();
+        // No notification: the restored device looks at its ring anyway.
+        restored.run_pending();
+        assert_eq!(restored.used(0).len(), 4, "the chain available at the snapshot was not served");
+        let next = request(&mut restored, 4);
+        restored.notify(0);
+        let used = restored.used(0);
+        assert_eq!(used[..3], driver.used(0), "the used ring before the snapshot");
+        assert_eq!(used[3..], [(pending as u32, REQUEST_LEN), (next as u32, REQUEST_LEN)]);
+        assert!(filled(&restored, 3) && filled(&restored, 4));
+        assert_eq!(restored.read_mem(DATA_START, 3 * 0x1000), served, "requests before the snapshot served again");
+        assert_eq!(restored.device.lock().unwrap().counters().snapshot().requests, 2);
+        assert!(restored.take_interrupt());
+        assert_eq!(driver.used(0).len(), 3, "the original is left alone");
+    }
+
+    #[test]
+    fn restored_in_place_it_goes_back_to_the_snapshot_point() {
+        let mut driver = MockDriver::new(Rng::new());
+        driver.activate(0);
+        for slot in 0..2 {
+            request(&mut driver, slot);
+            driver.notify(0);
+        }
+        let (checkpoint, state) = (driver.checkpoint(), driver.save());
+        let (used, served) = (driver.used(0), driver.read_mem(DATA_START, 0x2000));
+        for slot in 2..5 {
+            request(&mut driver, slot);
+            driver.notify(0);
+        }
+        assert_eq!(driver.used(0).len(), 5);
+
+        driver.rewind(&checkpoint);
+        driver.transport.restore(&state).unwrap();
+        let next = request(&mut driver, 2);
+        driver.notify(0);
+        assert_eq!(driver.used(0)[..2], used);
+        assert_eq!(driver.used(0)[2..], [(next as u32, REQUEST_LEN)], "the used ring goes on from the snapshot");
+        assert_eq!(driver.read_mem(DATA_START, 0x2000), served, "requests before the snapshot served again");
+        assert!(filled(&driver, 2));
+        assert!(!filled(&driver, 3), "a request after the snapshot served again");
     }
 }

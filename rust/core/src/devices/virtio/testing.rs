@@ -4,12 +4,15 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Interrupt, MmioTransport, SharedDevice, VirtioDevice, F_VERSION_1};
+use super::{DeviceEventLoop, Interrupt, MmioTransport, SharedDevice, TransportState, VirtioDevice, F_VERSION_1};
 use crate::bus::BusDevice;
+use crate::snapshot::Persist;
 use crate::vstate::memory::GuestMemory;
 
 /// Size of the guest memory tests run in.
@@ -42,6 +45,8 @@ pub struct MockDriver<D: VirtioDevice + 'static> {
     pub memory: Arc<GuestMemory>,
     /// The interrupt line (an eventfd standing in for an irqfd).
     pub irq: EventFd,
+    /// The device's interrupt state, as the transport holds it.
+    pub interrupt: Arc<Interrupt>,
     /// One per queue: what a notification writes.
     pub notifiers: Vec<EventFd>,
     queue_addrs: Vec<GuestAddress>,
@@ -53,7 +58,14 @@ pub struct MockDriver<D: VirtioDevice + 'static> {
 impl<D: VirtioDevice + 'static> MockDriver<D> {
     /// Puts `device` behind a transport on fresh memory, without negotiating.
     pub fn new(device: D) -> Self {
-        let memory = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap());
+        Self::with_memory(
+            device,
+            Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap()),
+        )
+    }
+
+    /// Puts `device` behind a transport on `memory`, without negotiating.
+    fn with_memory(device: D, memory: Arc<GuestMemory>) -> Self {
         let device = Arc::new(Mutex::new(device));
         let (queues, counters) = {
             let d = device.lock().unwrap();
@@ -66,12 +78,52 @@ impl<D: VirtioDevice + 'static> MockDriver<D> {
         let transport = MmioTransport::new(
             shared,
             memory.clone(),
-            interrupt,
+            interrupt.clone(),
             notifiers.iter().map(|e| e.try_clone().unwrap()).collect(),
         );
         // Each queue gets 64 KiB for its rings, from 0 up.
         let queue_addrs = (0..queues).map(|i| GuestAddress(i as u64 * 0x1_0000)).collect();
-        Self { device, transport, memory, irq, notifiers, queue_addrs, next_desc: vec![0; queues], queue_size: 16 }
+        Self {
+            device,
+            transport,
+            memory,
+            irq,
+            interrupt,
+            notifiers,
+            queue_addrs,
+            next_desc: vec![0; queues],
+            queue_size: 16,
+        }
+    }
+
+    /// The same guest on another machine: a copy of this driver's memory and of where it is in
+    /// its queues, with `device` behind a fresh transport (not restored).
+    pub fn fork(&self, device: D) -> Self {
+        let copy = Self::new(device);
+        copy.write_mem(0, &self.read_mem(0, MEMORY_SIZE as usize));
+        Self { next_desc: self.next_desc.clone(), queue_size: self.queue_size, ..copy }
+    }
+
+    /// What the guest has now (its memory and where it is in its queues), to go back to.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint { memory: self.read_mem(0, MEMORY_SIZE as usize), next_desc: self.next_desc.clone() }
+    }
+
+    /// Puts the guest back as it was at `checkpoint`; the device is left alone.
+    pub fn rewind(&mut self, checkpoint: &Checkpoint) {
+        self.write_mem(0, &checkpoint.memory);
+        self.next_desc.clone_from(&checkpoint.next_desc);
+    }
+
+    /// Saves the transport, through JSON as a state file would carry it.
+    pub fn save(&self) -> TransportState {
+        through_json(&self.transport.save())
+    }
+
+    /// Serves the device on `event_loop` instead of in [`notify`](Self::notify).
+    pub fn serve_on(&self, event_loop: &DeviceEventLoop) {
+        let notifiers = self.notifiers.iter().map(|e| e.try_clone().unwrap()).collect();
+        event_loop.add(self.device.clone(), notifiers, self.interrupt.clone()).unwrap();
     }
 
     /// Reads a 32-bit register.
@@ -219,8 +271,13 @@ impl<D: VirtioDevice + 'static> MockDriver<D> {
 
     /// Notifies queue `queue` through the transport and runs what the event loop would.
     pub fn notify(&self, queue: usize) {
-        self.write(0x50, queue as u32);
+        self.kick(queue);
         self.run_pending();
+    }
+
+    /// Notifies queue `queue` through the transport only, for an event loop to serve.
+    pub fn kick(&self, queue: usize) {
+        self.write(0x50, queue as u32);
     }
 
     /// Serves every queue whose notifier fired, as the event loop would.
@@ -253,4 +310,15 @@ impl<D: VirtioDevice + 'static> MockDriver<D> {
     pub fn write_mem(&self, addr: u64, data: &[u8]) {
         self.memory.memory().write_slice(data, GuestAddress(addr)).unwrap();
     }
+}
+
+/// The guest's side at one moment; see [`MockDriver::checkpoint`].
+pub struct Checkpoint {
+    memory: Vec<u8>,
+    next_desc: Vec<u16>,
+}
+
+/// `value` written as JSON and read back.
+pub fn through_json<T: Serialize + DeserializeOwned>(value: &T) -> T {
+    serde_json::from_str(&serde_json::to_string(value).unwrap()).unwrap()
 }

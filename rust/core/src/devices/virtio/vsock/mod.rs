@@ -7,7 +7,9 @@
 //! - Guest to host: a guest connection to CID 2, port `P`, reaches a process listening on the Unix
 //!   socket `<path>_P`.
 //!
-//! Only stream sockets are carried; the event queue is never used.
+//! Only stream sockets are carried. The event queue carries one event, after a restore: host
+//! connections are not carried over a snapshot, and the transport reset event tells the driver
+//! to drop its side of them.
 
 mod connection;
 mod muxer;
@@ -20,17 +22,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet};
+use virtio_queue::Queue;
 
 use self::connection::BUF_ALLOC;
 use self::muxer::Muxer;
 use self::packet::{read_header, read_payload, Buffers, HEADER_SIZE, TYPE_STREAM};
-use super::{serve_queue, ActiveQueues, DeviceCounters, VirtioDevice, F_EVENT_IDX, TYPE_VSOCK};
+use super::{serve_queue, ActiveQueues, DeviceCounters, ModelState, VirtioDevice, F_EVENT_IDX, TYPE_VSOCK};
 use crate::ratelimit::guest_log;
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
 const QUEUES: usize = 3;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: every connection is gone. An event is its id, a
+/// little-endian u32 (`struct virtio_vsock_event`).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Passes over tx and rx per wake-up while tx waits for rx room, before yielding the event loop.
 const MAX_ROUNDS: usize = 8;
 
@@ -65,6 +72,8 @@ pub struct Vsock {
     muxer: Muxer,
     counters: Arc<DeviceCounters>,
     active: Option<ActiveQueues>,
+    /// A transport reset event is owed to the driver, for its next event buffer.
+    reset_event_pending: bool,
 }
 
 impl Vsock {
@@ -76,7 +85,7 @@ impl Vsock {
         }
         let counters = Arc::new(DeviceCounters::default());
         let muxer = Muxer::new(guest_cid, uds_path, counters.clone())?;
-        Ok(Self { guest_cid, muxer, counters, active: None })
+        Ok(Self { guest_cid, muxer, counters, active: None, reset_event_pending: false })
     }
 
     /// The guest's CID.
@@ -86,6 +95,8 @@ impl Vsock {
 
     /// Takes packets from tx and fills rx until neither can go on.
     fn run(&mut self) {
+        // The reset goes first, so that the driver drops its old connections before new ones.
+        self.send_reset_event();
         let Some(active) = &mut self.active else { return };
         for _ in 0..MAX_ROUNDS {
             let paused = serve_tx(active, &mut self.muxer, &self.counters, self.guest_cid);
@@ -96,6 +107,31 @@ impl Vsock {
             }
         }
         self.muxer.wake();
+    }
+
+    /// Puts an owed transport reset event in the driver's next event buffer, if it has one.
+    fn send_reset_event(&mut self) {
+        if !self.reset_event_pending {
+            return;
+        }
+        let Some(active) = &mut self.active else { return };
+        let (pending, counters) = (&mut self.reset_event_pending, &self.counters);
+        serve_queue(&mut active.queues[EVENT], &active.memory, &active.interrupt, |chain| {
+            if !*pending {
+                return None; // one event: the other buffers stay with the device
+            }
+            let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+            let buffers = Buffers::of(&chain, true);
+            if buffers.len() < event.len() as u64 || buffers.write(chain.memory(), &event).is_err() {
+                guest_log!(log::Level::Debug, "vsock: an event buffer is too short or outside guest memory");
+                counters.count_error();
+                counters.count_request(0, 0);
+                return Some(0); // the event waits for the next buffer
+            }
+            *pending = false;
+            counters.count_request(event.len() as u64, 0);
+            Some(event.len() as u32)
+        });
     }
 }
 
@@ -205,14 +241,16 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
+        self.reset_event_pending = false;
         self.muxer.reset();
         self.muxer.wake_if_needed();
     }
 
     fn process_queue(&mut self, index: usize) {
-        // The event queue is never used: the device has no events to report.
-        if index == RX || index == TX {
-            self.run();
+        match index {
+            RX | TX => self.run(),
+            EVENT => self.send_reset_event(),
+            _ => {}
         }
         self.muxer.wake_if_needed();
     }
@@ -229,5 +267,25 @@ impl VirtioDevice for Vsock {
 
     fn counters(&self) -> &Arc<DeviceCounters> {
         &self.counters
+    }
+
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|active| &active.queues[..])
+    }
+
+    fn save_state(&self) -> ModelState {
+        ModelState::Vsock
+    }
+
+    fn restore_state(&mut self, _state: &ModelState) {
+        // Host streams cannot be carried over a snapshot (nor into another process), so, as the
+        // virtio specification has it for migration, every connection ends, and the driver
+        // hears of it from a transport reset event and drops its own side.
+        self.muxer.drop_connections();
+        if self.active.is_some() {
+            self.reset_event_pending = true;
+            // The event loop sends it once it runs again.
+            self.muxer.wake();
+        }
     }
 }

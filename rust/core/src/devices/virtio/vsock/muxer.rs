@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
 use std::io::{self, ErrorKind};
+use std::net::Shutdown;
 use std::ops::Bound;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -334,6 +335,24 @@ impl Muxer {
             self.close(fd, false);
         }
         self.rsts.clear();
+    }
+
+    /// Ends every connection, host-initiated ones still awaiting their `CONNECT` line included,
+    /// without RSTs: the driver learns of it from a transport reset event. The streams are shut
+    /// down at once, so that host processes see them end now, not once the event loop has
+    /// stopped watching them and closes them. The listener stays.
+    pub fn drop_connections(&mut self) {
+        let fds: Vec<RawFd> = self.conns.keys().copied().collect();
+        for fd in fds {
+            self.close(fd, false);
+        }
+        for stream in &self.to_close {
+            if let Err(e) = stream.shutdown(Shutdown::Both) {
+                log::debug!("vsock: cannot shut a host stream down: {e}");
+            }
+        }
+        self.rsts.clear();
+        self.wake_if_needed();
     }
 
     /// Watches new streams and forgets closed ones.

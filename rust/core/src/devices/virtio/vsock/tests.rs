@@ -14,11 +14,11 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 
 use super::packet::{op, Header, HEADER_SIZE, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::*;
-use crate::devices::virtio::testing::{MockDriver, DATA_START, MEMORY_SIZE};
+use crate::devices::virtio::testing::{Checkpoint, MockDriver, DATA_START, MEMORY_SIZE};
 use crate::devices::virtio::{backend_data, F_VERSION_1};
+use crate::snapshot::Persist;
 
 const CID: u64 = 0x0102_0304;
-const EVENT: usize = 2;
 /// rx buffers: each has room for a header and 4 KiB.
 const RX_BASE: u64 = DATA_START;
 const RX_SLOT: u64 = 0x2000;
@@ -27,6 +27,8 @@ const RX_LEN: u32 = HEADER_SIZE as u32 + 4096;
 const TX_BASE: u64 = DATA_START + (1 << 20);
 const TX_SLOT: u64 = 0x2_0000;
 const FIRST_PORT: u32 = 1 << 30;
+/// Event buffers, between the rx and tx buffers.
+const EVENT_BASE: u64 = DATA_START + 0x8_0000;
 
 /// A directory of its own for each test, removed afterwards.
 struct TempDir(PathBuf);
@@ -92,6 +94,43 @@ impl Bench {
 
     fn path(&self) -> PathBuf {
         self.dir.0.join("v.sock")
+    }
+
+    /// The same guest on a fresh device of its own (in another socket directory), not restored.
+    fn fork(&self) -> Self {
+        let dir = TempDir::new();
+        let guest = self.guest.fork(Vsock::new(CID, &dir.0.join("v.sock")).unwrap());
+        let mut events = EventManager::new().unwrap();
+        events.add_subscriber(Worker(guest.device.clone()));
+        Self { guest, events, rx_addrs: self.rx_addrs.clone(), dir, ..*self }
+    }
+
+    /// Where the guest is, to go back to.
+    fn checkpoint(&self) -> BenchCheckpoint {
+        BenchCheckpoint {
+            guest: self.guest.checkpoint(),
+            rx_addrs: self.rx_addrs.clone(),
+            rx_posted: self.rx_posted,
+            rx_seen: self.rx_seen,
+            tx_sent: self.tx_sent,
+        }
+    }
+
+    /// Puts the guest back as it was at `checkpoint`; the device is left alone.
+    fn rewind(&mut self, checkpoint: &BenchCheckpoint) {
+        self.guest.rewind(&checkpoint.guest);
+        self.rx_addrs.clone_from(&checkpoint.rx_addrs);
+        (self.rx_posted, self.rx_seen, self.tx_sent) = (checkpoint.rx_posted, checkpoint.rx_seen, checkpoint.tx_sent);
+    }
+
+    /// Gives the device an event buffer of `len` bytes in slot `slot`, filled with 0xff;
+    /// returns its head.
+    fn post_event(&mut self, slot: u64, len: u32) -> u16 {
+        let addr = EVENT_BASE + 0x100 * slot;
+        self.guest.write_mem(addr, &vec![0xff; len as usize]);
+        let head = self.guest.add_chain(EVENT, &[(addr, len, true)]);
+        self.guest.notify(EVENT);
+        head
     }
 
     /// Runs the event loop until nothing is ready (host socket I/O is immediate, so nothing
@@ -190,6 +229,15 @@ impl Bench {
         let (stream, _) = listener.accept().unwrap();
         (listener, host_stream(stream))
     }
+}
+
+/// The guest's side of a [`Bench`] at one moment.
+struct BenchCheckpoint {
+    guest: Checkpoint,
+    rx_addrs: HashMap<u32, u64>,
+    rx_posted: u64,
+    rx_seen: usize,
+    tx_sent: u64,
 }
 
 /// A packet header from the guest to the host.
@@ -660,9 +708,8 @@ fn works_only_once_active_and_forgets_connections_on_reset() {
     bench.post_rx(1);
     let (request, _) = bench.recv_one();
     assert_eq!(request.dst_port, 52);
-    // The event queue's buffers are never used.
-    bench.guest.add_chain(EVENT, &[(RX_BASE + 0x10_0000, 8, true)]);
-    bench.guest.notify(EVENT);
+    // The event queue's buffers are for a restore only.
+    bench.post_event(0, 8);
     assert!(bench.guest.used(EVENT).is_empty());
 
     bench.send(from_guest(op::RESPONSE, 52, request.src_port), &[]);
@@ -672,4 +719,98 @@ fn works_only_once_active_and_forgets_connections_on_reset() {
     bench.pump();
     assert_closed(&mut host);
     assert_eq!(bench.errors(), 0);
+}
+
+/// The transport reset event, as it lands in an 8-byte event buffer filled with 0xff.
+const RESET_EVENT: [u8; 8] = [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+
+#[test]
+fn restore_drops_every_connection_and_sends_a_transport_reset() {
+    let mut bench = Bench::new();
+    let event = bench.post_event(0, 8);
+    bench.post_event(1, 8);
+    let (mut host, _) = bench.host_connection(52);
+    let (_listener, mut listening) = bench.guest_connection(1234, 5000, 64 << 10);
+    // A host process that has yet to send its CONNECT line.
+    let mut connecting = host_stream(UnixStream::connect(bench.path()).unwrap());
+    bench.pump();
+    let state = bench.guest.save();
+    assert_eq!(state.model, ModelState::Vsock);
+    bench.guest.take_interrupt();
+
+    bench.guest.transport.restore(&state).unwrap();
+    // The host side ends at once, before the event loop runs again.
+    for stream in [&mut host, &mut listening, &mut connecting] {
+        assert_closed(stream);
+    }
+    assert!(bench.guest.used(EVENT).is_empty(), "the restore itself wrote guest memory");
+    bench.pump();
+    assert_eq!(bench.guest.used(EVENT), [(event as u32, 4)], "one transport reset event");
+    assert_eq!(bench.guest.read_mem(EVENT_BASE, 8), RESET_EVENT);
+    assert!(bench.guest.take_interrupt());
+    assert_eq!(bench.recv(), [], "RSTs for connections the driver drops itself");
+    // The listener stays: host processes connect as before.
+    let (mut again, port) = bench.host_connection(53);
+    again.write_all(b"after").unwrap();
+    bench.pump();
+    let (header, payload) = bench.recv_one();
+    assert_eq!((header.op, header.src_port, payload), (op::RW, port, b"after".to_vec()));
+    assert_eq!(bench.guest.used(EVENT).len(), 1, "a single event");
+}
+
+#[test]
+fn restored_into_a_fresh_device_it_serves_where_the_original_left_off() {
+    let mut bench = Bench::new();
+    let (mut host, port) = bench.host_connection(52);
+    host.write_all(b"ping").unwrap();
+    bench.pump();
+    assert_eq!(bench.recv_one().1, b"ping");
+    let state = bench.guest.save();
+
+    let mut restored = bench.fork();
+    restored.guest.transport.restore(&state).unwrap();
+    restored.pump();
+    // A host process connects to the restored device: its request takes the guest's next rx buffer.
+    let (mut again, again_port) = restored.host_connection(60);
+    let used = restored.guest.used(RX);
+    assert_eq!((&used[..2], used.len()), (&bench.guest.used(RX)[..], 3), "the rx used ring goes on");
+    again.write_all(b"hello").unwrap();
+    restored.pump();
+    let (header, payload) = restored.recv_one();
+    assert_eq!((header.op, header.src_port, payload), (op::RW, again_port, b"hello".to_vec()));
+    // The guest's packets for the connection that did not come along get a RST.
+    restored.post_rx(1);
+    restored.send(from_guest(op::RW, 52, port), b"lost");
+    assert_eq!(restored.recv_one().0, to_guest(op::RST, port, 52));
+    // The reset event waits for the driver's first event buffer, and takes only that one.
+    let event = restored.post_event(0, 8);
+    restored.post_event(1, 8);
+    assert_eq!(restored.guest.used(EVENT), [(event as u32, 4)]);
+    assert_eq!(restored.guest.read_mem(EVENT_BASE, 8), RESET_EVENT);
+    // The original is left alone.
+    host.write_all(b"pong").unwrap();
+    bench.pump();
+    bench.post_rx(1);
+    assert_eq!(bench.recv_one().1, b"pong");
+}
+
+#[test]
+fn restored_in_place_it_goes_back_to_the_snapshot_point() {
+    let mut bench = Bench::new();
+    let (_first, _) = bench.host_connection(52);
+    let (checkpoint, state, used) = (bench.checkpoint(), bench.guest.save(), bench.guest.used(RX));
+    let request = bench.guest.read_mem(RX_BASE, RX_LEN as usize);
+    let _later: Vec<_> = (53..56).map(|port| bench.host_connection(port)).collect();
+    assert_eq!(bench.guest.used(RX).len(), 4);
+
+    bench.rewind(&checkpoint);
+    bench.guest.transport.restore(&state).unwrap();
+    bench.pump();
+    let (_host, _) = bench.host_connection(60);
+    assert_eq!(bench.guest.used(RX)[..1], used);
+    assert_eq!(bench.guest.used(RX).len(), 2, "the rx used ring goes on from the snapshot");
+    assert_eq!(bench.guest.read_mem(RX_BASE, RX_LEN as usize), request, "the packet before the snapshot overwritten");
+    // A transport reset is owed, for the connections made after the snapshot too.
+    let event = bench.post_event(0, 8);
+    assert_eq!(bench.guest.used(EVENT), [(event as u32, 4)]);
 }
