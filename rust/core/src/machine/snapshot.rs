@@ -17,8 +17,6 @@ use crate::vstate::vm::ClockRestore;
 
 /// What a paused machine holds on to until it resumes.
 pub(super) struct Pause {
-    /// Keeps the device event loop from touching memory or raising interrupts.
-    _devices: Option<Parked>,
     /// The guest's clock when it paused, put back on resume so that the guest sees no time pass;
     /// none once a restore has set the clock.
     clock: Option<crate::vstate::vm::ClockState>,
@@ -58,8 +56,11 @@ impl Machine {
         let mut state = self.stopped_state()?;
         if state.pause.is_none() {
             let clock = self.vm.clock()?;
-            let devices = state.device_loop.as_ref().map(|devices| devices.park());
-            state.pause = Some(Pause { _devices: devices, clock: Some(clock) });
+            // Parked until resumed, so that no device touches memory or raises an interrupt.
+            if let Some(devices) = &state.device_loop {
+                devices.park().map_err(Error::DeviceSetup)?;
+            }
+            state.pause = Some(Pause { clock: Some(clock) });
         }
         Ok(())
     }
@@ -80,6 +81,9 @@ impl Machine {
             if let Some(clock) = &pause.clock {
                 self.vm.set_clock(clock)?;
             }
+            if let Some(devices) = &state.device_loop {
+                devices.unpark();
+            }
         }
         Ok(())
     }
@@ -89,7 +93,7 @@ impl Machine {
     /// Devices served by callbacks of the embedder keep their state there and are not saved.
     pub fn snapshot(&self) -> Result<MachineSnapshot> {
         let state = self.stopped_state()?;
-        let _parked = self.park_devices(&state);
+        let _parked = park(&state)?;
         let vm = self.vm.save_state()?;
         let vcpus = state.vcpus.iter().map(|vcpu| vcpu.save_state()).collect::<Result<Vec<_>>>()?;
         let devices = state
@@ -114,7 +118,10 @@ impl Machine {
         let saved = &snapshot.state;
         self.check_shape(saved)?;
         let devices = Self::match_devices(&state, saved)?;
-        let _parked = self.park_devices(&state);
+        if let Some(pause) = state.pause.as_mut() {
+            pause.clock = None; // the restore sets the clock
+        }
+        let _parked = park(&state)?;
         let mut times = RestoreTimes::default();
         let mut phase = Instant::now();
         let mut lap = |slot: &mut std::time::Duration| {
@@ -135,10 +142,6 @@ impl Machine {
             device.restore_state(&saved.state).map_err(|e| restore_error(saved, e))?;
         }
         lap(&mut times.devices);
-        if let Some(pause) = state.pause.as_mut() {
-            pause.clock = None;
-        }
-        state.last_exit = None;
         Ok(times)
     }
 
@@ -180,12 +183,11 @@ impl Machine {
             .collect()
     }
 
-    fn park_devices(&self, state: &State) -> Option<Parked> {
-        if state.pause.is_some() {
-            return None; // parked already
-        }
-        state.device_loop.as_ref().map(|devices| devices.park())
-    }
+}
+
+/// Keeps the device event loop, if any, parked while the guard lives (a paused VM's stays parked).
+fn park(state: &State) -> Result<Option<Parked<'_>>> {
+    state.device_loop.as_ref().map(|devices| devices.parked()).transpose().map_err(Error::DeviceSetup)
 }
 
 fn restore_error(saved: &SavedDevice, error: StateError) -> Error {

@@ -180,6 +180,8 @@ device_states! {
     BootTimer(devices::BootTimerState) = "boot_timer",
     /// A scratchpad.
     Scratchpad(devices::ScratchpadState) = "scratchpad",
+    /// A virtio device with its MMIO transport.
+    Virtio(devices::virtio::TransportState) = "virtio_mmio",
 }
 
 /// A device's own state type, as one variant of [`DeviceState`].

@@ -239,6 +239,8 @@ impl MmioTransport {
 }
 
 impl BusDevice for MmioTransport {
+    crate::persist_on_bus!();
+
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         if offset >= CONFIG_OFFSET {
             self.lock_device().read_config(offset - CONFIG_OFFSET, data);
