@@ -1,7 +1,9 @@
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use kvm_bindings::{CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES};
 use kvm_ioctls::Cap;
+use vmm_sys_util::errno;
+use vmm_sys_util::ioctl::ioctl_with_mut_ptr;
 
 use crate::error::{Error, Result};
 
@@ -20,6 +22,15 @@ pub struct Kvm {
     supported_cpuid: CpuId,
     max_vcpus: usize,
     max_memslots: usize,
+    /// `KVM_GET_MSR_INDEX_LIST`, asked on first use.
+    msr_index_list: OnceLock<Vec<u32>>,
+}
+
+/// Ioctl numbers kvm-ioctls does not expose.
+mod ioctl_numbers {
+    use kvm_bindings::{kvm_msr_list, KVMIO};
+
+    vmm_sys_util::ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
 }
 
 impl Kvm {
@@ -36,6 +47,7 @@ impl Kvm {
                 .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?,
             max_vcpus: fd.get_max_vcpus(),
             max_memslots: fd.get_nr_memslots(),
+            msr_index_list: OnceLock::new(),
             fd,
         };
         for (cap, name) in REQUIRED {
@@ -81,8 +93,44 @@ impl Kvm {
         &self.supported_cpuid
     }
 
+    /// The MSRs KVM saves and restores for a vCPU (`KVM_GET_MSR_INDEX_LIST`), in KVM's order.
+    /// A vCPU may still refuse some of them, depending on its CPUID and the VM's devices.
+    pub fn msr_index_list(&self) -> Result<&[u32]> {
+        if let Some(list) = self.msr_index_list.get() {
+            return Ok(list);
+        }
+        let list = read_msr_index_list(&self.fd).map_err(Error::kvm("KVM_GET_MSR_INDEX_LIST"))?;
+        Ok(self.msr_index_list.get_or_init(|| list))
+    }
+
     /// Creates an empty VM.
     pub fn create_vm(&self) -> Result<kvm_ioctls::VmFd> {
         self.fd.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))
+    }
+}
+
+/// Reads the whole MSR index list. kvm-ioctls' own call stops at `KVM_MAX_MSR_ENTRIES`; KVM says
+/// how many it has when the buffer is short (`E2BIG`), so this asks again with room for all.
+fn read_msr_index_list(kvm: &kvm_ioctls::Kvm) -> std::result::Result<Vec<u32>, errno::Error> {
+    let mut room = KVM_MAX_MSR_ENTRIES;
+    loop {
+        // A `kvm_msr_list`: the count (`nmsrs`), then the indices.
+        let mut list = vec![0u32; 1 + room];
+        list[0] = room as u32;
+        // SAFETY: `list` is a `kvm_msr_list` header followed by room for `nmsrs` indices; KVM
+        // writes at most `nmsrs` of them and sets `nmsrs` to how many it has.
+        let status = unsafe { ioctl_with_mut_ptr(kvm, ioctl_numbers::KVM_GET_MSR_INDEX_LIST(), list.as_mut_ptr()) };
+        let count = list[0] as usize;
+        if status < 0 {
+            let error = errno::Error::last();
+            if error.errno() == libc::E2BIG && count > room {
+                room = count;
+                continue;
+            }
+            return Err(error);
+        }
+        list.truncate(1 + count.min(room));
+        list.remove(0);
+        return Ok(list);
     }
 }

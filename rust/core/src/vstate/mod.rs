@@ -8,6 +8,8 @@ pub mod kvm;
 pub mod memory;
 /// The vCPU run loop on its own thread, and how other threads kick it out of `KVM_RUN`.
 pub mod runner;
+#[cfg(test)]
+pub(crate) mod test_util;
 /// One vCPU: its file descriptor and register state.
 pub mod vcpu;
 /// The VM file descriptor with its memory slots and optional in-kernel devices.

@@ -3,6 +3,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use kvm_ioctls::VcpuExit;
 use vmm_sys_util::errno;
 use vmm_sys_util::signal::{unblock_signal, SIGRTMIN};
 
@@ -231,11 +232,16 @@ pub fn run_vcpu(
     };
     CURRENT_RUN.with(|cell| cell.set(control));
     let _unmark = OnDrop(|| CURRENT_RUN.with(|cell| cell.set(std::ptr::null())));
+    // Whether the last exit was an access that was served: KVM completes it (an `in` writes RAX,
+    // RIP moves past the instruction) only on the next KVM_RUN, which must happen before the
+    // run ends, or the registers read afterwards (a snapshot) would be from mid-instruction.
+    let mut served_access = false;
     loop {
         if control.stop_requested() {
-            return ExitReason::Stopped;
+            return finish(vcpu, kicker, io, served_access, ExitReason::Stopped);
         }
         let (exit, pio_size) = vcpu.run();
+        served_access = is_access(&exit);
         match handle_exit(exit, pio_size, io) {
             ExitAction::Continue => {}
             ExitAction::Interrupted => {
@@ -246,32 +252,119 @@ pub fn run_vcpu(
             }
             ExitAction::InternalError => return ExitReason::InternalError(vcpu.internal_error()),
             ExitAction::Stop(reason @ (ExitReason::DeviceError { .. } | ExitReason::UnhandledIo { .. })) => {
-                return match retract_access(vcpu, kicker) {
-                    Ok(()) => reason,
-                    Err(e) => ExitReason::VmmError(format!("{reason}, and the access cannot be undone: {e}")),
-                };
+                return retract_access(vcpu, kicker, reason);
             }
-            ExitAction::Stop(reason) => return reason,
+            // A device that reset or powered the machine off has still served the access.
+            ExitAction::Stop(reason) => return finish(vcpu, kicker, io, served_access, reason),
         }
     }
 }
 
-/// Undoes the I/O access the vCPU exited for and that was not served, so that the guest makes it
-/// again when the run resumes (and its handler sees it again). Left alone, KVM would finish the
-/// access on the next entry with whatever the exit's data holds: the guest would read stale bytes
-/// and a failed write would be lost. So the access is finished now, without entering the guest
-/// (`immediate_exit`), and the registers from before the instruction are put back.
-fn retract_access(vcpu: &mut Vcpu, kicker: &Kicker) -> crate::Result<()> {
-    let before = vcpu.regs()?;
+fn is_access(exit: &Result<VcpuExit<'_>, errno::Error>) -> bool {
+    matches!(exit, Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)))
+}
+
+/// Ends the vCPU's run with `reason`, first completing the access it last exited for when that
+/// was served.
+fn finish(vcpu: &mut Vcpu, kicker: &Kicker, io: &dyn IoHandler, served_access: bool, reason: ExitReason) -> ExitReason {
+    if !served_access {
+        return reason;
+    }
+    // Finishing a step of a string instruction may need the next elements (KVM exits for them
+    // before it returns EINTR); they are served like any other.
+    loop {
+        let action = enter_without_guest(vcpu, kicker, |exit, pio_size| match exit {
+            Err(e) if e.errno() == libc::EINTR => None,
+            exit if is_access(&exit) => Some(handle_exit(exit, pio_size, io)),
+            Err(e) => Some(ExitAction::Stop(ExitReason::VmmError(format!("{reason}, and KVM_RUN failed: {e}")))),
+            Ok(other) => Some(ExitAction::Stop(ExitReason::VmmError(format!(
+                "{reason}, and KVM did not finish the vCPU's access ({other:?})"
+            )))),
+        });
+        match action {
+            None => return reason,
+            Some(ExitAction::Continue) => {}
+            Some(ExitAction::Stop(failed @ (ExitReason::DeviceError { .. } | ExitReason::UnhandledIo { .. }))) => {
+                return retract_access(vcpu, kicker, failed);
+            }
+            Some(ExitAction::Stop(other)) => return other,
+            Some(ExitAction::Interrupted | ExitAction::InternalError) => {
+                unreachable!("only accesses are handled here")
+            }
+        }
+    }
+}
+
+/// Enters `KVM_RUN` with `immediate_exit` set, so that KVM finishes the access the vCPU last
+/// exited for and returns EINTR without running guest code, and hands the result to `f`.
+fn enter_without_guest<R>(
+    vcpu: &mut Vcpu,
+    kicker: &Kicker,
+    f: impl FnOnce(Result<VcpuExit<'_>, errno::Error>, usize) -> R,
+) -> R {
     kicker.immediate_exit().store(1, Ordering::SeqCst);
-    let (finished, _) = vcpu.run();
-    // With `immediate_exit` set, KVM_RUN finishes the pending access and returns EINTR.
-    let finished = match finished {
-        Err(e) if e.errno() == libc::EINTR => Ok(()),
-        Err(e) => Err(e),
-        Ok(_) => Err(errno::Error::new(libc::EIO)),
-    };
+    let (exit, pio_size) = vcpu.run();
+    let result = f(exit, pio_size);
     kicker.rearm();
-    finished.map_err(crate::Error::kvm("KVM_RUN"))?;
-    vcpu.set_regs(&before)
+    result
+}
+
+/// Undoes the I/O access the vCPU exited for and that was not served, so that the guest makes it
+/// again when the run resumes (and its handler sees it again), and ends the run with `reason`.
+/// Left alone, KVM would finish the access on the next entry with whatever the exit's data holds:
+/// the guest would read stale bytes and a failed write would be lost. So the access is finished
+/// now, without entering the guest, and the registers from before the instruction are put back.
+fn retract_access(vcpu: &mut Vcpu, kicker: &Kicker, reason: ExitReason) -> ExitReason {
+    let retracted = (|| {
+        let before = vcpu.regs()?;
+        // A string instruction's step may exit for its next elements first; they are left
+        // unserved, as the whole instruction is retried.
+        while enter_without_guest(vcpu, kicker, |exit, _| match exit {
+            Err(e) if e.errno() == libc::EINTR => Ok(false),
+            exit if is_access(&exit) => Ok(true),
+            Err(e) => Err(e),
+            Ok(_) => Err(errno::Error::new(libc::EIO)),
+        })
+        .map_err(crate::Error::kvm("KVM_RUN"))?
+        {}
+        vcpu.set_regs(&before)
+    })();
+    match retracted {
+        Ok(()) => reason,
+        Err(e) => ExitReason::VmmError(format!("{reason}, and the access cannot be undone: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::test_util::{kvm, Guest, CODE_ADDR, MMIO_INPUT, PORT_INPUT};
+
+    /// `in` from the input port, a load from the input MMIO address, a checkpoint, HLT.
+    #[rustfmt::skip]
+    const READS: &[u8] = &[
+        0x66, 0xba, 0x83, 0x00,       // 0x0: mov dx, 0x83
+        0xed,                         // 0x4: in eax, dx
+        0xbe, 0x00, 0x00, 0x00, 0xd0, // 0x5: mov esi, 0xd000_0000
+        0x8b, 0x1e,                   // 0xa: mov ebx, [rsi]
+        0xe6, 0x80,                   // 0xc: out 0x80, al
+        0xf4,                         // 0xe: hlt
+    ];
+
+    #[test]
+    fn reads_stopped_right_after_being_served_are_complete() {
+        let Some(kvm) = kvm() else { return };
+        let mut guest = Guest::new(&kvm, false, READS);
+        // Each read's handler asks the run to end, so it ends right after serving the exit.
+        assert_eq!(guest.run().0, ExitReason::Stopped);
+        let regs = guest.vcpu.regs().unwrap();
+        assert_eq!((regs.rax as u32, regs.rip), (PORT_INPUT, CODE_ADDR + 0x5), "the `in` is complete");
+        assert_eq!(guest.run().0, ExitReason::Stopped);
+        let regs = guest.vcpu.regs().unwrap();
+        assert_eq!((regs.rbx as u32, regs.rip), (MMIO_INPUT, CODE_ADDR + 0xc), "the load is complete");
+        // The next run goes on from there, with nothing left pending.
+        assert_eq!(guest.run().0, ExitReason::Stopped);
+        assert_eq!(guest.vcpu.regs().unwrap().rip, CODE_ADDR + 0xe);
+        assert_eq!(guest.run().0, ExitReason::Hlt);
+    }
 }

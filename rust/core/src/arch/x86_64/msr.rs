@@ -9,6 +9,22 @@ const MTRR_DEF_TYPE: u32 = 0x2ff;
 /// MTRRs enabled, default memory type write-back: without it every access is uncached.
 const MTRR_ENABLED_WRITE_BACK: u64 = (1 << 11) | 6;
 
+/// `IA32_PERF_CAPABILITIES`: says which PMU MSRs and values the vCPU accepts.
+const IA32_PERF_CAPABILITIES: u32 = 0x345;
+/// KVM's async page fault interrupt vector; must be set before async page faults are enabled
+/// with delivery as an interrupt (`MSR_KVM_ASYNC_PF_EN`, 0x4b56_4d02).
+const KVM_ASYNC_PF_INT: u32 = 0x4b56_4d06;
+/// MSRs other MSRs' values depend on, in the order they must be written first: the TSC (the
+/// TSC deadline and KVM's clock pages are read against it), the PMU capabilities (which decide
+/// what the counters accept) and the async page fault vector (enabling delivery needs it).
+const WRITE_FIRST: [u32; 3] = [IA32_TSC, IA32_PERF_CAPABILITIES, KVM_ASYNC_PF_INT];
+
+/// Orders MSR indices for writing them back: those others depend on first, the rest in the
+/// order given.
+pub fn restore_order(indices: &mut [u32]) {
+    indices.sort_by_key(|index| WRITE_FIRST.iter().position(|first| first == index).unwrap_or(WRITE_FIRST.len()));
+}
+
 /// The MSR values a vCPU starts Linux with.
 pub fn boot_msrs() -> Vec<(u32, u64)> {
     SYSENTER
@@ -29,5 +45,12 @@ mod tests {
         assert!(msrs.contains(&(0x2ff, 0x806)));
         assert!(msrs.contains(&(0xc000_0082, 0)));
         assert_eq!(msrs.len(), 11);
+    }
+
+    #[test]
+    fn msrs_others_depend_on_are_written_first() {
+        let mut indices = [0x174, 0x6e0, 0x4b56_4d02, 0x10, 0x4b56_4d06, 0x175, 0x345];
+        restore_order(&mut indices);
+        assert_eq!(indices, [0x10, 0x345, 0x4b56_4d06, 0x174, 0x6e0, 0x4b56_4d02, 0x175]);
     }
 }
