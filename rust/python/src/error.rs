@@ -52,9 +52,7 @@ fn snapshot_error(error: CoreSnapshotError, message: String) -> PyErr {
         | CoreSnapshotError::Memory(ImageError::WrongSize { .. }) => SnapshotFormatError::new_err(message),
         CoreSnapshotError::Mismatch(_)
         | CoreSnapshotError::DeviceState(_)
-        | CoreSnapshotError::Memory(ImageError::Layout { .. }) => {
-            SnapshotMismatchError::new_err(message)
-        }
+        | CoreSnapshotError::Memory(ImageError::Layout { .. }) => SnapshotMismatchError::new_err(message),
         CoreSnapshotError::Io { .. } | CoreSnapshotError::Memory(_) => SnapshotError::new_err(message),
     }
 }

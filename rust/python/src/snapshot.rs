@@ -39,8 +39,7 @@ impl Snapshot {
     /// Reads a snapshot saved in directory `path`: the snapshot and the embedder's JSON text.
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<(Self, String)> {
-        let (snapshot, embedder) =
-            py.detach(|| MachineSnapshot::load(&path)).map_err(kvmkit_core::Error::from).py()?;
+        let (snapshot, embedder) = py.detach(|| MachineSnapshot::load(&path)).map_err(kvmkit_core::Error::from).py()?;
         Ok((Self::new(snapshot), embedder.to_string()))
     }
 
@@ -60,11 +59,19 @@ impl Snapshot {
     }
 
     /// Bytes of the snapshot's memory.
-    fn mem_read<'py>(&self, py: Python<'py>, addr: Unsigned<u64>, size: Unsigned<usize>) -> PyResult<Bound<'py, PyBytes>> {
+    fn mem_read<'py>(
+        &self,
+        py: Python<'py>,
+        addr: Unsigned<u64>,
+        size: Unsigned<usize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let (addr, size) = (addr.0, size.0);
-        let fits = self.inner.memory.regions().iter().any(|&(start, len)| {
-            addr >= start && (size as u64) <= len && addr - start <= len - size as u64
-        });
+        let fits = self
+            .inner
+            .memory
+            .regions()
+            .iter()
+            .any(|&(start, len)| addr >= start && (size as u64) <= len && addr - start <= len - size as u64);
         if !fits {
             let error = memory::MemoryError::OutOfRange { addr, len: size };
             return Err(GuestMemoryError::new_err(error.to_string()));

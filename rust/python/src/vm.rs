@@ -248,7 +248,8 @@ impl Vm {
     /// Maps the Linux platform's devices (console, i8042, CMOS, ACPI, boot timer) without loading
     /// a kernel: a VM restored from a Linux VM's snapshot needs them for its state.
     fn attach_linux(&self) -> PyResult<()> {
-        let platform = linux::attach_platform(&self.machine()?).py()?;
+        let machine = self.machine()?;
+        let platform = linux::attach_platform(&machine).py()?;
         *self.linux.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(platform.into());
         Ok(())
     }

@@ -150,7 +150,10 @@ impl Machine {
         let (mine, theirs) = (&self.config, &saved.config);
         let mismatch = |what: &str, theirs: String, mine: String| {
             let what = if what.is_empty() { String::new() } else { format!("{what} ") };
-            Err(SnapshotError::Mismatch(format!("the snapshot is of a VM with {what}{theirs}, this one has {what}{mine}")).into())
+            Err(SnapshotError::Mismatch(format!(
+                "the snapshot is of a VM with {what}{theirs}, this one has {what}{mine}"
+            ))
+            .into())
         };
         if theirs.vcpus != mine.vcpus || saved.vcpus.len() != self.vcpu_count {
             return mismatch("vCPUs", saved.vcpus.len().to_string(), self.vcpu_count.to_string());
@@ -182,7 +185,6 @@ impl Machine {
             })
             .collect()
     }
-
 }
 
 /// Keeps the device event loop, if any, parked while the guard lives (a paused VM's stays parked).
