@@ -1,0 +1,123 @@
+"""Snapshots of the default Linux guest on a KVM with hardware semantics: restore in place, restore
+from files in another process, and forks that each go their own way with the right time and
+their own randomness.
+
+One guest is booted for the module (a boot costs about 20 s in the nested machine); every test
+leaves it running at its shell.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import kvmkit
+import pytest
+from kvmkit.images import READY_MARKER, GuestImage
+
+pytestmark = [pytest.mark.hw_kvm, pytest.mark.watchdog(900)]
+
+MEMORY = 256 << 20
+BOOT_TIMEOUT = 300
+SHELL_TIMEOUT = 60
+CLOCK_SLACK = 1.0  # seconds the guest's clock may be off the host's after a restore or fork
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestImage:
+    from kvmkit.images import default_guest
+
+    return default_guest()
+
+
+@pytest.fixture(scope="module")
+def linux(guest) -> Iterator[kvmkit.VM]:
+    with kvmkit.VM(memory=MEMORY, cpus=1, irqchip=True, pit=True) as vm:
+        vm.add_rng()
+        console = vm.boot_linux(guest.vmlinux, initrd=guest.initrd, cmdline=guest.cmdline)
+        vm.start()
+        console.expect(READY_MARKER.encode(), timeout=BOOT_TIMEOUT)
+        yield vm
+
+
+def shell(vm: kvmkit.VM, command: str, answer: str) -> bytes:
+    """Runs ``command`` at the guest's shell and returns the first group of ``answer``."""
+    vm.console.sendline(command)
+    return vm.console.expect(answer.encode(), timeout=SHELL_TIMEOUT).group(1)
+
+
+def guest_clock_error(vm: kvmkit.VM) -> float:
+    """How far the guest's wall clock is from the host's, in seconds."""
+    before = time.time()
+    guest_now = float(shell(vm, "echo now=$(date +%s.%N)", r"now=(\d+\.\d+)"))
+    after = time.time()
+    return 0.0 if before <= guest_now <= after else min(abs(guest_now - before), abs(guest_now - after))
+
+
+def test_a_restore_brings_the_shell_state_back(linux):
+    shell(linux, "echo one > /tmp/state; echo wrote=$((1+1))", r"wrote=(2)")
+    linux.pause()
+    snap = linux.snapshot()
+    linux.resume()
+    shell(linux, "echo two > /tmp/state; echo wrote=$((2+2))", r"wrote=(4)")
+    assert shell(linux, "echo state=$(cat /tmp/state)", r"state=(\w+)") == b"two"
+    for _ in range(2):
+        linux.pause()
+        linux.restore(snap)
+        linux.resume()
+        assert shell(linux, "echo state=$(cat /tmp/state)", r"state=(\w+)") == b"one"
+        shell(linux, "echo three > /tmp/state; echo wrote=$((3+3))", r"wrote=(6)")
+
+
+def test_the_clock_is_right_after_a_restore_of_an_old_snapshot(linux):
+    linux.pause()
+    snap = linux.snapshot()
+    linux.resume()
+    time.sleep(3)
+    linux.pause()
+    linux.restore(snap)
+    linux.resume()
+    assert guest_clock_error(linux) <= CLOCK_SLACK
+
+
+def test_a_saved_snapshot_answers_in_another_process(linux, tmp_path):
+    shell(linux, "echo saved > /tmp/state; echo wrote=$((5+5))", r"wrote=(10)")
+    linux.pause()
+    linux.snapshot().save(tmp_path / "snap")
+    linux.resume()
+    script = textwrap.dedent(
+        f"""
+        import kvmkit
+        vm = kvmkit.VM.from_snapshot({str(tmp_path / "snap")!r})
+        vm.start()
+        vm.console.sendline("echo state=$(cat /tmp/state)")
+        print(vm.console.expect(rb"state=(\\w+)", timeout={SHELL_TIMEOUT}).group(1).decode())
+        vm.close()
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "saved"
+
+
+def test_forks_run_their_own_commands_with_the_right_time_and_their_own_randomness(linux):
+    clones = linux.fork(4)
+    try:
+        for clone in clones:
+            clone.start()
+        for index, clone in enumerate(clones):
+            assert shell(clone, f"echo clone=$(({index} * 7))", r"clone=(\d+)") == str(index * 7).encode()
+        for clone in clones:
+            assert guest_clock_error(clone) <= CLOCK_SLACK
+        randomness = {
+            shell(clone, "echo rnd=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')", r"rnd=([0-9a-f]{32})")
+            for clone in clones
+        }
+        assert len(randomness) == len(clones), "clones drew the same random bytes"
+    finally:
+        for clone in clones:
+            clone.close()
+    assert shell(linux, "echo parent=$((6*7))", r"parent=(\d+)") == b"42"
