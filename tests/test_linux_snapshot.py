@@ -112,10 +112,8 @@ def test_forks_run_their_own_commands_with_the_right_time_and_their_own_randomne
             assert shell(clone, f"echo clone=$(({index} * 7))", r"clone=(\d+)") == str(index * 7).encode()
         for clone in clones:
             assert guest_clock_error(clone) <= CLOCK_SLACK
-        randomness = {
-            shell(clone, "echo rnd=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')", r"rnd=([0-9a-f]{32})")
-            for clone in clones
-        }
+        draw = "echo rnd=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')"
+        randomness = {shell(clone, draw, r"rnd=([0-9a-f]{32})") for clone in clones}
         assert len(randomness) == len(clones), "clones drew the same random bytes"
     finally:
         for clone in clones:

@@ -12,6 +12,7 @@ __all__ = [
     "Initramfs",
     "NullDevice",
     "Scratchpad",
+    "Snapshot",
     "VirtioBackend",
     "VirtioHandle",
     "Vm",

@@ -52,7 +52,7 @@ class Snapshot:
     @property
     def memory_regions(self) -> list[tuple[int, int]]:
         """``(guest_addr, size)`` of each RAM region."""
-        return [tuple(region) for region in self._core.config["memory"]]  # type: ignore[misc]
+        return [(int(addr), int(size)) for addr, size in self._core.config["memory"]]
 
     @property
     def own_bytes(self) -> int:

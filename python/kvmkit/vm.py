@@ -233,7 +233,9 @@ class VM:
         elsewhere; ``lock=False`` neither takes nor respects it."""
         backend = _core.virtio_block(path, read_only, serial, lock)
         disk = self._keep(Disk(self._add_virtio(backend), os.fspath(path), read_only))
-        self._setup.append({"kind": "block", "path": disk.path, "read_only": read_only, "serial": serial, "lock": lock})
+        self._setup.append(
+            {"kind": "block", "path": disk.path, "read_only": read_only, "serial": serial, "lock": lock}
+        )
         return disk
 
     def add_net(self, tap: str, mac: str | None = None) -> Net:
@@ -455,7 +457,9 @@ class VM:
         paths = iter(vsock_uds_paths or ())
         return cls._clone(snapshot, lambda device: next(paths, device["uds_path"]), prepare)
 
-    def fork(self, count: int | None = None, *, prepare: Callable[[VM], object] | None = None) -> VM | list[VM]:
+    def fork(
+        self, count: int | None = None, *, prepare: Callable[[VM], object] | None = None
+    ) -> VM | list[VM]:
         """New VMs in this process that start from this VM's current state and share its memory
         copy-on-write; this VM goes on as it was (a running one is paused for the snapshot and
         resumed). ``fork()`` returns one VM, ``fork(n)`` a list of ``n``. Per device: read-only
@@ -465,7 +469,10 @@ class VM:
         copied: ``prepare(clone)`` adds them, as for :meth:`from_snapshot`."""
         for device in self._setup:
             if device["kind"] == "block" and not device["read_only"]:
-                raise ConfigError(f"cannot fork a VM with the writable disk {device['path']}: add it read_only")
+                raise ConfigError(
+                    f"cannot fork a VM with the writable disk {device['path']}: "
+                    "clones would share its writes; add it read_only"
+                )
             if device["kind"] == "net":
                 raise ConfigError(f"cannot fork a VM with a network card (tap {device['tap']})")
         was_running = self.running and not self.paused
