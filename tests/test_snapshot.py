@@ -305,3 +305,23 @@ def test_the_state_file_is_readable_json_after_its_header(walker, tmp_path):
     assert state["machine"]["config"]["vcpus"] == 1
     assert state["memory"]["regions"] == [[0, 2 << 20]]
     assert state["embedder"]["devices"] == []
+
+
+GOLDEN = Path(__file__).parent / "snapshots"
+
+
+def test_golden_snapshots_still_load_and_run(assemble):
+    """tests/snapshots/walker-v1 was saved by format version 1 from snapshot_walk.S after two
+    steps (on a paravirtualized KVM host); a change to the format that breaks reading it fails
+    here. It must also restore and run on every host the suite runs on."""
+    snap = kvmkit.Snapshot.load(GOLDEN / "walker-v1")
+    assert (snap.cpus, snap.memory_regions) == (1, [(0, 2 << 20)])
+    code = assemble("snapshot_walk")
+    assert snap.mem_read(LOAD_ADDR, len(code)) == code
+    assert snap.mem_read(COUNTER, 4) == (2).to_bytes(4, "little")
+    vm = kvmkit.VM.from_snapshot(snap)
+    try:
+        walker = Walker(vm)
+        assert [walker.step() for _ in range(2)] == [3, 4]
+    finally:
+        vm.close()
