@@ -5,6 +5,7 @@ use thiserror::Error;
 use crate::arch::x86_64::mode::ModeError;
 use crate::boot::BootError;
 use crate::bus::BusError;
+use crate::devices::VmGenIdError;
 use crate::size::SizeError;
 use crate::snapshot::SnapshotError;
 use crate::vstate::memory::MemoryError;
@@ -78,6 +79,9 @@ pub enum Error {
     /// The host could not provide what a virtio device needs (an eventfd, its event-loop thread).
     #[error("cannot set up a virtio device: {0}")]
     DeviceSetup(#[source] std::io::Error),
+    /// The VM generation id could not be written or announced.
+    #[error(transparent)]
+    VmGenId(#[from] VmGenIdError),
 }
 
 impl Error {

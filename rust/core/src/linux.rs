@@ -1,20 +1,20 @@
 //! A PC platform for Linux on a [`Machine`]: the kernel and its boot parameters, the MP table,
-//! the devices a PC kernel expects (COM1, i8042, CMOS RTC, ACPI sleep control, boot timer), and the
-//! console.
+//! the devices a PC kernel expects (COM1, i8042, CMOS RTC, ACPI sleep control, boot timer), the VM
+//! generation id, and the console.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_bindings::kvm_fpu;
 
-use crate::arch::x86_64::layout::{BOOT_STACK_TOP, MMIO_GAP_START};
+use crate::arch::x86_64::layout::{BOOT_STACK_TOP, GED_GSI, MMIO_GAP_START, VMGENID_ADDR};
 use crate::arch::x86_64::mode::CpuMode;
 use crate::arch::x86_64::{acpi, mptable, msr};
 use crate::boot::{self, EntryPoint, LinuxBoot};
 use crate::bus::BusDevice;
 use crate::devices::console::ConsoleOutput;
 use crate::devices::{
-    AcpiSleepControl, BootTimer, Cmos, SerialPort, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE, CMOS_PORT_BASE,
+    AcpiSleepControl, BootTimer, Cmos, SerialPort, VmGenId, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_SIZE, CMOS_PORT_BASE,
     CMOS_PORT_SIZE, I8042, I8042_PORT_BASE, I8042_PORT_SIZE, SERIAL_PORT_SIZE,
 };
 use crate::error::{Error, Result};
@@ -42,6 +42,8 @@ pub struct LinuxPlatform {
     pub serial: Arc<SerialPort<IrqLine>>,
     /// When the guest's init said it finished booting.
     pub boot_timer: Arc<BootTimer>,
+    /// The VM generation id, which changes with each restore.
+    pub vmgenid: Arc<VmGenId>,
 }
 
 /// Loads `boot` into `machine` (which needs the in-kernel irqchip), sets up every vCPU as Linux
@@ -61,17 +63,28 @@ pub fn attach_platform(machine: &Machine) -> Result<LinuxPlatform> {
 
 /// Maps the platform's devices, then runs `then`. The devices come off again if either fails, so
 /// that a failure leaves the I/O map as it was and can be retried (guest memory may have been
-/// written).
+/// written). Once both succeed, each restore gives the guest a new generation id.
 fn with_platform(machine: &Machine, then: impl FnOnce() -> Result<()>) -> Result<LinuxPlatform> {
     if !machine.has_irqchip() {
         return Err(Error::InvalidConfig("booting Linux needs the in-kernel irqchip (irqchip=True)".into()));
     }
     let mut mapped = Vec::new();
     let platform = map_devices(machine, &mut mapped).and_then(|platform| then().map(|()| platform));
-    if platform.is_err() {
-        for (space, base) in mapped.into_iter().rev() {
-            // Each was mapped by this call a moment ago, and the VM cannot have started since.
-            let _ = machine.remove_device(space, base);
+    match &platform {
+        Ok(platform) => {
+            let vmgenid = platform.vmgenid.clone();
+            machine.on_restore(Box::new(move || {
+                // A clone that kept its parent's id would go on with its parent's random numbers.
+                if let Err(e) = vmgenid.change() {
+                    log::error!("{e}; the restored guest is not told it is a new generation");
+                }
+            }));
+        }
+        Err(_) => {
+            for (space, base) in mapped.into_iter().rev() {
+                // Each was mapped by this call a moment ago, and the VM cannot have started since.
+                let _ = machine.remove_device(space, base);
+            }
         }
     }
     platform
@@ -131,11 +144,13 @@ fn enter_kernel(machine: &Machine, entry: EntryPoint) -> Result<()> {
     })
 }
 
-/// Maps the platform's devices, recording each in `mapped` so that a failure can unmap them.
+/// Maps the platform's devices, recording each in `mapped` so that a failure can unmap them, and
+/// writes a generation id (the ACPI tables tell the guest where it is).
 fn map_devices(machine: &Machine, mapped: &mut Vec<(AddressSpace, u64)>) -> Result<LinuxPlatform> {
     let console = Arc::new(ConsoleOutput::new());
     let serial = Arc::new(SerialPort::new(machine.irq_line(COM1_GSI)?, console.clone()));
     let boot_timer = Arc::new(BootTimer::new(Instant::now()));
+    let vmgenid = Arc::new(VmGenId::new(machine.memory().clone(), VMGENID_ADDR, machine.irq_line(GED_GSI)?)?);
     let devices: [(AddressSpace, u64, u64, Arc<dyn BusDevice>); 5] = [
         (AddressSpace::Pio, COM1_PORT, SERIAL_PORT_SIZE, serial.clone()),
         (AddressSpace::Pio, I8042_PORT_BASE, I8042_PORT_SIZE, Arc::new(I8042::default())),
@@ -147,7 +162,7 @@ fn map_devices(machine: &Machine, mapped: &mut Vec<(AddressSpace, u64)>) -> Resu
         machine.add_device(space, base, size, device)?;
         mapped.push((space, base));
     }
-    Ok(LinuxPlatform { console, serial, boot_timer })
+    Ok(LinuxPlatform { console, serial, boot_timer, vmgenid })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Core errors become the exceptions of `kvmkit.errors`.
 
 use kvmkit_core::bus::BusError;
+use kvmkit_core::devices::VmGenIdError;
 use kvmkit_core::snapshot::SnapshotError as CoreSnapshotError;
 use kvmkit_core::vstate::memory::{ImageError, MemoryError};
 use kvmkit_core::Error;
@@ -37,9 +38,10 @@ pub fn to_py(error: Error) -> PyErr {
         | Error::Memory(_)
         | Error::Bus(_)
         | Error::NoSuchVcpu { .. } => ConfigError::new_err(message),
-        Error::Boot(_) => BootError::new_err(message),
+        // The Linux platform's generation id needs guest memory at its fixed place.
+        Error::Boot(_) | Error::VmGenId(VmGenIdError::Memory(_)) => BootError::new_err(message),
         Error::Running | Error::NotStarted | Error::WaitInRun => VmStateError::new_err(message),
-        Error::Thread(_) | Error::DeviceSetup(_) => KvmkitError::new_err(message),
+        Error::Thread(_) | Error::DeviceSetup(_) | Error::VmGenId(_) => KvmkitError::new_err(message),
         Error::Snapshot(error) => snapshot_error(error, message),
     }
 }

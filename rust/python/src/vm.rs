@@ -11,7 +11,7 @@ use kvmkit_core::arch::x86_64::cpuid::{CpuidEdit, CpuidRegister};
 use kvmkit_core::arch::x86_64::mode::CpuMode;
 use kvmkit_core::boot::{Image, LinuxBoot};
 use kvmkit_core::devices::console::ConsoleOutput;
-use kvmkit_core::devices::{BootTimer, SerialPort};
+use kvmkit_core::devices::{BootTimer, SerialPort, VmGenId};
 use kvmkit_core::irq::IrqLine;
 use kvmkit_core::linux::{self, LinuxPlatform};
 use kvmkit_core::machine::STOP_GRACE;
@@ -64,16 +64,23 @@ fn space(name: &str) -> PyResult<AddressSpace> {
 }
 
 /// What a VM keeps of its Linux platform: the console's output and the boot time stay readable
-/// after `close()`; the console's input, which holds its interrupt eventfd, goes with it.
+/// after `close()`; the console's input and the generation id, which hold interrupt eventfds (the
+/// id guest memory too), go with it.
 struct Linux {
     console: Arc<ConsoleOutput>,
     boot_timer: Arc<BootTimer>,
     input: Option<Arc<SerialPort<IrqLine>>>,
+    vmgenid: Option<Arc<VmGenId>>,
 }
 
 impl From<LinuxPlatform> for Linux {
     fn from(platform: LinuxPlatform) -> Self {
-        Self { console: platform.console, boot_timer: platform.boot_timer, input: Some(platform.serial) }
+        Self {
+            console: platform.console,
+            boot_timer: platform.boot_timer,
+            input: Some(platform.serial),
+            vmgenid: Some(platform.vmgenid),
+        }
     }
 }
 
@@ -299,11 +306,11 @@ impl Vm {
             machine.stop(ExitReason::Stopped);
         }
         release(py, machine);
-        // The console's input holds its interrupt eventfd, which goes now, not when the collector
-        // gets to this object.
-        let input = self.linux(|linux| linux.input.take()).ok().flatten();
+        // The console's input and the generation id hold interrupt eventfds, which go now, not when
+        // the collector gets to this object.
+        let (input, vmgenid) = self.linux(|linux| (linux.input.take(), linux.vmgenid.take())).unwrap_or_default();
         let handlers = std::mem::take(&mut *self.handlers());
-        drop((input, handlers, self.handler_errors.take(py)));
+        drop((input, vmgenid, handlers, self.handler_errors.take(py)));
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
@@ -507,6 +514,13 @@ impl Vm {
         let platform = py.detach(|| linux::boot_linux(&machine, &boot)).py()?;
         *self.linux.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(platform.into());
         Ok(())
+    }
+
+    /// Gives the guest a new VM generation id and notifies it, as each restore does.
+    fn _change_generation_id(&self) -> PyResult<()> {
+        let vmgenid = self.linux(|linux| linux.vmgenid.clone())?;
+        let vmgenid = vmgenid.ok_or_else(|| VmStateError::new_err("the VM is closed"))?;
+        vmgenid.change().map_err(kvmkit_core::Error::from).py()
     }
 
     /// Console output from `offset` on, waiting up to `timeout` seconds for some: `(start, bytes)`.

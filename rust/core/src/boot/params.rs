@@ -129,6 +129,19 @@ mod tests {
     }
 
     #[test]
+    fn e820_keeps_the_acpi_tables_and_the_generation_id_out_of_ram() {
+        use crate::arch::x86_64::acpi::ACPI_TABLES_ADDR;
+        use crate::arch::x86_64::layout::VMGENID_ADDR;
+
+        for ram in [&[(0, 64 << 20)][..], &[(0, 0xd000_0000), (1 << 32, 1 << 30)]] {
+            for (start, size) in e820_map(ram) {
+                let end = start + size;
+                assert!(end <= ACPI_TABLES_ADDR || start >= VMGENID_ADDR + 0x1000, "{start:#x}..{end:#x}");
+            }
+        }
+    }
+
+    #[test]
     fn zero_page_carries_cmdline_initrd_and_memory_map() {
         let info = BootInfo {
             ram: &[(0, 128 << 20)],

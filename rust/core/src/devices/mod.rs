@@ -1,4 +1,5 @@
-//! Devices that sit on a [`Bus`](crate::Bus).
+//! Devices that sit on a [`Bus`](crate::Bus), and the VM generation id, which is guest memory
+//! and an interrupt instead.
 
 mod acpi_pm;
 mod boot_timer;
@@ -9,6 +10,7 @@ mod null;
 mod scratchpad;
 mod serial;
 pub mod virtio;
+mod vmgenid;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +21,7 @@ pub use i8042::{I8042State, I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
 pub use null::NullDevice;
 pub use scratchpad::{Scratchpad, ScratchpadState, MAX_SCRATCHPAD_SIZE};
 pub use serial::{SerialPort, SerialPortState, UartState, SERIAL_PORT_SIZE};
+pub use vmgenid::{VmGenId, VmGenIdError, VMGENID_SIZE};
 
 use crate::bus::BusDevice;
 

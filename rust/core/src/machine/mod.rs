@@ -5,8 +5,10 @@
 //! The thread owns its vCPU during a run and hands it back at the end, so register access and
 //! changes to the I/O map need the VM stopped, while memory and `stop` are available at any time.
 
+mod hooks;
 mod snapshot;
 
+pub use hooks::RestoreHook;
 pub use snapshot::RestoreTimes;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -67,6 +69,8 @@ struct State {
     device_loop: Option<DeviceEventLoop>,
     /// Set while the VM is paused.
     pause: Option<snapshot::Pause>,
+    /// Run after each restore.
+    restore_hooks: hooks::RestoreHooks,
 }
 
 /// Where a virtio device sits and how it is doing.
@@ -163,6 +167,7 @@ impl Machine {
             virtio: Vec::new(),
             device_loop: None,
             pause: None,
+            restore_hooks: hooks::RestoreHooks::default(),
         };
         let vcpu_count = config.vcpus as usize;
         Ok(Self { state: Mutex::new(state), vm, vcpu_count, irqchip: config.irqchip, config: config.clone() })
@@ -201,6 +206,21 @@ impl Machine {
     /// Runs `f` when the first run starts (a boot timer starts counting there, for instance).
     pub fn on_first_start(&self, f: Box<dyn FnOnce() + Send>) {
         self.lock().on_first_start.push(f);
+    }
+
+    /// Runs `f` after each restore of a snapshot into this VM, once the VM's and the devices' state
+    /// are back: for what must differ on every restore, such as the VM generation id.
+    pub fn on_restore(&self, f: RestoreHook) {
+        self.lock().restore_hooks.add(f);
+    }
+
+    /// Runs the restore hooks, in the order they were added. Call it with the state unlocked, once
+    /// everything else is restored (the irqchip too, so that the interrupts the hooks raise stay
+    /// raised).
+    #[allow(dead_code, reason = "for the snapshot restore, which calls it at its end")]
+    pub(crate) fn run_restore_hooks(&self) {
+        let hooks = self.lock().restore_hooks.clone();
+        hooks.run();
     }
 
     /// Runs `f` on vCPU `index`; fails while the VM runs.

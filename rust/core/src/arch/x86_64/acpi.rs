@@ -8,8 +8,14 @@
 //! writes to enter S5, that is, to power off. On a hardware-reduced platform Linux leaves the
 //! 8259 PIC and the PIT alone and sets up no ISA interrupt of its own accord: a legacy device gets
 //! its interrupt only if the DSDT describes it. So the DSDT describes the PC devices kvmkit's
-//! Linux platform has: COM1 and the CMOS RTC (not the i8042, see `IAPC_BOOT_ARCH`), and any
-//! virtio-mmio devices, which a kernel without virtio-mmio command-line support finds nowhere else.
+//! Linux platform has: COM1 and the CMOS RTC (not the i8042, see `IAPC_BOOT_ARCH`), the VM
+//! generation id, and any virtio-mmio devices, which a kernel without virtio-mmio command-line
+//! support finds nowhere else.
+//!
+//! Without an SCI there are no general-purpose events either, so the interrupt that announces a
+//! new generation id goes to a Generic Event Device (`ACPI0013`), the hardware-reduced way to run
+//! AML on an interrupt: the guest calls its `_EVT` method with the interrupt's number, which
+//! notifies the generation id's device.
 //!
 //! The bytes are laid out as one block at `ACPI_TABLES_ADDR`, each table on a 16-byte boundary:
 //! the RSDP, which the guest finds by scanning the BIOS area, then the XSDT it points at, the FADT
@@ -18,6 +24,7 @@
 
 use thiserror::Error;
 
+use super::layout::{GED_GSI, VMGENID_ADDR};
 use super::mptable::{APIC_ADDR, IOAPIC_ADDR, MAX_CPUS};
 use super::table_checksum;
 use crate::devices::{ACPI_SLEEP_PORT, CMOS_PORT_BASE, CMOS_PORT_SIZE, S5_SLEEP_TYPE, SERIAL_PORT_SIZE};
@@ -28,8 +35,9 @@ use crate::linux::{COM1_GSI, COM1_PORT};
 /// table ends below 0xA1100), and the e820 map keeps the whole area out of RAM.
 pub const ACPI_TABLES_ADDR: u64 = 0xe_0000;
 /// The tables always end below this address: the guest only scans below 1 MiB for the RSDP,
-/// and the tables must not reach the RAM where the kernel is loaded.
-const ACPI_TABLES_LIMIT: u64 = 0x10_0000;
+/// the tables must not reach the RAM where the kernel is loaded, and the generation id's page
+/// follows them.
+const ACPI_TABLES_LIMIT: u64 = VMGENID_ADDR;
 
 const RSDP_SIGNATURE: [u8; 8] = *b"RSD PTR ";
 const XSDT_SIGNATURE: [u8; 4] = *b"XSDT";
@@ -128,15 +136,29 @@ const AML_STRING_PREFIX: u8 = 0x0d;
 const AML_SCOPE_OP: u8 = 0x10;
 const AML_BUFFER_OP: u8 = 0x11;
 const AML_PACKAGE_OP: u8 = 0x12;
+const AML_METHOD_OP: u8 = 0x14;
+const AML_DUAL_NAME_PREFIX: u8 = 0x2e;
+const AML_MULTI_NAME_PREFIX: u8 = 0x2f;
 const AML_EXT_OP_PREFIX: u8 = 0x5b;
-const AML_DEVICE_OP: u8 = 0x82;
 const AML_ROOT_PREFIX: u8 = b'\\';
+const AML_ARG0_OP: u8 = 0x68;
+const AML_DEVICE_OP: u8 = 0x82;
+const AML_NOTIFY_OP: u8 = 0x86;
+const AML_LEQUAL_OP: u8 = 0x93;
+const AML_IF_OP: u8 = 0xa0;
+/// A method takes at most seven arguments, `Arg0` to `Arg6`.
+const AML_MAX_ARGS: u8 = 7;
 
 /// The system bus scope, where devices without a parent bus live.
 const SYSTEM_BUS: [u8; 4] = *b"_SB_";
 const HARDWARE_ID: [u8; 4] = *b"_HID";
+const COMPATIBLE_ID: [u8; 4] = *b"_CID";
+const DOS_DEVICE_NAME: [u8; 4] = *b"_DDN";
 const UNIQUE_ID: [u8; 4] = *b"_UID";
 const CURRENT_RESOURCES: [u8; 4] = *b"_CRS";
+/// The Generic Event Device's method the guest calls, with the interrupt's number, when one of
+/// the device's interrupts fires.
+const EVENT_METHOD: [u8; 4] = *b"_EVT";
 /// The object, in the namespace root, that gives the sleep type values of S5 (soft off).
 const SOFT_OFF: [u8; 4] = *b"_S5_";
 
@@ -164,6 +186,21 @@ const HID_16550_UART: u32 = eisa_id(*b"PNP0501");
 const HID_CMOS_RTC: u32 = eisa_id(*b"PNP0B00");
 /// The id Linux's virtio-mmio driver matches; it has no EISA form, so it is a string.
 const HID_VIRTIO_MMIO: &[u8] = b"LNRO0005";
+/// The VM generation id's device. The specification leaves its `_HID` to the vendor and asks for
+/// this `_CID` and `_DDN`; Linux's `vmgenid` driver matches the `_CID` (which ACPICA upper-cases)
+/// and, as a `_HID`, exactly `VMGENCTR`, which is what kvmkit uses. ASL compilers reject that
+/// `_HID`, whose last four characters are not hex digits, but the guest takes it as it is.
+const VGEN: [u8; 4] = *b"VGEN";
+const HID_VMGENID: &[u8] = b"VMGENCTR";
+const CID_VMGENID: &[u8] = b"VM_Gen_Counter";
+/// The object of the generation id's device that gives the id's address: a package of its low and
+/// high 32 bits.
+const VMGENID_ADDRESS: [u8; 4] = *b"ADDR";
+/// The notification that tells the generation id's driver the id changed.
+const VMGENID_CHANGED: u32 = 0x80;
+/// The Generic Event Device.
+const GED: [u8; 4] = *b"GED_";
+const HID_GENERIC_EVENT_DEVICE: &[u8] = b"ACPI0013";
 /// Virtio-mmio devices are named `VR00` to `VRFF`, by their index in hex.
 pub const MAX_VIRTIO_SLOTS: usize = 256;
 /// Memory32Fixed descriptors hold 32-bit addresses.
@@ -210,7 +247,7 @@ const FADT_OFFSET: usize = align(XSDT_OFFSET + XSDT_LEN);
 const DSDT_OFFSET: usize = align(FADT_OFFSET + FADT_LEN);
 /// Bounds on the DSDT's length: without virtio devices, and what each one adds. The MADT
 /// follows the DSDT, so these bound where the tables end.
-const DSDT_BASE_MAX_LEN: usize = 256;
+const DSDT_BASE_MAX_LEN: usize = 512;
 const VIRTIO_DEVICE_MAX_LEN: usize = 64;
 const DSDT_MAX_LEN: usize = DSDT_BASE_MAX_LEN + MAX_VIRTIO_SLOTS * VIRTIO_DEVICE_MAX_LEN;
 
@@ -219,6 +256,8 @@ const DSDT_MAX_LEN: usize = DSDT_BASE_MAX_LEN + MAX_VIRTIO_SLOTS * VIRTIO_DEVICE
 const _: () = assert!(ACPI_TABLES_ADDR >= 0xe_0000 && ACPI_TABLES_ADDR % 16 == 0);
 const _: () = assert!(ACPI_TABLES_ADDR + tables_len(MAX_CPUS as usize, DSDT_MAX_LEN) as u64 <= ACPI_TABLES_LIMIT);
 const _: () = assert!(ACPI_TABLES_LIMIT <= u32::MAX as u64);
+// The generation id has a page of its own after the tables, below the BIOS area's upper half.
+const _: () = assert!(VMGENID_ADDR % 0x1000 == 0 && VMGENID_ADDR + 0x1000 <= 0xf_0000);
 
 /// Why no tables can be built for a CPU count or a set of virtio-mmio devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -410,15 +449,16 @@ fn io_port_register(port: u64) -> [u8; GAS_LEN] {
     bytes
 }
 
-/// The DSDT: the S5 sleep type, then the legacy devices and the virtio-mmio devices under the
-/// system bus, each with its Plug and Play id and the resources it uses, so the guest's drivers
-/// bind to them and route their interrupts through the I/O APIC.
+/// The DSDT: the S5 sleep type, then the legacy devices, the VM generation id with its event
+/// device, and the virtio-mmio devices under the system bus, each with its Plug and Play id and the
+/// resources it uses, so the guest's drivers bind to them and route their interrupts through the
+/// I/O APIC.
 fn dsdt(virtio: &[VirtioMmioSlot]) -> Vec<u8> {
-    let mut devices = [com1(), rtc()].concat();
+    let mut devices = [com1(), rtc(), vmgenid_device(VMGENID_ADDR), generic_event_device(GED_GSI)].concat();
     for (index, slot) in virtio.iter().enumerate() {
         devices.extend(virtio_mmio_device(index, slot));
     }
-    let body = [soft_off(), aml_scope(&root_path(SYSTEM_BUS), &devices)].concat();
+    let body = [soft_off(), aml_scope(&root_path(&[SYSTEM_BUS]), &devices)].concat();
     table(DSDT_SIGNATURE, DSDT_REVISION, &body)
 }
 
@@ -465,6 +505,40 @@ fn virtio_mmio_device(index: usize, slot: &VirtioMmioSlot) -> Vec<u8> {
     device
 }
 
+/// `Device (VGEN) { Name (_HID, "VMGENCTR") Name (_CID, "VM_Gen_Counter")
+/// Name (_DDN, "VM_Gen_Counter") Name (ADDR, Package () { low, high }) }`: the VM generation id
+/// at guest address `addr`. It uses no resources the guest would have to reserve, so it has no
+/// `_CRS`.
+fn vmgenid_device(addr: u64) -> Vec<u8> {
+    let (low, high) = (addr as u32, (addr >> 32) as u32);
+    let body = [
+        aml_name(HARDWARE_ID, &aml_string(HID_VMGENID)),
+        aml_name(COMPATIBLE_ID, &aml_string(CID_VMGENID)),
+        aml_name(DOS_DEVICE_NAME, &aml_string(CID_VMGENID)),
+        aml_name(VMGENID_ADDRESS, &aml_package(&[&aml_integer(low), &aml_integer(high)])),
+    ]
+    .concat();
+    aml_device(VGEN, &body)
+}
+
+/// `Device (GED_) { Name (_HID, "ACPI0013") Name (_CRS, ResourceTemplate () { Interrupt (...)
+/// { gsi } }) Method (_EVT, 1) { If (LEqual (Arg0, gsi)) { Notify (\_SB_.VGEN, 0x80) } } }`:
+/// the Generic Event Device, whose interrupt `gsi` announces a new generation id. The guest calls
+/// `_EVT` with the number of the interrupt that fired, which is checked so that more events can
+/// share the device.
+fn generic_event_device(gsi: u32) -> Vec<u8> {
+    let resources = resource_template(&[&extended_irq_descriptor(gsi)]);
+    let notify = aml_notify(&root_path(&[SYSTEM_BUS, VGEN]), VMGENID_CHANGED);
+    let on_event = aml_if(&aml_lequal(&aml_arg(0), &aml_integer(gsi)), &notify);
+    let body = [
+        aml_name(HARDWARE_ID, &aml_string(HID_GENERIC_EVENT_DEVICE)),
+        aml_name(CURRENT_RESOURCES, &aml_buffer(&resources)),
+        aml_method(EVENT_METHOD, 1, &on_event),
+    ]
+    .concat();
+    aml_device(GED, &body)
+}
+
 /// `VR` and the index as two hex digits.
 fn virtio_device_name(index: usize) -> [u8; 4] {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -498,9 +572,18 @@ const fn hex_digit(c: u8) -> u8 {
     }
 }
 
-/// A name resolved from the namespace root.
-fn root_path(segment: [u8; 4]) -> Vec<u8> {
-    [&[AML_ROOT_PREFIX][..], &segment].concat()
+/// A name resolved from the namespace root, `\A.B.C` for segments `A`, `B` and `C`.
+fn root_path(segments: &[[u8; 4]]) -> Vec<u8> {
+    let prefix = match segments.len() {
+        0 => panic!("a path names at least one segment"),
+        1 => vec![AML_ROOT_PREFIX],
+        2 => vec![AML_ROOT_PREFIX, AML_DUAL_NAME_PREFIX],
+        count => {
+            let count = u8::try_from(count).expect("a path of at most 255 segments");
+            vec![AML_ROOT_PREFIX, AML_MULTI_NAME_PREFIX, count]
+        }
+    };
+    [prefix, segments.concat()].concat()
 }
 
 /// `Scope (path) { body }`.
@@ -511,6 +594,34 @@ fn aml_scope(path: &[u8], body: &[u8]) -> Vec<u8> {
 /// `Device (name) { body }`.
 fn aml_device(name: [u8; 4], body: &[u8]) -> Vec<u8> {
     aml_with_length(&[AML_EXT_OP_PREFIX, AML_DEVICE_OP], &[&name[..], body].concat())
+}
+
+/// `Method (name, args) { body }`: not serialized, at synchronization level 0.
+fn aml_method(name: [u8; 4], args: u8, body: &[u8]) -> Vec<u8> {
+    assert!(args <= AML_MAX_ARGS, "a method takes at most {AML_MAX_ARGS} arguments, not {args}");
+    // The flags byte: the argument count in bits 0-2; bit 3 (serialized) and the sync level clear.
+    aml_with_length(&[AML_METHOD_OP], &[&name[..], &[args], body].concat())
+}
+
+/// `If (predicate) { body }`, with both already encoded.
+fn aml_if(predicate: &[u8], body: &[u8]) -> Vec<u8> {
+    aml_with_length(&[AML_IF_OP], &[predicate, body].concat())
+}
+
+/// `LEqual (left, right)`: whether two integers are equal.
+fn aml_lequal(left: &[u8], right: &[u8]) -> Vec<u8> {
+    [&[AML_LEQUAL_OP][..], left, right].concat()
+}
+
+/// `Notify (object, value)`: sends notification `value` to the object at path `object`.
+fn aml_notify(object: &[u8], value: u32) -> Vec<u8> {
+    [&[AML_NOTIFY_OP][..], object, &aml_integer(value)].concat()
+}
+
+/// `ArgN`: the method's argument `index`.
+fn aml_arg(index: u8) -> [u8; 1] {
+    assert!(index < AML_MAX_ARGS, "methods have arguments 0 to {}, not {index}", AML_MAX_ARGS - 1);
+    [AML_ARG0_OP + index]
 }
 
 /// `Name (name, value)`, with `value` already encoded.
@@ -678,6 +789,22 @@ mod tests {
         Scope { path: Vec<u8>, body: Vec<Aml> },
         Device { name: [u8; 4], body: Vec<Aml> },
         Name { name: [u8; 4], value: AmlValue },
+        Method { name: [u8; 4], args: u8, serialized: bool, body: Vec<Statement> },
+    }
+
+    /// The statements a method body here may hold.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Statement {
+        /// `If (LEqual (left, right)) { body }`.
+        IfEqual { left: Operand, right: Operand, body: Vec<Statement> },
+        /// `Notify (object, value)`, with the object's path written out (`\_SB_.VGEN`).
+        Notify { object: String, value: u64 },
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Operand {
+        Arg(u8),
+        Integer(u64),
     }
 
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -697,13 +824,16 @@ mod tests {
         Interrupt { consumer: bool, edge: bool, active_low: bool, shared: bool, wake: bool, gsis: Vec<u32> },
     }
 
-    /// A device of the DSDT: its name, `_HID`, `_UID` if it has one, and decoded `_CRS`.
+    /// A device of the DSDT: its name, `_HID`, `_UID` if it has one, decoded `_CRS` (if any), its
+    /// other named objects and its methods.
     #[derive(Debug, Clone, PartialEq, Eq)]
     struct Device {
         name: [u8; 4],
         hid: AmlValue,
         uid: Option<u64>,
         resources: Vec<Resource>,
+        names: Vec<([u8; 4], AmlValue)>,
+        methods: Vec<Aml>,
     }
 
     fn u16_at(bytes: &[u8], at: usize) -> u16 {
@@ -892,12 +1022,76 @@ mod tests {
                     let (value, len) = read_data(&rest[4..]);
                     (Aml::Name { name: read_name_seg(rest), value }, 5 + len)
                 }
+                [0x14, rest @ ..] => {
+                    let (len, pkg) = read_pkg_length(rest);
+                    let contents = &rest[pkg..pkg + len];
+                    let flags = contents[4];
+                    assert_eq!(flags >> 4, 0, "synchronization level 0");
+                    let (args, serialized) = (flags & 0x7, flags & 0x8 != 0);
+                    let body = parse_statements(&contents[5..]);
+                    (Aml::Method { name: read_name_seg(contents), args, serialized, body }, 1 + pkg + len)
+                }
                 _ => panic!("unexpected AML opcode {:#x}", bytes[0]),
             };
             terms.push(term);
             bytes = &bytes[len..];
         }
         terms
+    }
+
+    /// Decodes a method body made of `If (LEqual (..))` and `Notify` statements.
+    fn parse_statements(mut bytes: &[u8]) -> Vec<Statement> {
+        let mut statements = Vec::new();
+        while !bytes.is_empty() {
+            let (statement, len) = match bytes {
+                [0xa0, rest @ ..] => {
+                    let (len, pkg) = read_pkg_length(rest);
+                    let contents = &rest[pkg..pkg + len];
+                    assert_eq!(contents[0], 0x93, "an LEqual predicate");
+                    let (left, left_len) = read_operand(&contents[1..]);
+                    let (right, right_len) = read_operand(&contents[1 + left_len..]);
+                    let body = parse_statements(&contents[1 + left_len + right_len..]);
+                    (Statement::IfEqual { left, right, body }, 1 + pkg + len)
+                }
+                [0x86, rest @ ..] => {
+                    let (object, path_len) = read_name_string(rest);
+                    let (AmlValue::Integer(value), value_len) = read_data(&rest[path_len..]) else {
+                        panic!("a notification value")
+                    };
+                    (Statement::Notify { object, value }, 1 + path_len + value_len)
+                }
+                _ => panic!("unexpected statement opcode {:#x}", bytes[0]),
+            };
+            statements.push(statement);
+            bytes = &bytes[len..];
+        }
+        statements
+    }
+
+    /// An argument (`Arg0` to `Arg6`) or an integer constant, and its encoded length.
+    fn read_operand(bytes: &[u8]) -> (Operand, usize) {
+        match bytes[0] {
+            arg @ 0x68..=0x6e => (Operand::Arg(arg - 0x68), 1),
+            _ => match read_data(bytes) {
+                (AmlValue::Integer(value), len) => (Operand::Integer(value), len),
+                (other, _) => panic!("an integer operand, not {other:?}"),
+            },
+        }
+    }
+
+    /// A name string (a path) as dotted text, and its encoded length.
+    fn read_name_string(bytes: &[u8]) -> (String, usize) {
+        let root = usize::from(bytes[0] == b'\\');
+        let (count, prefix) = match bytes[root] {
+            0x2e => (2, 1),
+            0x2f => (usize::from(bytes[root + 1]), 2),
+            _ => (1, 0),
+        };
+        let start = root + prefix;
+        let segments: Vec<String> =
+            (0..count).map(|i| String::from_utf8(read_name_seg(&bytes[start + 4 * i..]).to_vec()).unwrap()).collect();
+        let path = format!("{}{}", if root == 1 { "\\" } else { "" }, segments.join("."));
+        (path, start + 4 * count)
     }
 
     /// Decodes a resource template: descriptors up to the end tag, which must come last.
@@ -972,30 +1166,42 @@ mod tests {
                     assert_eq!(path, b"\\_SB_");
                     assert!(devices.replace(body.iter().map(read_device).collect()).is_none(), "one \\_SB_ scope");
                 }
-                Aml::Device { .. } => panic!("a device outside \\_SB_: {term:?}"),
+                Aml::Device { .. } | Aml::Method { .. } => panic!("a device or method outside \\_SB_: {term:?}"),
             }
         }
         (names, devices.expect("a \\_SB_ scope"))
     }
 
-    /// A device made of `_HID`, an optional `_UID` and `_CRS`, in that order.
+    /// A device made of `_HID` first, then other names (among them an optional `_UID` and
+    /// `_CRS`) and methods.
     fn read_device(term: &Aml) -> Device {
         let Aml::Device { name, body } = term else { panic!("a device, not {term:?}") };
-        let named: Vec<(&[u8; 4], &AmlValue)> = body
-            .iter()
-            .map(|t| match t {
-                Aml::Name { name, value } => (name, value),
-                _ => panic!("only names in a device, not {t:?}"),
-            })
-            .collect();
-        let (hid, uid, crs) = match named.as_slice() {
-            [(b"_HID", hid), (b"_CRS", AmlValue::Buffer(crs))] => (hid, None, crs),
-            [(b"_HID", hid), (b"_UID", AmlValue::Integer(uid)), (b"_CRS", AmlValue::Buffer(crs))] => {
-                (hid, Some(*uid), crs)
-            }
-            _ => panic!("_HID, [_UID,] _CRS, not {named:?}"),
+        let [Aml::Name { name: first, value: hid }, rest @ ..] = body.as_slice() else {
+            panic!("a device starts with a name, not {body:?}")
         };
-        Device { name: *name, hid: (*hid).clone(), uid, resources: parse_resources(crs) }
+        assert_eq!(first, b"_HID", "_HID comes first");
+        let mut device = Device {
+            name: *name,
+            hid: hid.clone(),
+            uid: None,
+            resources: Vec::new(),
+            names: Vec::new(),
+            methods: Vec::new(),
+        };
+        for term in rest {
+            match term {
+                Aml::Name { name: [b'_', b'U', b'I', b'D'], value: AmlValue::Integer(uid) } => {
+                    assert!(device.uid.replace(*uid).is_none(), "one _UID")
+                }
+                Aml::Name { name: [b'_', b'C', b'R', b'S'], value: AmlValue::Buffer(crs) } => {
+                    device.resources = parse_resources(crs)
+                }
+                Aml::Name { name, value } => device.names.push((*name, value.clone())),
+                Aml::Method { .. } => device.methods.push(term.clone()),
+                _ => panic!("names and methods in a device, not {term:?}"),
+            }
+        }
+        device
     }
 
     fn dsdt_devices(tables: &AcpiTables) -> Vec<Device> {
@@ -1007,7 +1213,50 @@ mod tests {
     }
 
     fn legacy(name: &[u8; 4], eisa_id: u64, resources: Vec<Resource>) -> Device {
-        Device { name: *name, hid: AmlValue::Integer(eisa_id), uid: None, resources }
+        Device {
+            name: *name,
+            hid: AmlValue::Integer(eisa_id),
+            uid: None,
+            resources,
+            names: Vec::new(),
+            methods: Vec::new(),
+        }
+    }
+
+    /// The generation id's device, with the id at `addr`.
+    fn vmgenid(addr: u64) -> Device {
+        let id = |text: &str| AmlValue::String(text.into());
+        let address = AmlValue::Package(vec![AmlValue::Integer(addr & 0xffff_ffff), AmlValue::Integer(addr >> 32)]);
+        Device {
+            name: *b"VGEN",
+            hid: id("VMGENCTR"),
+            uid: None,
+            resources: Vec::new(),
+            names: vec![(*b"_CID", id("VM_Gen_Counter")), (*b"_DDN", id("VM_Gen_Counter")), (*b"ADDR", address)],
+            methods: Vec::new(),
+        }
+    }
+
+    /// The Generic Event Device, whose interrupt `gsi` notifies the generation id's device.
+    fn generic_event_device_on(gsi: u32) -> Device {
+        let notify = Statement::Notify { object: "\\_SB_.VGEN".into(), value: 0x80 };
+        let on_gsi =
+            Statement::IfEqual { left: Operand::Arg(0), right: Operand::Integer(gsi.into()), body: vec![notify] };
+        Device {
+            name: *b"GED_",
+            hid: AmlValue::String("ACPI0013".into()),
+            uid: None,
+            resources: vec![Resource::Interrupt {
+                consumer: true,
+                edge: true,
+                active_low: false,
+                shared: false,
+                wake: false,
+                gsis: vec![gsi],
+            }],
+            names: Vec::new(),
+            methods: vec![Aml::Method { name: *b"_EVT", args: 1, serialized: false, body: vec![on_gsi] }],
+        }
     }
 
     fn virtio_device(index: u64, name: &[u8; 4], slot: VirtioMmioSlot) -> Device {
@@ -1027,6 +1276,8 @@ mod tests {
                 Resource::Memory32Fixed { writable: true, base: slot.base as u32, len: slot.size as u32 },
                 interrupt,
             ],
+            names: Vec::new(),
+            methods: Vec::new(),
         }
     }
 
@@ -1100,16 +1351,107 @@ mod tests {
         assert!(field(148)[..244 - 148].iter().all(|&b| b == 0), "no extended PM or GPE blocks");
     }
 
-    /// COM1 and the RTC.
-    const LEGACY_DEVICES: usize = 2;
+    /// COM1, the RTC, the generation id and its event device.
+    const PLATFORM_DEVICES: usize = 4;
 
     #[test]
-    fn dsdt_describes_com1_and_the_rtc() {
+    fn dsdt_describes_com1_the_rtc_and_the_generation_id() {
         let expected = vec![
             legacy(b"COM1", 0x0105_d041, vec![io(0x3f8, 8), Resource::Irq { mask: 1 << 4 }]),
             legacy(b"RTC_", 0x000b_d041, vec![io(0x70, 2)]),
+            vmgenid(0xe_f000),
+            generic_event_device_on(3),
         ];
         assert_eq!(dsdt_devices(&acpi_tables(1, &[]).unwrap()), expected);
+    }
+
+    #[test]
+    fn the_event_method_notifies_a_device_of_the_dsdt_on_the_event_devices_interrupt() {
+        let devices = dsdt_devices(&acpi_tables(1, &virtio_slots(2)).unwrap());
+        let ged = devices.iter().find(|d| d.hid == AmlValue::String("ACPI0013".into())).unwrap();
+        let [Resource::Interrupt { gsis, .. }] = ged.resources.as_slice() else { panic!("{ged:?}") };
+        let [Aml::Method { body, .. }] = ged.methods.as_slice() else { panic!("{ged:?}") };
+        let [Statement::IfEqual { right: Operand::Integer(gsi), body, .. }] = body.as_slice() else { panic!() };
+        assert_eq!(gsis, &[*gsi as u32], "_EVT checks for the interrupt the device has");
+        let [Statement::Notify { object, .. }] = body.as_slice() else { panic!() };
+        let target = object.strip_prefix("\\_SB_.").expect("a path from the root through \\_SB_");
+        assert!(devices.iter().any(|d| d.name == target.as_bytes()), "{object} names a device of the DSDT");
+        let virtio_gsis: Vec<_> = virtio_slots(18).iter().map(|s| s.gsi).collect();
+        assert!(!virtio_gsis.contains(&(*gsi as u32)) && *gsi != 4, "the event device's interrupt is its own");
+    }
+
+    #[test]
+    fn a_generation_id_device_is_encoded_as_the_specification_says() {
+        #[rustfmt::skip]
+        let expected: Vec<u8> = [
+            // DeviceOp, package length 0x4d (two bytes: 0xd, then 0x4 << 4), the name.
+            &[0x5b, 0x82, 0x4d, 0x04, b'V', b'G', b'E', b'N'][..],
+            // Name (_HID, "VMGENCTR"), Name (_CID, "VM_Gen_Counter"), Name (_DDN, "VM_Gen_Counter").
+            &[0x08, b'_', b'H', b'I', b'D', 0x0d], b"VMGENCTR", &[0x00],
+            &[0x08, b'_', b'C', b'I', b'D', 0x0d], b"VM_Gen_Counter", &[0x00],
+            &[0x08, b'_', b'D', b'D', b'N', 0x0d], b"VM_Gen_Counter", &[0x00],
+            // Name (ADDR, Package () { 0xef000, 0 }): PackageOp, package length 8, 2 elements,
+            // DWordPrefix 0x000ef000, ZeroOp.
+            &[0x08, b'A', b'D', b'D', b'R', 0x12, 0x08, 0x02, 0x0c, 0x00, 0xf0, 0x0e, 0x00, 0x00],
+        ]
+        .concat();
+        // What iasl compiles from the ASL in `vmgenid_device`'s comment (it rejects the _HID, so
+        // that was compiled with another of the same length and put back).
+        assert_eq!(vmgenid_device(0xe_f000), expected);
+        let [device] = parse_aml(&expected).iter().map(read_device).collect::<Vec<_>>().try_into().unwrap();
+        assert_eq!(device, vmgenid(0xe_f000));
+        let high = vmgenid_device(0x1_2345_6000);
+        assert_eq!(read_device(&parse_aml(&high)[0]), vmgenid(0x1_2345_6000), "the high half in the second element");
+    }
+
+    #[test]
+    fn the_generic_event_device_is_encoded_as_iasl_compiles_it() {
+        #[rustfmt::skip]
+        let expected: Vec<u8> = [
+            // DeviceOp, package length 0x43 (two bytes), the name.
+            &[0x5b, 0x82, 0x43, 0x04, b'G', b'E', b'D', b'_'][..],
+            // Name (_HID, "ACPI0013").
+            &[0x08, b'_', b'H', b'I', b'D', 0x0d], b"ACPI0013", &[0x00],
+            // Name (_CRS, ResourceTemplate () { Interrupt (ResourceConsumer, Edge, ActiveHigh,
+            // Exclusive) { 3 } }): a buffer of 11 bytes.
+            &[0x08, b'_', b'C', b'R', b'S', 0x11, 0x0e, 0x0a, 0x0b],
+            &[0x89, 0x06, 0x00, 0x03, 0x01, 0x03, 0x00, 0x00, 0x00, 0x79, 0x00],
+            // Method (_EVT, 1): MethodOp, package length 0x19, the name, flags (one argument).
+            &[0x14, 0x19, b'_', b'E', b'V', b'T', 0x01],
+            // If (LEqual (Arg0, 3)): IfOp, package length 0x12, LEqualOp, Arg0Op, BytePrefix 3.
+            &[0xa0, 0x12, 0x93, 0x68, 0x0a, 0x03],
+            // Notify (\_SB_.VGEN, 0x80): NotifyOp, RootChar, DualNamePrefix, the two segments,
+            // BytePrefix 0x80.
+            &[0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'V', b'G', b'E', b'N', 0x0a, 0x80],
+        ]
+        .concat();
+        assert_eq!(generic_event_device(3), expected);
+        let [device] = parse_aml(&expected).iter().map(read_device).collect::<Vec<_>>().try_into().unwrap();
+        assert_eq!(device, generic_event_device_on(3));
+    }
+
+    #[test]
+    fn control_flow_encodings() {
+        assert_eq!(aml_method(*b"_EVT", 0, &[]), [0x14, 0x06, b'_', b'E', b'V', b'T', 0x00]);
+        assert_eq!(aml_method(*b"MTH7", 7, &[0xa3]), [0x14, 0x07, b'M', b'T', b'H', b'7', 0x07, 0xa3]);
+        assert_eq!(aml_if(&[0xff], &[0xa3]), [0xa0, 0x03, 0xff, 0xa3]);
+        assert_eq!(aml_lequal(&aml_arg(1), &aml_integer(0x1234)), [0x93, 0x69, 0x0b, 0x34, 0x12]);
+        assert_eq!((0..7).map(|i| aml_arg(i)[0]).collect::<Vec<_>>(), [0x68, 0x69, 0x6a, 0x6b, 0x6c, 0x6d, 0x6e]);
+        assert_eq!(aml_notify(&root_path(&[*b"DEV0"]), 0x81), [0x86, b'\\', b'D', b'E', b'V', b'0', 0x0a, 0x81]);
+        assert_eq!(root_path(&[*b"_SB_"]), b"\\_SB_");
+        assert_eq!(root_path(&[*b"_SB_", *b"VGEN"]), b"\\\x2e_SB_VGEN");
+        assert_eq!(root_path(&[*b"_SB_", *b"PCI0", *b"ISA_"]), b"\\\x2f\x03_SB_PCI0ISA_");
+        for path in [&[*b"_SB_"][..], &[*b"_SB_", *b"VGEN"], &[*b"_SB_", *b"PCI0", *b"ISA_"]] {
+            let encoded = root_path(path);
+            let text = path.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect::<Vec<_>>().join(".");
+            assert_eq!(read_name_string(&encoded), (format!("\\{text}"), encoded.len()));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "at most 7 arguments")]
+    fn a_method_takes_at_most_seven_arguments() {
+        aml_method(*b"MTH8", 8, &[]);
     }
 
     #[test]
@@ -1146,11 +1488,11 @@ mod tests {
         for slots in [0, 1, 3] {
             let virtio = virtio_slots(slots);
             let devices = dsdt_devices(&acpi_tables(2, &virtio).unwrap());
-            assert_eq!(devices.len(), LEGACY_DEVICES + slots as usize);
+            assert_eq!(devices.len(), PLATFORM_DEVICES + slots as usize);
             let names = [b"VR00", b"VR01", b"VR02"];
             let expected: Vec<Device> =
                 virtio.iter().enumerate().map(|(i, slot)| virtio_device(i as u64, names[i], *slot)).collect();
-            assert_eq!(devices[LEGACY_DEVICES..], expected, "{slots} virtio devices");
+            assert_eq!(devices[PLATFORM_DEVICES..], expected, "{slots} virtio devices");
         }
     }
 
@@ -1237,12 +1579,12 @@ mod tests {
     fn tables_stay_below_1_mib_and_clear_of_the_mp_table() {
         let most_virtio = virtio_slots(MAX_VIRTIO_SLOTS as u32);
         let largest = acpi_tables(MAX_CPUS, &most_virtio).unwrap();
-        assert!(ACPI_TABLES_ADDR + largest.bytes.len() as u64 <= 0x10_0000);
+        assert!(ACPI_TABLES_ADDR + largest.bytes.len() as u64 <= VMGENID_ADDR, "clear of the generation id");
         assert!(mptable::MPTABLE_START + mptable::table_len(MAX_CPUS as usize) as u64 <= ACPI_TABLES_ADDR);
         assert!(dsdt(&[]).len() <= DSDT_BASE_MAX_LEN, "the DSDT without virtio devices fits its bound");
         assert!(dsdt(&most_virtio).len() <= DSDT_MAX_LEN, "the DSDT fits the room before the MADT");
         let parsed = parse(&largest);
-        assert_eq!(dsdt_contents(&parsed.dsdt).1.len(), LEGACY_DEVICES + MAX_VIRTIO_SLOTS);
+        assert_eq!(dsdt_contents(&parsed.dsdt).1.len(), PLATFORM_DEVICES + MAX_VIRTIO_SLOTS);
         assert_eq!(madt_entries(&parsed.madt).2.len(), MAX_CPUS as usize + 2);
         for offset in [RSDP_OFFSET, XSDT_OFFSET, FADT_OFFSET, DSDT_OFFSET, madt_offset(dsdt(&most_virtio).len())] {
             assert_eq!(offset % 16, 0);

@@ -34,6 +34,14 @@ pub const CMDLINE_MAX: usize = 2048;
 pub const EBDA_START: u64 = 0x9_fc00;
 /// Kernels load at or above 1 MiB.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
+/// Where the VM generation id's 16 bytes live: a page of their own at the end of the BIOS area's
+/// lower half (0xE0000–0xEFFFF), after the ACPI tables at its start. Guest RAM backs it, but the
+/// e820 map leaves all of 640 KiB–1 MiB out, so the guest never takes it for RAM: Linux maps it
+/// only when the ACPI tables point it there. The upper half (0xF0000–0xFFFFF) is left alone
+/// because Linux scans it for SMBIOS and MP table anchors, which random bytes could mimic; in the
+/// lower half it looks only for the RSDP, which sits first at its start, and for option ROMs,
+/// whose signature must also checksum.
+pub const VMGENID_ADDR: u64 = 0xe_f000;
 
 /// Start of the hole below 4 GiB kept free of RAM for MMIO devices (and KVM's private pages).
 pub const MMIO_GAP_START: u64 = 0xd000_0000;
@@ -47,6 +55,20 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// The GSIs virtio devices use: the free ISA interrupts above COM1 (the RTC's 8 left out) and the
 /// IOAPIC's pins above the ISA range.
 const VIRTIO_GSIS: [u32; 18] = [5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+
+/// The interrupt of the ACPI Generic Event Device, which tells the guest its VM generation id
+/// changed: COM2's ISA interrupt, free since there is no COM2, so that every GSI above COM1's is
+/// left to virtio devices.
+pub const GED_GSI: u32 = 3;
+
+// The event device's interrupt is its own.
+const _: () = {
+    let mut index = 0;
+    while index < VIRTIO_GSIS.len() {
+        assert!(VIRTIO_GSIS[index] != GED_GSI);
+        index += 1;
+    }
+};
 
 /// The MMIO base and GSI of the `index`th virtio device, or `None` when none are left.
 pub fn virtio_mmio_slot(index: usize) -> Option<(u64, u32)> {
