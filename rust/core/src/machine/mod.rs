@@ -217,7 +217,6 @@ impl Machine {
     /// Runs the restore hooks, in the order they were added. Call it with the state unlocked, once
     /// everything else is restored (the irqchip too, so that the interrupts the hooks raise stay
     /// raised).
-    #[allow(dead_code, reason = "for the snapshot restore, which calls it at its end")]
     pub(crate) fn run_restore_hooks(&self) {
         let hooks = self.lock().restore_hooks.clone();
         hooks.run();

@@ -112,8 +112,17 @@ impl Machine {
     /// configuration (this one, a fork of it, or one saved to files) with the same devices that
     /// keep state. Memory is made equal to the snapshot's, copying only what may differ. The
     /// guest's clock moves on by the time passed since the snapshot, so that its wall clock is
-    /// right. A paused VM stays paused.
+    /// right. A paused VM stays paused. Then the hooks added with [`on_restore`](Self::on_restore)
+    /// run.
     pub fn restore(&self, snapshot: &MachineSnapshot) -> Result<RestoreTimes> {
+        let times = self.restore_state(snapshot)?;
+        // With the state unlocked and the interrupt controllers back: the hooks may raise
+        // interrupts (a new VM generation id, say).
+        self.run_restore_hooks();
+        Ok(times)
+    }
+
+    fn restore_state(&self, snapshot: &MachineSnapshot) -> Result<RestoreTimes> {
         let mut state = self.stopped_state()?;
         let saved = &snapshot.state;
         self.check_shape(saved)?;

@@ -1,5 +1,5 @@
 //! Guest RAM: regions, validation, bounds-checked access, and tracking of the pages written since
-//! the last snapshot (see [`image`]).
+//! the last snapshot (see [`image`](crate::vstate::memory::image)).
 
 pub mod image;
 mod pages;
@@ -47,7 +47,7 @@ pub struct GuestMemory {
     // Fields drop in order: the regions (which do not own their memory) before the mappings.
     regions: GuestMemoryMmap,
     mappings: Vec<Mapping>,
-    /// Per region, in address order; changed only while nothing runs (see [`image`]).
+    /// Per region, in address order; changed only while nothing runs (see [`MemoryImage`]).
     tracking: Mutex<Tracking>,
     /// Ranges handed out for direct writes (views from other languages), by region: their pages
     /// count as written for as long as the loan lives.
