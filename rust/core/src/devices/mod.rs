@@ -20,7 +20,7 @@ pub use cmos::{Cmos, CmosState, CMOS_PORT_BASE, CMOS_PORT_SIZE};
 pub use i8042::{I8042State, I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
 pub use null::NullDevice;
 pub use scratchpad::{Scratchpad, ScratchpadState, MAX_SCRATCHPAD_SIZE};
-pub use serial::{SerialPort, SerialPortState, UartState, SERIAL_PORT_SIZE};
+pub use serial::{SerialPort, SerialPortState, SERIAL_PORT_SIZE};
 pub use vmgenid::{VmGenId, VmGenIdError, VMGENID_SIZE};
 
 use crate::bus::BusDevice;

@@ -109,106 +109,40 @@ impl<T: Trigger + Send + Sync> CountedDevice for SerialPort<T> {
 }
 
 /// The saved state of a [`SerialPort`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(default)]
 pub struct SerialPortState {
     /// The UART's registers and receive FIFO.
-    pub uart: UartState,
+    #[serde(with = "UartState")]
+    pub uart: SerialState,
     /// Host input not yet in the receive FIFO, oldest first; it moves in as the guest reads.
     pub pending_input: Vec<u8>,
 }
 
-/// The registers and receive FIFO of the 16550A model, field for field as `vm-superio`'s
-/// `SerialState` holds them (which is not serde data itself).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(default)]
-pub struct UartState {
-    /// Divisor latch, low byte.
-    pub baud_divisor_low: u8,
-    /// Divisor latch, high byte.
-    pub baud_divisor_high: u8,
-    /// Interrupt enable register.
-    pub interrupt_enable: u8,
-    /// Interrupt identification register: the interrupts raised and not yet acknowledged.
-    pub interrupt_identification: u8,
-    /// Line control register.
-    pub line_control: u8,
-    /// Line status register.
-    pub line_status: u8,
-    /// Modem control register.
-    pub modem_control: u8,
-    /// Modem status register.
-    pub modem_status: u8,
-    /// Scratch register.
-    pub scratch: u8,
-    /// The receive FIFO: bytes received and not yet read, oldest first.
-    pub in_buffer: Vec<u8>,
-}
-
-impl Default for UartState {
-    /// The UART after a reset, so that a field an older state lacks takes its reset value.
+impl Default for SerialPortState {
+    /// A port after a reset, so that a field an older state lacks takes its reset value.
     fn default() -> Self {
-        Self::from(&SerialState::default())
+        Self { uart: SerialState::default(), pending_input: Vec::new() }
     }
 }
 
-impl From<&SerialState> for UartState {
-    fn from(state: &SerialState) -> Self {
-        // Destructured in full, so that a field a new vm-superio adds cannot be left out unseen.
-        let SerialState {
-            baud_divisor_low,
-            baud_divisor_high,
-            interrupt_enable,
-            interrupt_identification,
-            line_control,
-            line_status,
-            modem_control,
-            modem_status,
-            scratch,
-            ref in_buffer,
-        } = *state;
-        Self {
-            baud_divisor_low,
-            baud_divisor_high,
-            interrupt_enable,
-            interrupt_identification,
-            line_control,
-            line_status,
-            modem_control,
-            modem_status,
-            scratch,
-            in_buffer: in_buffer.clone(),
-        }
-    }
-}
-
-impl From<&UartState> for SerialState {
-    fn from(state: &UartState) -> Self {
-        let UartState {
-            baud_divisor_low,
-            baud_divisor_high,
-            interrupt_enable,
-            interrupt_identification,
-            line_control,
-            line_status,
-            modem_control,
-            modem_status,
-            scratch,
-            ref in_buffer,
-        } = *state;
-        Self {
-            baud_divisor_low,
-            baud_divisor_high,
-            interrupt_enable,
-            interrupt_identification,
-            line_control,
-            line_status,
-            modem_control,
-            modem_status,
-            scratch,
-            in_buffer: in_buffer.clone(),
-        }
-    }
+/// How `vm-superio`'s `SerialState` (which is not serde data itself) is written: its registers
+/// and receive FIFO, field for field.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState", default = "SerialState::default")]
+struct UartState {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    /// The interrupts raised and not yet acknowledged.
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    /// The receive FIFO: bytes received and not yet read, oldest first.
+    in_buffer: Vec<u8>,
 }
 
 impl<T: Trigger> Persist for SerialPort<T> {
@@ -216,10 +150,7 @@ impl<T: Trigger> Persist for SerialPort<T> {
 
     fn save(&self) -> SerialPortState {
         let uart = self.lock();
-        SerialPortState {
-            uart: UartState::from(&uart.model.state()),
-            pending_input: uart.pending.iter().copied().collect(),
-        }
+        SerialPortState { uart: uart.model.state(), pending_input: uart.pending.iter().copied().collect() }
     }
 
     /// Builds a new model from the state on this port's interrupt line and console. The model
@@ -230,7 +161,7 @@ impl<T: Trigger> Persist for SerialPort<T> {
         let mut uart = self.lock();
         let line = uart.model.interrupt_evt().clone();
         let output = ConsoleWriter(uart.model.writer().0.clone());
-        let model = Serial::from_state(&SerialState::from(&state.uart), line, NoEvents, output).map_err(|e| {
+        let model = Serial::from_state(&state.uart, line, NoEvents, output).map_err(|e| {
             StateError::new(match e {
                 UartError::FullFifo => format!(
                     "serial port: the receive FIFO holds {} bytes, more than the UART's FIFO has room for",
