@@ -45,9 +45,11 @@ def linux(guest) -> Iterator[kvmkit.VM]:
 
 
 def shell(vm: kvmkit.VM, command: str, answer: str) -> bytes:
-    """Runs ``command`` at the guest's shell and returns the first group of ``answer``."""
+    """Runs ``command`` at the guest's shell and returns the first group of ``answer``, a regex
+    for a whole line of output (so that a number is not cut short while it still arrives).
+    Commands print through ``$(...)`` or arithmetic, so the echoed command line never matches."""
     vm.console.sendline(command)
-    return vm.console.expect(answer.encode(), timeout=SHELL_TIMEOUT).group(1)
+    return vm.console.expect(answer.encode() + rb"\r?\n", timeout=SHELL_TIMEOUT).group(1)
 
 
 def guest_clock_error(vm: kvmkit.VM) -> float:
@@ -97,7 +99,7 @@ def test_a_saved_snapshot_answers_in_another_process(linux, tmp_path):
         vm = kvmkit.VM.from_snapshot({str(tmp_path / "snap")!r})
         vm.start()
         vm.console.sendline("echo state=$(cat /tmp/state)")
-        print(vm.console.expect(rb"state=(\\w+)", timeout={SHELL_TIMEOUT}).group(1).decode())
+        print(vm.console.expect(rb"state=(\\w+)\\r?\\n", timeout={SHELL_TIMEOUT}).group(1).decode())
         vm.close()
         """
     )
