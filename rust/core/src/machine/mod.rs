@@ -69,6 +69,8 @@ struct State {
     device_loop: Option<DeviceEventLoop>,
     /// Set while the VM is paused.
     pause: Option<snapshot::Pause>,
+    /// Whether a run started since KVM's dirty log was last read.
+    ran_since_dirty_log: bool,
     /// Run after each restore.
     restore_hooks: hooks::RestoreHooks,
 }
@@ -167,6 +169,7 @@ impl Machine {
             virtio: Vec::new(),
             device_loop: None,
             pause: None,
+            ran_since_dirty_log: false,
             restore_hooks: hooks::RestoreHooks::default(),
         };
         let vcpu_count = config.vcpus as usize;
@@ -380,6 +383,7 @@ impl Machine {
         let mut state = self.stopped_state()?;
         install_kick_handler().map_err(Error::Thread)?;
         self.unpause(&mut state)?;
+        state.ran_since_dirty_log = true;
         for first_start in std::mem::take(&mut state.on_first_start) {
             first_start();
         }

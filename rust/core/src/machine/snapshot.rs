@@ -92,7 +92,8 @@ impl Machine {
     /// pages with the VM), the VM's and each vCPU's KVM state, and every device that keeps state.
     /// Devices served by callbacks of the embedder keep their state there and are not saved.
     pub fn snapshot(&self) -> Result<MachineSnapshot> {
-        let state = self.stopped_state()?;
+        let mut state = self.stopped_state()?;
+        let guest_writes = self.guest_writes(&mut state)?;
         let _parked = park(&state)?;
         let vm = self.vm.save_state()?;
         let vcpus = state.vcpus.iter().map(|vcpu| vcpu.save_state()).collect::<Result<Vec<_>>>()?;
@@ -103,7 +104,7 @@ impl Machine {
                 device.save_state().map(|state| SavedDevice { space, base: range.base(), len: range.len(), state })
             })
             .collect();
-        let memory = self.memory().capture(self.vm.take_dirty_log()?).map_err(SnapshotError::from)?;
+        let memory = self.memory().capture(guest_writes).map_err(SnapshotError::from)?;
         let state = MachineState { config: self.config.clone(), vm, vcpus, devices };
         Ok(MachineSnapshot { state, memory })
     }
@@ -130,16 +131,17 @@ impl Machine {
         if let Some(pause) = state.pause.as_mut() {
             pause.clock = None; // the restore sets the clock
         }
+        let mut phase = Instant::now();
+        let guest_writes = self.guest_writes(&mut state)?;
         let _parked = park(&state)?;
         let mut times = RestoreTimes::default();
-        let mut phase = Instant::now();
         let mut lap = |slot: &mut std::time::Duration| {
             let now = Instant::now();
             *slot = now - phase;
             phase = now;
         };
         times.memory_stats =
-            self.memory().restore(&snapshot.memory, self.vm.take_dirty_log()?).map_err(SnapshotError::from)?;
+            self.memory().restore(&snapshot.memory, guest_writes).map_err(SnapshotError::from)?;
         lap(&mut times.memory);
         self.vm.restore_state(&saved.vm, ClockRestore::Advance)?;
         lap(&mut times.vm);
@@ -152,6 +154,16 @@ impl Machine {
         }
         lap(&mut times.devices);
         Ok(times)
+    }
+
+    /// KVM's log of the pages the guest wrote since the last call. Skipped when no vCPU ran since
+    /// (a VM just made from a snapshot, or restored again without running): KVM writes guest
+    /// memory only for running vCPUs, and reading the log costs a scan of all of memory.
+    fn guest_writes(&self, state: &mut State) -> Result<Vec<Vec<u64>>> {
+        if !std::mem::take(&mut state.ran_since_dirty_log) && self.memory().is_tracked() {
+            return Ok(Vec::new());
+        }
+        self.vm.take_dirty_log()
     }
 
     /// Fails unless `saved` comes from a VM of this one's shape.
