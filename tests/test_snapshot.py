@@ -325,3 +325,19 @@ def test_golden_snapshots_still_load_and_run(assemble):
         assert [walker.step() for _ in range(2)] == [3, 4]
     finally:
         vm.close()
+
+
+def test_each_fork_gets_its_own_vsock_socket(make_vm, tmp_path):
+    vm = make_vm()
+    vm.add_vsock(3, tmp_path / "vsock.sock")
+    clones = vm.fork(2)
+    try:
+        paths = [clone.virtio_devices[0].uds_path for clone in clones]
+        assert len(set(paths)) == 2
+        for path in paths:
+            assert path.startswith(str(tmp_path / "vsock.sock.fork"))
+            assert Path(path).is_socket()
+        assert [clone.virtio_devices[0].cid for clone in clones] == [3, 3]
+    finally:
+        for clone in clones:
+            clone.close()

@@ -140,8 +140,7 @@ impl Machine {
             *slot = now - phase;
             phase = now;
         };
-        times.memory_stats =
-            self.memory().restore(&snapshot.memory, guest_writes).map_err(SnapshotError::from)?;
+        times.memory_stats = self.memory().restore(&snapshot.memory, guest_writes).map_err(SnapshotError::from)?;
         lap(&mut times.memory);
         self.vm.restore_state(&saved.vm, ClockRestore::Advance)?;
         lap(&mut times.vm);
