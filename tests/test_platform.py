@@ -102,6 +102,21 @@ def kvmkit_run(kernel, *options, stdin=b"!"):
     return subprocess.run(command, input=stdin, capture_output=True, timeout=60)
 
 
+@pytest.mark.parametrize(
+    ("options", "cmdline"),
+    [
+        (["--append", "quiet"], kvmkit.vm.DEFAULT_CMDLINE + " quiet"),
+        (["--cmdline", "mine", "--append", "a=1", "--append", "b"], "mine a=1 b"),
+    ],
+)
+def test_kvmkit_run_appends_to_the_command_line(assemble, tmp_path, kvm_available, options, cmdline):
+    kernel = tmp_path / "kernel.elf"
+    kernel.write_bytes(assemble("pvh_platform", elf=True))
+    done = kvmkit_run(kernel, *options)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"cmdline={cmdline} memmap=2 modules=0\n".encode()
+
+
 def test_kvmkit_run_attaches_virtio_devices(assemble, tmp_path, kvm_available):
     kernel = tmp_path / "kernel.elf"
     kernel.write_bytes(assemble("pvh_platform", elf=True))

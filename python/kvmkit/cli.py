@@ -98,17 +98,16 @@ _RUN_STATUS = {ExitReason.POWEROFF: 0, ExitReason.RESET: 0, ExitReason.STOPPED: 
 def _run(args: argparse.Namespace) -> int:
     from kvmkit.terminal import HELP, InputPump, raw_terminal, stdin_fd
 
-    kernel, initrd, cmdline = args.kernel, args.initrd, args.cmdline
+    kernel, initrd, default_cmdline = args.kernel, args.initrd, kvmkit.vm.DEFAULT_CMDLINE
     if kernel is None:
         from kvmkit.images import default_guest
 
         guest = default_guest()
-        kernel, initrd = guest.vmlinux, initrd or guest.initrd
-        cmdline = cmdline or guest.cmdline
+        kernel, initrd, default_cmdline = guest.vmlinux, initrd or guest.initrd, guest.cmdline
     vm = kvmkit.VM(memory=args.memory, cpus=args.cpus, irqchip=True, pit=True)
     with vm:
         _add_devices(vm, args)
-        console = vm.boot_linux(kernel, initrd=initrd, cmdline=cmdline or kvmkit.vm.DEFAULT_CMDLINE)
+        console = vm.boot_linux(kernel, initrd=initrd, cmdline=_cmdline(args, default_cmdline))
         if args.console_log:
             console.log_to(args.console_log)
         console.log_to(sys.stdout)
@@ -137,6 +136,11 @@ def _nested(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         memory=args.memory,
     )
+
+
+def _cmdline(args: argparse.Namespace, default: str) -> str:
+    """``--cmdline`` (or the kernel's default command line) with ``--append`` after it."""
+    return " ".join(part for part in (args.cmdline or default, *args.append) if part)
 
 
 def _add_devices(vm: kvmkit.VM, args: argparse.Namespace) -> None:
@@ -221,7 +225,14 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="boot a Linux kernel with its console on this terminal")
     run.add_argument("--kernel", help="bzImage or vmlinux (default: the default guest's kernel)")
     run.add_argument("--initrd", help="initramfs (default: the default guest's, with --kernel: none)")
-    run.add_argument("--cmdline", help="kernel command line")
+    run.add_argument("--cmdline", help="kernel command line (default: the default guest's, or a console one)")
+    run.add_argument(
+        "--append",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="add ARGS to the command line instead of replacing it (repeatable)",
+    )
     run.add_argument("--memory", default="256M", help="guest memory, e.g. 256M or 1G (default 256M)")
     run.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
     run.add_argument("--console-log", help="also append the console output to this file")
