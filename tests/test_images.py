@@ -362,3 +362,11 @@ def test_apts_answer_is_remembered_until_its_lists_change(tmp_path, monkeypatch)
     answers["policy"] = answers["policy"].replace("9.9.9-1\n", "9.9.9-2\n")
     assert images.resolve_kernel(cache_dir=tmp_path).version == "9.9.9-2"
     assert len(asked) == 4
+
+
+def test_apt_is_asked_in_the_c_locale_whatever_the_users_language(monkeypatch):
+    """A German ``LANGUAGE`` makes apt answer "Installationskandidat:" where kvmkit parses
+    "Candidate:"; kvmkit runs apt in the C locale."""
+    monkeypatch.setenv("LANGUAGE", "de")
+    monkeypatch.setenv("LANG", "de_DE.UTF-8")
+    assert images.candidate("bash").name == "bash"

@@ -484,10 +484,12 @@ class Package:
 
 
 def _run(command: Sequence[str], cwd: Path | None = None) -> str:
-    """The stdout of ``command``; a failure becomes an ImageError that quotes its stderr."""
+    """The stdout of ``command``; a failure becomes an ImageError that quotes its stderr. It runs
+    in the C locale: apt's answers are parsed, and a user's ``LANGUAGE`` would translate them."""
     log.debug("running %s", " ".join(command))
+    env = {**os.environ, "LC_ALL": "C", "LANGUAGE": ""}
     try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     except FileNotFoundError as error:
         raise ImageError(f"{command[0]} is not installed; {INSTEAD}") from error
     if done.returncode != 0:
