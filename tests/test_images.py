@@ -367,6 +367,9 @@ def test_apts_answer_is_remembered_until_its_lists_change(tmp_path, monkeypatch)
 def test_apt_is_asked_in_the_c_locale_whatever_the_users_language(monkeypatch):
     """A German ``LANGUAGE`` makes apt answer "Installationskandidat:" where kvmkit parses
     "Candidate:"; kvmkit runs apt in the C locale."""
+    # LANGUAGE chooses the translation under any locale but C (C.UTF-8 is always there).
     monkeypatch.setenv("LANGUAGE", "de")
-    monkeypatch.setenv("LANG", "de_DE.UTF-8")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.delenv("LC_ALL", raising=False)
+    monkeypatch.delenv("LC_MESSAGES", raising=False)
     assert images.candidate("bash").name == "bash"
