@@ -9,6 +9,8 @@ mod i8042;
 mod null;
 mod scratchpad;
 mod serial;
+#[cfg(test)]
+mod test_util;
 pub mod virtio;
 mod vmgenid;
 

@@ -179,7 +179,7 @@ impl<T: Trigger> Persist for SerialPort<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::devices::test_util::CountingIrq;
     use std::time::Duration;
 
     const DATA: u64 = 0;
@@ -195,23 +195,6 @@ mod tests {
     const LCR_DIVISOR_LATCH: u8 = 0x80;
     /// The identification register when no interrupt is pending, with the 16550A's FIFO bits.
     const IIR_NONE: u8 = 0xc1;
-
-    #[derive(Clone, Default)]
-    struct CountingIrq(Arc<AtomicUsize>);
-
-    impl Trigger for CountingIrq {
-        type E = ();
-        fn trigger(&self) -> Result<(), ()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
-    impl CountingIrq {
-        fn count(&self) -> usize {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
 
     fn read(port: &SerialPort<CountingIrq>, offset: u64) -> u8 {
         let mut data = [0u8];
@@ -268,7 +251,7 @@ mod tests {
         port.write(0x3f8, IER, &[0x01]).unwrap(); // received-data interrupt on
         let input: Vec<u8> = (0..200u32).map(|i| (i % 251) as u8).collect();
         port.send_input(&input);
-        assert!(irq.0.load(Ordering::SeqCst) > 0);
+        assert!(irq.count() > 0);
         let mut received = Vec::new();
         while read(&port, LSR) & LSR_DATA_READY != 0 {
             received.push(read(&port, DATA));

@@ -90,24 +90,11 @@ fn random_id() -> io::Result<[u8; VMGENID_SIZE]> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use super::*;
     use crate::config::MemoryRegionConfig;
+    use crate::devices::test_util::CountingIrq;
 
     const ADDR: u64 = 0xef000;
-
-    /// Counts the interrupts raised.
-    #[derive(Clone, Default)]
-    struct CountingIrq(Arc<AtomicUsize>);
-
-    impl Trigger for CountingIrq {
-        type E = ();
-        fn trigger(&self) -> Result<(), ()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
 
     /// An interrupt line that cannot be raised.
     struct BrokenIrq;
@@ -138,7 +125,7 @@ mod tests {
         assert_ne!(id, [0; VMGENID_SIZE]);
         assert_eq!(id_at(&memory, ADDR - 16), [0; 16], "only the id's 16 bytes are written");
         assert_eq!(id_at(&memory, ADDR + 16), [0; 16], "only the id's 16 bytes are written");
-        assert_eq!(irq.0.load(Ordering::SeqCst), 0, "the first id is read by the driver, not announced");
+        assert_eq!(irq.count(), 0, "the first id is read by the driver, not announced");
         let other = VmGenId::new(memory.clone(), ADDR + 0x100, CountingIrq::default()).unwrap();
         assert_ne!(id_at(&memory, other.addr()), id, "each device draws its own id");
     }
@@ -153,7 +140,7 @@ mod tests {
             let id = id_at(&memory, ADDR);
             assert!(!seen.contains(&id), "change {changes} gave an id seen before");
             seen.push(id);
-            assert_eq!(irq.0.load(Ordering::SeqCst), changes);
+            assert_eq!(irq.count(), changes);
         }
     }
 
