@@ -14,7 +14,7 @@ use kvmkit_core::devices::console::ConsoleOutput;
 use kvmkit_core::devices::{BootTimer, SerialPort, VmGenId};
 use kvmkit_core::irq::IrqLine;
 use kvmkit_core::linux::{self, LinuxPlatform};
-use kvmkit_core::machine::STOP_GRACE;
+use kvmkit_core::machine::{RestoreTimes, STOP_GRACE};
 use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
 use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
@@ -53,6 +53,8 @@ pub struct Vm {
     /// runs through the machine where Python cannot otherwise follow it. Only touched with the
     /// interpreter attached and never held across a release of it.
     handlers: Mutex<Vec<(AddressSpace, u64, Arc<PyHandler>)>>,
+    /// What the last restore took.
+    last_restore: Mutex<Option<RestoreTimes>>,
 }
 
 fn space(name: &str) -> PyResult<AddressSpace> {
@@ -191,6 +193,7 @@ impl Vm {
             handler_errors: ErrorSlot::default(),
             linux: Mutex::new(None),
             handlers: Mutex::new(Vec::new()),
+            last_restore: Mutex::new(None),
         })
     }
 }
@@ -283,10 +286,21 @@ impl Vm {
         Ok(Snapshot::new(py.detach(|| machine.snapshot()).py()?))
     }
 
-    /// Puts the stopped or paused VM back to `snapshot`; returns the time each part took (µs).
-    fn restore<'py>(&self, py: Python<'py>, snapshot: &Snapshot) -> PyResult<Bound<'py, PyDict>> {
+    /// Puts the stopped or paused VM back to `snapshot`.
+    fn restore(&self, py: Python<'_>, snapshot: &Snapshot) -> PyResult<()> {
         let (machine, snapshot) = (self.machine()?, snapshot.get().clone());
         let times = py.detach(|| machine.restore(&snapshot)).py()?;
+        *self.last_restore.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(times);
+        Ok(())
+    }
+
+    /// How long each part of the last restore took (µs), and the pages it copied back; built
+    /// when asked, so that a restore pays nothing for it.
+    #[getter]
+    fn last_restore<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(times) = *self.last_restore.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) else {
+            return Ok(None);
+        };
         let dict = PyDict::new(py);
         let micros = |d: Duration| d.as_secs_f64() * 1e6;
         dict.set_item("memory_us", micros(times.memory))?;
@@ -294,7 +308,7 @@ impl Vm {
         dict.set_item("vcpus_us", micros(times.vcpus))?;
         dict.set_item("devices_us", micros(times.devices))?;
         dict.set_item("pages_copied", times.memory_stats.pages_copied)?;
-        Ok(dict)
+        Ok(Some(dict))
     }
 
     /// Stops the VM if it runs and frees its file descriptors and memory (memory views keep their
