@@ -149,7 +149,9 @@ def kvmkit_resets(
         started = time.perf_counter()
         vm.restore(snap)
         times.append((time.perf_counter() - started) * 1e6)
-        reports.append(vm.last_restore)
+        report = vm.last_restore
+        assert report is not None
+        reports.append(report)
     loop_seconds = time.perf_counter() - loop_started
     if vm.vcpus[0].regs != regs or vm.mem_read(DIRTY_BASE, PAGE) != snap.mem_read(DIRTY_BASE, PAGE):
         raise RuntimeError("the VM differs from its snapshot after a reset")
