@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import kvmkit
+import pexpect
 import pytest
 from kvmkit import ExitReason
 
@@ -162,6 +164,50 @@ def test_pexpect_drives_the_console_through_its_file_descriptor(platform_vm):
     child.send("over the fd!")
     child.expect("over the fd")
     assert vm.wait(timeout=10).reason is ExitReason.RESET
+
+
+def test_the_console_descriptor_reaches_end_of_file_when_the_vm_stops(platform_vm):
+    from pexpect import fdpexpect
+
+    vm, console = platform_vm
+    child = fdpexpect.fdspawn(console.fileno(), timeout=10)
+    vm.start()
+    child.expect("modules=1\n")
+    child.send("bye.")  # the guest powers off
+    started = time.monotonic()
+    child.expect(pexpect.EOF)
+    assert time.monotonic() - started < 5, "EOF comes when the VM stops, not after the timeout"
+    assert child.before == b"bye"
+    assert vm.wait(timeout=10).reason is ExitReason.POWEROFF
+
+
+def test_expect_takes_a_list_with_eof_and_timeout_and_tells_before_and_after(platform_vm):
+    from kvmkit.console import EOF, TIMEOUT
+
+    vm, console = platform_vm
+    vm.start()
+    assert console.expect([b"never", rb"memmap=(\d)", b"cmdline"], timeout=10) == 2, "the earliest match wins"
+    assert (console.before, console.after) == (b"", b"cmdline")
+    assert console.expect([b"never", rb"memmap=(\d)"], timeout=10) == 1
+    assert console.match is not None and console.match.group(1) == b"2"
+    assert console.before == b"=hello guest "
+    assert console.expect([b"never", TIMEOUT], timeout=0.3) == 1
+    assert (console.after, console.match) == (TIMEOUT, None)
+    console.write("off.")
+    assert console.expect([b"never", EOF, TIMEOUT], timeout=10) == 1
+    assert console.after is EOF and b"off" in console.before
+    assert vm.wait(timeout=10).reason is ExitReason.POWEROFF
+
+
+def test_expect_says_how_the_vm_stopped(platform_vm):
+    vm, console = platform_vm
+    vm.start()
+    console.expect(b"modules=1\n", timeout=10)
+    console.write("!")  # the guest resets
+    with pytest.raises(
+        kvmkit.errors.ConsoleTimeout, match=r"the VM stopped \(reset\) before the console showed b'never'"
+    ):
+        console.expect(b"never", timeout=10)
 
 
 ECHO_TO_STDOUT = """

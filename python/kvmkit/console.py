@@ -8,15 +8,31 @@ import select
 import socket
 import threading
 import time
-from typing import IO, TYPE_CHECKING, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union, overload
 
-from kvmkit.errors import ConsoleTimeout
+from kvmkit.errors import ConsoleTimeout, KvmkitError
 
 if TYPE_CHECKING:
     from kvmkit._core import Vm as _CoreVm
 
 Pattern = Union[str, bytes, "re.Pattern[bytes]"]
 """A regular expression; text patterns are matched against the UTF-8 output."""
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"kvmkit.console.{self._name}"
+
+
+EOF = _Marker("EOF")
+"""In a list given to :meth:`Console.expect`: the VM stopped and all its output was read."""
+TIMEOUT = _Marker("TIMEOUT")
+"""In a list given to :meth:`Console.expect`: the timeout passed (instead of raising)."""
+
+Expected = Union[Pattern, _Marker]
 
 _WAIT_SLICE = 0.2  # how often a waiting expect() checks whether the VM still runs
 _TAIL = 2000  # how much output a timeout error shows
@@ -30,6 +46,13 @@ class Console:
         self._core = core
         self._cursor = 0
         self._bridge: socket.socket | None = None
+        self.before = b""
+        """After :meth:`expect`: the output read before what matched (all of it, at EOF or a
+        timeout)."""
+        self.after: bytes | _Marker = b""
+        """After :meth:`expect`: what matched, or :data:`EOF` or :data:`TIMEOUT`."""
+        self.match: re.Match[bytes] | None = None
+        """After :meth:`expect`: the match, or None at EOF or a timeout."""
 
     @property
     def output(self) -> bytes:
@@ -50,24 +73,55 @@ class Console:
         """Sends ``line`` and a newline."""
         self.write((line.encode() if isinstance(line, str) else line) + b"\n")
 
-    def expect(self, pattern: Pattern, timeout: float = 30.0) -> re.Match[bytes]:
+    @overload
+    def expect(self, pattern: Pattern, timeout: float = 30.0) -> re.Match[bytes]: ...
+
+    @overload
+    def expect(self, pattern: list[Expected] | tuple[Expected, ...], timeout: float = 30.0) -> int: ...
+
+    def expect(
+        self, pattern: Pattern | list[Expected] | tuple[Expected, ...], timeout: float = 30.0
+    ) -> re.Match[bytes] | int:
         """Waits until unread output matches ``pattern`` and returns the match; the cursor moves
-        past it. Raises :class:`~kvmkit.errors.ConsoleTimeout` (with the output's tail) when
-        ``timeout`` passes or the VM stops first."""
-        regex = _compile(pattern)
+        past it. Raises :class:`~kvmkit.errors.ConsoleTimeout` (saying why: the timeout, or how the
+        VM stopped, with the output's tail) when ``timeout`` passes or the VM stops first.
+
+        As pexpect does, ``pattern`` may be a list of patterns, and of :data:`EOF` (the VM stopped
+        and its output is all read) and :data:`TIMEOUT`: then the index of the one that matched
+        first in the output is returned, and EOF and TIMEOUT, when listed, are returned rather than
+        raised. Either way :attr:`before`, :attr:`after` and :attr:`match` tell what was read."""
+        if isinstance(pattern, (str, bytes, re.Pattern)):
+            self._expect([pattern], timeout)
+            assert self.match is not None
+            return self.match
+        expected = list(pattern)
+        if not expected:
+            raise ValueError("expect() needs at least one pattern")
+        return self._expect(expected, timeout)
+
+    def _expect(self, expected: list[Expected], timeout: float) -> int:
+        regexes = [(i, _compile(p)) for i, p in enumerate(expected) if not isinstance(p, _Marker)]
         deadline = time.monotonic() + timeout
         start, seen = self._core.console_read(self._cursor, 0.0)
         while True:
-            match = regex.search(seen)
-            if match is not None:
+            found = [(m.start(), i, m) for i, regex in regexes if (m := regex.search(seen)) is not None]
+            if found:
+                _, index, match = min(found, key=lambda hit: (hit[0], hit[1]))
                 self._cursor = start + match.end()
-                return match
+                self.before, self.after, self.match = seen[: match.start()], match.group(0), match
+                return index
             left = deadline - time.monotonic()
             stopped = not self._core.running
             if left <= 0 or (stopped and not self._has_more(start + len(seen))):
-                why = "the VM stopped" if stopped else f"{timeout} s passed"
+                end = TIMEOUT if left <= 0 and not stopped else EOF
+                self._cursor = start + len(seen)
+                self.before, self.after, self.match = seen, end, None
+                if end in expected:
+                    return expected.index(end)
+                why = f"{timeout} s passed" if end is TIMEOUT else self._why_stopped()
+                wanted = " or ".join(repr(regex.pattern) for _, regex in regexes) or "its end"
                 raise ConsoleTimeout(
-                    f"{why} before the console showed {regex.pattern!r}; last output:\n"
+                    f"{why} before the console showed {wanted}; last output:\n"
                     + seen[-_TAIL:].decode(errors="replace")
                 )
             more_start, more = self._core.console_read(start + len(seen), min(left, _WAIT_SLICE))
@@ -76,13 +130,21 @@ class Console:
             else:
                 seen += more
 
+    def _why_stopped(self) -> str:
+        if self._core.closed:
+            return "the VM was closed"
+        last = self._core.last_exit
+        return f"the VM stopped ({last['reason']})" if last else "the VM is not running"
+
     def _has_more(self, offset: int) -> bool:
         return bool(self._core.console_read(offset, 0.0)[1])
 
     def fileno(self) -> int:
         """A file descriptor carrying the console both ways (all output from the start, and input
         to the guest), for tools such as ``pexpect.fdpexpect.fdspawn``. It is one end of a socket
-        pair; a thread moves bytes between the other end and the console until the VM closes."""
+        pair; a thread moves bytes between the other end and the console until the VM's run ends
+        (not a pause) and its output is all passed on, or the VM is closed: the descriptor then
+        reaches end of file, as a terminal does when its program exits."""
         if self._bridge is None:
             ours, theirs = socket.socketpair()
             threading.Thread(target=self._pump, args=(ours,), name="kvmkit-console-fd", daemon=True).start()
@@ -93,7 +155,10 @@ class Console:
         offset = 0
         with ours:
             while not self._core.closed:
+                ended = self._run_ended()  # asked before reading, so the last output still goes
                 start, data = self._core.console_read(offset, 0.05)
+                if ended and not data:
+                    return
                 try:
                     if data:
                         ours.sendall(data)
@@ -105,6 +170,13 @@ class Console:
                         self._core.console_write(typed)
                 except OSError:  # the other end is gone
                     return
+
+    def _run_ended(self) -> bool:
+        try:
+            core = self._core
+            return not core.running and not core.paused and core.last_exit is not None
+        except KvmkitError:  # closed meanwhile
+            return True
 
     def log_to(self, target: str | os.PathLike[str] | IO[Any]) -> None:
         """Copies all further output to ``target``: appended to the file at a path, or written
