@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -389,6 +391,52 @@ class VM:
         log.debug("run ended: %s", exit_)
         return exit_
 
+    async def run_async(self, timeout: float | None = None) -> Exit:
+        """:meth:`run` for asyncio: starts the VM and waits for the run to end without blocking
+        the event loop (it watches an eventfd the VM signals when a run ends). After ``timeout``
+        seconds the VM is stopped and the reason is ``TIMEOUT``; cancelling the task stops the VM."""
+        self.start()
+        try:
+            return await self.wait_async(timeout)
+        except WaitTimeout:
+            self._core.stop(True)
+            return await self.wait_async()
+        except asyncio.CancelledError:
+            self.stop()
+            raise
+
+    async def wait_async(self, timeout: float | None = None) -> Exit:
+        """:meth:`wait` for asyncio, driven by the eventfd the VM signals when a run ends, not by
+        polling. Raises :class:`~kvmkit.errors.WaitTimeout` after ``timeout`` seconds (the VM keeps
+        running), and the exception a handler raised during the run. One task at a time may wait
+        for a given VM."""
+        try:
+            return await asyncio.wait_for(self._run_end(), timeout)
+        except asyncio.TimeoutError as error:
+            raise WaitTimeout(f"the VM is still running after {timeout} s") from error
+
+    async def _run_end(self) -> Exit:
+        loop = asyncio.get_running_loop()
+        fd = self._core.run_end_fd
+        while True:
+            exit_ = self._wait(0.0)
+            if exit_ is not None:
+                return exit_
+            ended: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _resolve, ended)
+            try:
+                await ended
+            finally:
+                loop.remove_reader(fd)
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 8)  # clear it; the run's end is then collected above
+
+    async def __aenter__(self) -> VM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
     def stop(self) -> bool:
         """Ends the run from any thread, or from a handler; returns whether it was running."""
         return self._core.stop()
@@ -532,6 +580,11 @@ class VM:
             self._setup.append(device)
         else:
             raise SnapshotFormatError(f"the snapshot names a device kvmkit does not know: {device!r}")
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @atexit.register

@@ -275,6 +275,12 @@ impl Vm {
         self.start(py)
     }
 
+    /// An eventfd (owned by the VM) that becomes readable when a run ends.
+    #[getter]
+    fn run_end_fd(&self) -> PyResult<i32> {
+        Ok(self.machine()?.run_end_fd())
+    }
+
     #[getter]
     fn paused(&self) -> PyResult<bool> {
         Ok(self.machine()?.is_paused())

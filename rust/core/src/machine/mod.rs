@@ -50,6 +50,9 @@ pub struct Machine {
     irqchip: bool,
     /// What the machine was built from, kept for snapshots.
     config: MachineConfig,
+    /// Becomes readable when a run ends, for event loops to wait on (see
+    /// [`run_end_fd`](Self::run_end_fd)).
+    run_end: Arc<EventFd>,
 }
 
 struct State {
@@ -114,6 +117,8 @@ struct Job {
     io: IoSpaces,
     control: Arc<RunControl>,
     finished: mpsc::Sender<(Vcpu, ExitReason)>,
+    /// Signalled by the vCPU that finishes the run last.
+    run_end: Arc<EventFd>,
 }
 
 /// How often a waiting or running caller checks its deadline and interrupt callback.
@@ -173,7 +178,8 @@ impl Machine {
             restore_hooks: hooks::RestoreHooks::default(),
         };
         let vcpu_count = config.vcpus as usize;
-        Ok(Self { state: Mutex::new(state), vm, vcpu_count, irqchip: config.irqchip, config: config.clone() })
+        let run_end = Arc::new(new_eventfd()?);
+        Ok(Self { state: Mutex::new(state), vm, vcpu_count, irqchip: config.irqchip, config: config.clone(), run_end })
     }
 
     /// Guest memory; usable while the VM runs.
@@ -316,6 +322,14 @@ impl Machine {
         f(self.lock().io.stats())
     }
 
+    /// A non-blocking eventfd that becomes readable when a run ends, for an event loop to wait on
+    /// instead of blocking in [`wait`](Self::wait): after it fires, read it to clear it and call
+    /// `wait(Some(Duration::ZERO))`. It may fire more than once for one run.
+    pub fn run_end_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.run_end.as_raw_fd()
+    }
+
     /// Whether a run is in progress.
     pub fn is_running(&self) -> bool {
         self.stopped_state().is_err()
@@ -393,7 +407,13 @@ impl Machine {
         let mut run = ActiveRun { control: control.clone(), finished: receive, pending: 0, returned: Vec::new() };
         let mut vcpus = vcpus.into_iter();
         while let Some(vcpu) = vcpus.next() {
-            let job = Job { vcpu, io: state.io.clone(), control: control.clone(), finished: finished.clone() };
+            let job = Job {
+                vcpu,
+                io: state.io.clone(),
+                control: control.clone(),
+                finished: finished.clone(),
+                run_end: self.run_end.clone(),
+            };
             match Self::hand_over(&mut state, job) {
                 Ok(()) => run.pending += 1,
                 Err((vcpu, e)) => {
@@ -523,7 +543,7 @@ impl Worker {
         let (jobs, receive) = mpsc::channel::<Job>();
         let thread = thread::Builder::new().name(format!("kvmkit-vcpu{index}")).spawn(move || {
             let serve = |job: Job, run: bool| {
-                let Job { mut vcpu, io, control, finished } = job;
+                let Job { mut vcpu, io, control, finished, run_end } = job;
                 let exit = if run {
                     run_guarded(&mut vcpu, &io, &control, &mut || None)
                 } else {
@@ -534,6 +554,10 @@ impl Worker {
                 // Handed back before being counted, so whoever sees the run finished finds it.
                 let _ = finished.send((vcpu, exit));
                 control.finish();
+                // The last vCPU to finish sees the run over (two at once may both signal).
+                if control.wait(Some(Duration::ZERO)) {
+                    let _ = run_end.write(1);
+                }
             };
             let mut body = || receive.iter().for_each(|job| serve(job, true));
             match &hook {
