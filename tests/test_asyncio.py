@@ -105,3 +105,20 @@ def test_cancelling_run_async_stops_the_vm(kvm_available, assemble):
     vm = asyncio.run(main())
     assert vm.wait(timeout=HANG_GUARD).reason is ExitReason.STOPPED
     vm.close()
+
+
+def test_console_expect_async_waits_on_the_console_without_blocking(kvm_available, assemble):
+    from kvmkit.console import EOF
+
+    async def main() -> None:
+        async with kvmkit.VM(memory="64M", irqchip=True, pit=True) as vm:
+            console = vm.boot_linux(assemble("pvh_platform", elf=True), cmdline="from asyncio")
+            vm.start()
+            match = await console.expect_async(rb"cmdline=([\w ]+) memmap", timeout=HANG_GUARD)
+            assert match.group(1) == b"from asyncio"
+            console.write("typed.")  # echoed, then the guest powers off
+            assert await console.expect_async([b"never", EOF], timeout=HANG_GUARD) == 1
+            assert b"typed" in console.before
+            assert (await vm.wait_async(timeout=HANG_GUARD)).reason is ExitReason.POWEROFF
+
+    asyncio.run(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import select
@@ -90,45 +92,52 @@ class Console:
         and its output is all read) and :data:`TIMEOUT`: then the index of the one that matched
         first in the output is returned, and EOF and TIMEOUT, when listed, are returned rather than
         raised. Either way :attr:`before`, :attr:`after` and :attr:`match` tell what was read."""
-        if isinstance(pattern, (str, bytes, re.Pattern)):
-            self._expect([pattern], timeout)
-            assert self.match is not None
-            return self.match
-        expected = list(pattern)
-        if not expected:
-            raise ValueError("expect() needs at least one pattern")
-        return self._expect(expected, timeout)
-
-    def _expect(self, expected: list[Expected], timeout: float) -> int:
-        regexes = [(i, _compile(p)) for i, p in enumerate(expected) if not isinstance(p, _Marker)]
+        search = _Search(self, pattern, timeout)
         deadline = time.monotonic() + timeout
-        start, seen = self._core.console_read(self._cursor, 0.0)
-        while True:
-            found = [(m.start(), i, m) for i, regex in regexes if (m := regex.search(seen)) is not None]
-            if found:
-                _, index, match = min(found, key=lambda hit: (hit[0], hit[1]))
-                self._cursor = start + match.end()
-                self.before, self.after, self.match = seen[: match.start()], match.group(0), match
-                return index
+        while (found := search.step()) is None:
             left = deadline - time.monotonic()
-            stopped = not self._core.running
-            if left <= 0 or (stopped and not self._has_more(start + len(seen))):
-                end = TIMEOUT if left <= 0 and not stopped else EOF
-                self._cursor = start + len(seen)
-                self.before, self.after, self.match = seen, end, None
-                if end in expected:
-                    return expected.index(end)
-                why = f"{timeout} s passed" if end is TIMEOUT else self._why_stopped()
-                wanted = " or ".join(repr(regex.pattern) for _, regex in regexes) or "its end"
-                raise ConsoleTimeout(
-                    f"{why} before the console showed {wanted}; last output:\n"
-                    + seen[-_TAIL:].decode(errors="replace")
-                )
-            more_start, more = self._core.console_read(start + len(seen), min(left, _WAIT_SLICE))
-            if more_start > start + len(seen):  # old output was dropped meanwhile
-                start, seen = more_start, more
-            else:
-                seen += more
+            if left <= 0:
+                return search.end(TIMEOUT)
+            search.read_more(min(left, _WAIT_SLICE))
+        return found
+
+    @overload
+    async def expect_async(self, pattern: Pattern, timeout: float = 30.0) -> re.Match[bytes]: ...
+
+    @overload
+    async def expect_async(
+        self, pattern: list[Expected] | tuple[Expected, ...], timeout: float = 30.0
+    ) -> int: ...
+
+    async def expect_async(
+        self, pattern: Pattern | list[Expected] | tuple[Expected, ...], timeout: float = 30.0
+    ) -> re.Match[bytes] | int:
+        """:meth:`expect` for asyncio: waits on eventfds (the console's next output, the run's
+        end) that the event loop watches, not by polling."""
+        loop = asyncio.get_running_loop()
+        search = _Search(self, pattern, timeout)
+        deadline = loop.time() + timeout
+        while True:
+            output_fd = self._core.console_arm()  # before looking, so no output slips between
+            found = search.step()
+            if found is not None:
+                return found
+            left = deadline - loop.time()
+            if left <= 0:
+                return search.end(TIMEOUT)
+            woke: asyncio.Future[None] = loop.create_future()
+            fds = (output_fd, self._core.run_end_fd)
+            for fd in fds:
+                loop.add_reader(fd, _resolve, woke)
+            try:
+                await asyncio.wait_for(asyncio.shield(woke), left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                for fd in fds:
+                    loop.remove_reader(fd)
+            with contextlib.suppress(BlockingIOError):
+                os.read(output_fd, 8)
 
     def _why_stopped(self) -> str:
         if self._core.closed:
@@ -189,6 +198,64 @@ class Console:
             return
         target.flush()
         self._core.console_log_fd(os.dup(target.fileno()))  # which owns the duplicate, even on failure
+
+
+class _Search:
+    """One expect(): the output read so far from the cursor, matched against what is expected."""
+
+    def __init__(
+        self, console: Console, pattern: Pattern | list[Expected] | tuple[Expected, ...], timeout: float
+    ):
+        self.expected: list[Expected]
+        if isinstance(pattern, (str, bytes, re.Pattern)):
+            self.single, self.expected = True, [pattern]
+        else:
+            self.single, self.expected = False, list(pattern)
+        if not self.expected:
+            raise ValueError("expect() needs at least one pattern")
+        self.regexes = [(i, _compile(p)) for i, p in enumerate(self.expected) if not isinstance(p, _Marker)]
+        self.console, self.timeout = console, timeout
+        self.start, self.seen = console._core.console_read(console._cursor, 0.0)
+
+    def step(self) -> re.Match[bytes] | int | None:
+        """The result if the output read so far decides it (a match, or the VM's end), else None."""
+        self.read_more(0.0)
+        found = [(m.start(), i, m) for i, regex in self.regexes if (m := regex.search(self.seen)) is not None]
+        if found:
+            _, index, match = min(found, key=lambda hit: (hit[0], hit[1]))
+            console = self.console
+            console._cursor = self.start + match.end()
+            console.before, console.after, console.match = self.seen[: match.start()], match.group(0), match
+            return match if self.single else index
+        if not self.console._core.running and not self.console._has_more(self.start + len(self.seen)):
+            return self.end(EOF)
+        return None
+
+    def read_more(self, wait: float) -> None:
+        more_start, more = self.console._core.console_read(self.start + len(self.seen), wait)
+        if more_start > self.start + len(self.seen):  # old output was dropped meanwhile
+            self.start, self.seen = more_start, more
+        else:
+            self.seen += more
+
+    def end(self, end: _Marker) -> int:
+        """The result at EOF or a timeout: its index when expected, else ConsoleTimeout."""
+        console = self.console
+        console._cursor = self.start + len(self.seen)
+        console.before, console.after, console.match = self.seen, end, None
+        if end in self.expected:
+            return self.expected.index(end)
+        why = f"{self.timeout} s passed" if end is TIMEOUT else console._why_stopped()
+        wanted = " or ".join(repr(regex.pattern) for _, regex in self.regexes) or "its end"
+        raise ConsoleTimeout(
+            f"{why} before the console showed {wanted}; last output:\n"
+            + self.seen[-_TAIL:].decode(errors="replace")
+        )
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _compile(pattern: Pattern) -> re.Pattern[bytes]:

@@ -550,6 +550,12 @@ impl Vm {
         Ok((start, PyBytes::new(py, &bytes)))
     }
 
+    /// An eventfd that becomes readable at the console's next output (arming it for that).
+    fn console_arm(&self) -> PyResult<i32> {
+        let console = self.linux(|linux| linux.console.clone())?;
+        Ok(console.arm_notifier()?)
+    }
+
     /// Sends bytes to the guest's console input.
     fn console_write(&self, data: Vec<u8>) -> PyResult<()> {
         let input = self.linux(|linux| linux.input.clone())?;

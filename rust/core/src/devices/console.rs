@@ -3,8 +3,11 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
 
 /// How much output is kept in memory; older bytes are dropped (the log file keeps everything).
 const KEPT_BYTES: usize = 16 << 20;
@@ -29,6 +32,9 @@ struct State {
     /// ends: a guest writes its console byte by byte, and waking a reader for each byte costs
     /// the guest a thread switch per byte (a Linux boot's log took half its boot time so).
     waiting: usize,
+    /// Signalled at the next output once armed, for an event loop waiting for output.
+    notifier: Option<EventFd>,
+    armed: bool,
 }
 
 impl ConsoleOutput {
@@ -52,10 +58,27 @@ impl ConsoleOutput {
         state.total += data.len() as u64;
         state.copies.retain_mut(|copy| copy.write_all(data).and_then(|()| copy.flush()).is_ok());
         let wake = state.waiting > 0 && data.contains(&b'\n');
+        if std::mem::take(&mut state.armed) {
+            if let Some(notifier) = &state.notifier {
+                let _ = notifier.write(1);
+            }
+        }
         drop(state);
         if wake {
             self.grew.notify_all();
         }
+    }
+
+    /// A non-blocking eventfd that becomes readable at the next output, for an event loop to wait
+    /// on: arm it, look for the output wanted, then wait for the descriptor and read it to clear
+    /// it. Arming costs the guest one write to it at its next output, and nothing after.
+    pub fn arm_notifier(&self) -> std::io::Result<RawFd> {
+        let mut state = self.lock();
+        if state.notifier.is_none() {
+            state.notifier = Some(EventFd::new(libc::EFD_NONBLOCK)?);
+        }
+        state.armed = true;
+        Ok(state.notifier.as_ref().expect("made above").as_raw_fd())
     }
 
     /// Bytes written so far.
@@ -134,6 +157,25 @@ mod tests {
         assert_eq!(output.read_from(6, Duration::ZERO), (6, b"version 6.1".to_vec()));
         assert_eq!(output.read_from(17, Duration::from_millis(10)), (17, Vec::new()));
         assert_eq!(*copy.0.lock().unwrap(), b"Linux version 6.1");
+    }
+
+    #[test]
+    fn an_armed_notifier_fires_once_at_the_next_output() {
+        let output = ConsoleOutput::new();
+        let fd = output.arm_notifier().unwrap();
+        let pending = |fd: RawFd| {
+            let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd, no wait.
+            unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+        };
+        assert!(!pending(fd));
+        output.append(b"$ ");
+        assert!(pending(fd));
+        let notifier = output.lock().notifier.as_ref().unwrap().read().unwrap();
+        assert_eq!(notifier, 1);
+        output.append(b"more");
+        assert!(!pending(fd), "disarmed after firing");
+        assert_eq!(output.arm_notifier().unwrap(), fd, "one descriptor for the console's life");
     }
 
     #[test]
