@@ -492,7 +492,8 @@ class VM:
         Network cards cannot share the parent's tap. Each clone's card is at the same address as
         the parent's, and ``net`` says what is behind it:
 
-        - ``"none"`` (the default): nothing. The card reports its link down (the guest's driver
+        - ``"none"`` (the default, as it needs no privilege and cannot put two VMs on one
+          network by surprise): nothing. The card reports its link down (the guest's driver
           is told by a configuration-change interrupt when the clone first runs), drops what the
           guest sends (counted as failed requests in its ``stats``) and receives nothing.
         - a list with one entry per clone: the tap that clone's card goes on (an existing tap, or
@@ -502,13 +503,14 @@ class VM:
           clone (needs CAP_NET_ADMIN). A name without ``%d`` fits a single clone of one card.
 
         A wrong number of taps raises :class:`~kvmkit.errors.ConfigError`. The card's state goes
-        onto the new tap; a tap lacking an offload the guest's driver accepted fails the fork.
+        onto the new tap; a tap lacking an offload the guest's driver accepted fails the fork with
+        :class:`~kvmkit.errors.SnapshotMismatchError` saying so.
 
         ``new_mac=True`` gives each clone's cards a new random locally administered MAC
         (``clone.virtio_devices[i].mac``) in their configuration space. A running Linux guest
         reads the MAC only when its driver probes, and its configuration-change handler looks
-        at the link status only, so the guest keeps the parent's MAC until told, for instance
-        ``clone.exec(f"ip link set dev eth0 address {clone.virtio_devices[i].mac}")``."""
+        only at the link status and announce bits, so the guest keeps the parent's MAC until
+        told, for instance ``clone.exec(f"ip link set dev eth0 address {clone.virtio_devices[i].mac}")``."""
         for device in self._setup:
             if device["kind"] == "block" and not device["read_only"]:
                 raise ConfigError(
