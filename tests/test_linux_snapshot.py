@@ -18,6 +18,7 @@ from pathlib import Path
 import kvmkit
 import pytest
 from kvmkit.images import READY_MARKER, GuestImage
+from support import in_netns, ip, network_namespace
 
 pytestmark = [pytest.mark.hw_kvm, pytest.mark.watchdog(900)]
 
@@ -143,3 +144,46 @@ def test_forks_run_their_own_commands_with_the_right_time_and_their_own_randomne
             for clone in clones:
                 clone.close()
         assert shell(parent, "echo parent=$((6*7))", r"parent=(\d+)") == b"42"
+
+
+def test_forked_network_cards_go_down_or_onto_their_own_taps_with_new_macs(guest):
+    """A clone with net="none" sees its carrier drop; one on a tap of its own, told its new MAC,
+    reaches the host through that tap while the parent's tap has no address."""
+    host_ip, guest_ip = "10.0.2.1", "10.0.2.15"
+    with (
+        network_namespace("kvmkit-forknet") as netns,
+        kvmkit.VM(memory=MEMORY, cpus=1, irqchip=True, pit=True) as parent,
+    ):
+        in_netns(netns, lambda: parent.add_net("kparent0"))
+        ip(netns, "link", "set", "kparent0", "up")
+        console = parent.boot_linux(guest.vmlinux, initrd=guest.initrd, cmdline=guest.cmdline)
+        parent.start()
+        console.expect(READY_MARKER.encode(), timeout=BOOT_TIMEOUT)
+        shell(parent, f"ip addr add {guest_ip}/24 dev eth0; ip link set eth0 up; echo up=$((2+3))", r"up=(5)")
+        carrier = (
+            "until [ $(cat /sys/class/net/eth0/carrier) = {0} ]; do sleep 0.1; done; echo carrier=$(({0}+10))"
+        )
+        assert shell(parent, carrier.format(1), r"carrier=(\d+)") == b"11"
+        unplugged, plugged = clones = in_netns(
+            netns, lambda: parent.fork(2, net=["none", "kclone0"], new_mac=True)
+        )
+        try:
+            for clone in clones:
+                clone.start()
+            assert shell(unplugged, carrier.format(0), r"carrier=(\d+)") == b"10"
+            assert unplugged.virtio_devices[0].tap is None
+            card = plugged.virtio_devices[0]
+            assert card.tap == "kclone0" and card.mac != parent.virtio_devices[0].mac
+            ip(netns, "addr", "add", f"{host_ip}/24", "dev", "kclone0")
+            ip(netns, "link", "set", "kclone0", "up")
+            assert shell(plugged, carrier.format(1), r"carrier=(\d+)") == b"11"
+            shell(
+                plugged,
+                f"ip link set dev eth0 address {card.mac}; echo mac=$(cat /sys/class/net/eth0/address)",
+                rf"mac=({card.mac})",
+            )
+            assert shell(plugged, f"ping -c 3 -W 5 {host_ip} >/dev/null; echo ping=$?", r"ping=(\d+)") == b"0"
+            assert card.mac in ip(netns, "neigh", "show", "dev", "kclone0")
+        finally:
+            for clone in clones:
+                clone.close()

@@ -1,6 +1,7 @@
 """Pause, snapshot, in-place restore, files and fork, on small bare-metal guests."""
 
 import json
+import struct
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,8 @@ from kvmkit.errors import (
     SnapshotVersionError,
     VmStateError,
 )
+from kvmkit.virtio import Net
+from support import in_netns, ip, network_namespace
 
 pytestmark = [pytest.mark.kvm, pytest.mark.standard_kvm]
 
@@ -341,3 +344,147 @@ def test_each_fork_gets_its_own_vsock_socket(make_vm, tmp_path):
     finally:
         for clone in clones:
             clone.close()
+
+
+# --------------------------------------------------------------------------- network cards in forks
+
+NET_PARAMS = 0x9_0000  # tests/guests/virtio_net.c's parameters, as test_virtio_net passes them
+HOST_IP = "10.0.2.1"
+
+
+@pytest.fixture
+def netns():
+    """A fresh network namespace, deleted at teardown with the taps left in it."""
+    with network_namespace("kvmkit-fork") as name:
+        yield name
+
+
+def vm_with_card(make_vm, netns, tap="kparent0", mac="52:54:00:4b:56:4d"):
+    vm = make_vm()
+    in_netns(netns, lambda: vm.add_net(tap, mac=mac))
+    return vm
+
+
+def tap_up(netns, tap):
+    """Addresses `tap` as the guest's host and brings it up; returns its own MAC."""
+    ip(netns, "addr", "add", f"{HOST_IP}/24", "dev", tap)
+    ip(netns, "link", "set", tap, "up")
+    (link,) = json.loads(ip(netns, "-j", "link", "show", tap))
+    return link["address"]
+
+
+def run_net_guest(vm, run_c_guest):
+    """tests/guests/virtio_net.c on the VM's first card: its exit code and what it printed."""
+    vm.mem_write(NET_PARAMS, struct.pack("<QI", vm.virtio_devices[0].address, 0))
+    return run_c_guest(vm, "virtio_net", arg=NET_PARAMS)
+
+
+def close_all(vms):
+    for vm in vms:
+        vm.close()
+
+
+def test_a_vm_with_a_network_card_forks_onto_cards_with_the_link_down(make_vm, run_c_guest, netns):
+    vm = vm_with_card(make_vm, netns)
+    (parent,) = vm.virtio_devices
+    clones = vm.fork(2)
+    try:
+        for clone in clones:
+            (card,) = clone.virtio_devices
+            assert isinstance(card, Net)
+            assert (card.address, card.irq, card.mac) == (parent.address, parent.irq, parent.mac)
+            assert card.tap is None
+
+            code, text = run_net_guest(clone, run_c_guest)
+
+            # The driver found the card, read the link down from its status, and sent an ARP
+            # request, which came back used and unsent.
+            assert (code, text) == (0, f"mac={parent.mac}\nlink=down\n")
+            stats = card.stats
+            assert (stats.requests, stats.errors) == (1, 1)
+            assert stats.bytes_from_guest == stats.bytes_to_guest == 0
+        assert parent.stats.requests == 0
+    finally:
+        close_all(clones)
+
+
+def test_forks_go_onto_taps_of_their_own(make_vm, run_c_guest, netns):
+    vm = vm_with_card(make_vm, netns)
+    (parent,) = vm.virtio_devices
+    clones = in_netns(netns, lambda: vm.fork(2, net=["kclone0", "kclone1"]))
+    try:
+        cards = [clone.virtio_devices[0] for clone in clones]
+        assert [card.tap for card in cards] == ["kclone0", "kclone1"]
+        assert {(card.address, card.mac) for card in cards} == {(parent.address, parent.mac)}
+        # Only the second clone's tap is up and answers: the guest's frames went out of it.
+        tap_mac = tap_up(netns, "kclone1")
+
+        code, text = run_net_guest(clones[1], run_c_guest)
+
+        assert code == 0, text
+        assert text == f"mac={parent.mac}\nlink=up\narp {HOST_IP} is-at {tap_mac}\npong seq=1 ttl=64\n"
+        assert cards[1].stats.bytes_from_guest > 0
+        assert cards[0].stats.requests == parent.stats.requests == 0
+    finally:
+        close_all(clones)
+
+
+def test_forks_get_numbered_taps_and_new_macs(make_vm, run_c_guest, netns):
+    vm = vm_with_card(make_vm, netns)
+    (parent,) = vm.virtio_devices
+    clones = in_netns(netns, lambda: vm.fork(2, net="kfork%d", new_mac=True))
+    try:
+        cards = [clone.virtio_devices[0] for clone in clones]
+        assert [card.tap for card in cards] == ["kfork0", "kfork1"]
+        macs = {parent.mac, *(card.mac for card in cards)}
+        assert len(macs) == 3
+        for card in cards:
+            assert int(card.mac.split(":")[0], 16) & 0b11 == 0b10, f"{card.mac} is not locally administered"
+        tap_mac = tap_up(netns, "kfork0")
+
+        code, text = run_net_guest(clones[0], run_c_guest)
+
+        # The driver read the new MAC from the configuration space, and the host answered it.
+        assert code == 0, text
+        assert text == f"mac={cards[0].mac}\nlink=up\narp {HOST_IP} is-at {tap_mac}\npong seq=1 ttl=64\n"
+    finally:
+        close_all(clones)
+
+
+@pytest.mark.parametrize(
+    ("net", "words"),
+    [
+        (["kone0"], "1 taps for 2 clone"),
+        (["kone0", "ktwo0", "kthree0"], "3 taps for 2 clone"),
+        ("kshared0", "cannot share the tap kshared0"),
+        ([["ka0", "kb0"], ["kc0", "kd0"]], "1 network card"),
+        (42, "net must be"),
+    ],
+    ids=["too-few", "too-many", "one-for-all", "two-per-card", "not-a-name"],
+)
+def test_a_wrong_number_of_taps_refuses_the_fork(make_vm, netns, net, words):
+    vm = vm_with_card(make_vm, netns)
+
+    with pytest.raises(ConfigError, match=words):
+        in_netns(netns, lambda: vm.fork(2, net=net))
+
+    assert "kone0" not in ip(netns, "link", "show")
+
+
+def test_a_snapshot_with_a_network_card_comes_back_without_its_tap_or_on_another(make_vm, netns, tmp_path):
+    vm = vm_with_card(make_vm, netns)
+    (parent,) = vm.virtio_devices
+    vm.snapshot().save(tmp_path / "snap")
+    unplugged = kvmkit.VM.from_snapshot(tmp_path / "snap", net="none")
+    elsewhere = in_netns(netns, lambda: kvmkit.VM.from_snapshot(tmp_path / "snap", net=["kother0"]))
+    try:
+        for restored, tap in ((unplugged, None), (elsewhere, "kother0")):
+            (card,) = restored.virtio_devices
+            assert (card.address, card.tap, card.mac) == (parent.address, tap, parent.mac)
+        # A snapshot of the card without a tap brings it back without one.
+        unplugged.snapshot().save(tmp_path / "again")
+        again = kvmkit.VM.from_snapshot(tmp_path / "again")
+        assert [d.tap for d in again.virtio_devices] == [None]
+        again.close()
+    finally:
+        close_all([unplugged, elsewhere])

@@ -48,7 +48,7 @@ def run_net_guest(vm, run_c_guest, net, *, bad_tx: bool) -> tuple[int, str]:
 
 def expected_text(tap_mac: str) -> str:
     # Linux answers pings with its default TTL of 64.
-    return f"mac={GUEST_MAC}\narp {HOST_IP} is-at {tap_mac}\npong seq=1 ttl=64\n"
+    return f"mac={GUEST_MAC}\nlink=up\narp {HOST_IP} is-at {tap_mac}\npong seq=1 ttl=64\n"
 
 
 def test_guest_resolves_and_pings_the_host_through_the_tap(make_vm, run_c_guest, netns):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import select
@@ -12,6 +11,7 @@ import threading
 import time
 from typing import IO, TYPE_CHECKING, Any, Union, overload
 
+from kvmkit import _aio
 from kvmkit.errors import ConsoleTimeout, KvmkitError
 
 if TYPE_CHECKING:
@@ -125,19 +125,7 @@ class Console:
             left = deadline - loop.time()
             if left <= 0:
                 return search.end(TIMEOUT)
-            woke: asyncio.Future[None] = loop.create_future()
-            fds = (output_fd, self._core.run_end_fd)
-            for fd in fds:
-                loop.add_reader(fd, _resolve, woke)
-            try:
-                await asyncio.wait_for(asyncio.shield(woke), left)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                for fd in fds:
-                    loop.remove_reader(fd)
-            with contextlib.suppress(BlockingIOError):
-                os.read(output_fd, 8)
+            await _aio.readable([output_fd, self._core.run_end_fd], left)
 
     def _why_stopped(self) -> str:
         if self._core.closed:
@@ -251,11 +239,6 @@ class _Search:
             f"{why} before the console showed {wanted}; last output:\n"
             + self.seen[-_TAIL:].decode(errors="replace")
         )
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _compile(pattern: Pattern) -> re.Pattern[bytes]:

@@ -79,13 +79,15 @@ class Disk(VirtioDevice):
 
 
 class Net(VirtioDevice):
-    """A network card on a Linux tap device."""
+    """A network card on a Linux tap device, or with no back end (a fork's card with
+    ``net="none"``): then its link is down, what the guest sends is dropped (counted as failed
+    requests in :attr:`stats`) and nothing is received."""
 
     def __init__(self, handle: _core.VirtioHandle) -> None:
         super().__init__(handle)
         details = dict(handle.details())
-        self.tap = details["tap"]
-        """The tap's interface name."""
+        self.tap: str | None = details.get("tap")
+        """The tap's interface name, or None for a card with no back end."""
         self.mac = details["mac"]
         """The card's MAC address, as given or generated (``52:54:00:12:34:56`` form)."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import itertools
 import logging
 import os
@@ -12,7 +11,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
-from kvmkit import _core
+from kvmkit import _aio, _core
 from kvmkit.agent import Agent, Command, ExecResult, PathArg
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, Vcpu
@@ -33,6 +32,9 @@ ReadHandler = Callable[[int, int], Union[int, bytes]]
 """``read(addr, size)`` returns an int that fits ``size`` bytes, or exactly ``size`` bytes."""
 WriteHandler = Callable[[int, bytes], object]
 """``write(addr, data)`` receives the bytes the guest wrote."""
+NetChoice = Union[str, Sequence[Union[str, Sequence[str]]]]
+"""Where the network cards of forks go: ``"none"``, a tap name, or one entry per clone (see
+:meth:`VM.fork`)."""
 
 _Device = TypeVar("_Device", bound=VirtioDevice)
 
@@ -245,6 +247,10 @@ class VM:
         or a new one when the process has CAP_NET_ADMIN (a ``%d`` in the name lets the kernel
         number it). ``mac`` defaults to a random locally administered address. Checksum and
         segmentation offloads are offered to the guest when the tap supports them."""
+        return self._add_net(tap, mac)
+
+    def _add_net(self, tap: str | None, mac: str | None) -> Net:
+        """A card on ``tap``, or with no back end and its link down when ``tap`` is None."""
         net = self._keep(Net(self._add_virtio(_core.virtio_net(tap, mac))))
         self._setup.append({"kind": "net", "tap": net.tap, "mac": net.mac})
         return net
@@ -416,20 +422,12 @@ class VM:
             raise WaitTimeout(f"the VM is still running after {timeout} s") from error
 
     async def _run_end(self) -> Exit:
-        loop = asyncio.get_running_loop()
         fd = self._core.run_end_fd
         while True:
             exit_ = self._wait(0.0)
             if exit_ is not None:
                 return exit_
-            ended: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _resolve, ended)
-            try:
-                await ended
-            finally:
-                loop.remove_reader(fd)
-            with contextlib.suppress(BlockingIOError):
-                os.read(fd, 8)  # clear it; the run's end is then collected above
+            await _aio.readable([fd])  # then the run's end is collected above
 
     async def __aenter__(self) -> VM:
         return self
@@ -495,6 +493,8 @@ class VM:
         snapshot: Snapshot | str | os.PathLike[str],
         *,
         vsock_uds_paths: Sequence[str] | None = None,
+        net: str | Sequence[str] | None = None,
+        new_mac: bool = False,
         prepare: Callable[[VM], object] | None = None,
     ) -> VM:
         """A new VM in the state of ``snapshot`` (a :class:`Snapshot`, or the directory one was
@@ -502,6 +502,10 @@ class VM:
         mapped copy-on-write and read as the guest touches it, so this is fast whatever the memory
         size. Devices are built again as the snapshot describes them; each vsock device needs a
         Unix socket path that does not exist yet: its old one, or the next of ``vsock_uds_paths``.
+        Network cards go back on their saved taps (a card saved without one stays without), unless
+        ``net`` says otherwise: ``"none"`` for cards without a back end, their link down (see
+        :meth:`fork`), or a tap name (a ``%d`` in it numbered by the kernel), or a list of one tap
+        name per card. ``new_mac=True`` gives each card a new random MAC (see :meth:`fork`).
         Python handlers and the devices added with :meth:`add_io_device` or :meth:`add_mmio_device`
         are not rebuilt: ``prepare(vm)``, called before the state is restored, adds them again
         (a device that saved state must then be at its old place, or the restore raises
@@ -509,26 +513,56 @@ class VM:
         if not isinstance(snapshot, Snapshot):
             snapshot = Snapshot.load(snapshot)
         paths = iter(vsock_uds_paths or ())
-        return cls._clone(snapshot, lambda device: next(paths, device["uds_path"]), prepare)
+        cards = _net_cards(snapshot._setup)
+        taps = None if net is None else _net_plan(cards, net if isinstance(net, str) else [net], 1)[0]
+        devices = _CloneDevices(lambda device: next(paths, device["uds_path"]), taps, new_mac)
+        return cls._clone(snapshot, devices, prepare)
 
     def fork(
-        self, count: int | None = None, *, prepare: Callable[[VM], object] | None = None
+        self,
+        count: int | None = None,
+        *,
+        net: NetChoice = "none",
+        new_mac: bool = False,
+        prepare: Callable[[VM], object] | None = None,
     ) -> VM | list[VM]:
         """New VMs in this process that start from this VM's current state and share its memory
         copy-on-write; this VM goes on as it was (a running one is paused for the snapshot and
         resumed). ``fork()`` returns one VM, ``fork(n)`` a list of ``n``. Per device: read-only
         disks are shared; a vsock device gets its own socket, ``<uds_path>.fork<N>``; writable
-        disks and network cards cannot be shared and make the fork fail (see the README). Python
-        handlers and devices added with :meth:`add_io_device`/:meth:`add_mmio_device` are not
-        copied: ``prepare(clone)`` adds them, as for :meth:`from_snapshot`."""
+        disks cannot be shared and make the fork fail (see the README). Python handlers and
+        devices added with :meth:`add_io_device`/:meth:`add_mmio_device` are not copied:
+        ``prepare(clone)`` adds them, as for :meth:`from_snapshot`.
+
+        Network cards cannot share the parent's tap. Each clone's card is at the same address as
+        the parent's, and ``net`` says what is behind it:
+
+        - ``"none"`` (the default, as it needs no privilege and cannot put two VMs on one
+          network by surprise): nothing. The card reports its link down (the guest's driver
+          is told by a configuration-change interrupt when the clone first runs), drops what the
+          guest sends (counted as failed requests in its ``stats``) and receives nothing.
+        - a list with one entry per clone: the tap that clone's card goes on (an existing tap, or
+          a new one with CAP_NET_ADMIN), or ``"none"``; for a VM with several cards, each entry
+          is a list of one tap name per card.
+        - a tap name with ``%d``, which the kernel numbers: a new tap for every card of every
+          clone (needs CAP_NET_ADMIN). A name without ``%d`` fits a single clone of one card.
+
+        A wrong number of taps raises :class:`~kvmkit.errors.ConfigError`. The card's state goes
+        onto the new tap; a tap lacking an offload the guest's driver accepted fails the fork with
+        :class:`~kvmkit.errors.SnapshotMismatchError` saying so.
+
+        ``new_mac=True`` gives each clone's cards a new random locally administered MAC
+        (``clone.virtio_devices[i].mac``) in their configuration space. A running Linux guest
+        reads the MAC only when its driver probes, and its configuration-change handler looks
+        only at the link status and announce bits, so the guest keeps the parent's MAC until
+        told, for instance ``clone.exec(f"ip link set dev eth0 address {clone.virtio_devices[i].mac}")``."""
         for device in self._setup:
             if device["kind"] == "block" and not device["read_only"]:
                 raise ConfigError(
                     f"cannot fork a VM with the writable disk {device['path']}: "
                     "clones would share its writes; add it read_only"
                 )
-            if device["kind"] == "net":
-                raise ConfigError(f"cannot fork a VM with a network card (tap {device['tap']})")
+        plan = _net_plan(_net_cards({"devices": self._setup}), net, 1 if count is None else count)
         was_running = self.running and not self.paused
         if was_running:
             self.pause()
@@ -537,24 +571,28 @@ class VM:
         finally:
             if was_running:
                 self.resume()
-        clones = [
-            VM._clone(snapshot, lambda device: f"{device['uds_path']}.fork{next(_fork_numbers)}", prepare)
-            for _ in range(1 if count is None else count)
-        ]
+        clones = []
+        try:
+            for taps in plan:
+                devices = _CloneDevices(
+                    lambda device: f"{device['uds_path']}.fork{next(_fork_numbers)}", taps, new_mac
+                )
+                clones.append(VM._clone(snapshot, devices, prepare))
+        except BaseException:
+            for clone in clones:
+                clone.close()
+            raise
         return clones[0] if count is None else clones
 
     @classmethod
     def _clone(
-        cls,
-        snapshot: Snapshot,
-        vsock_path: Callable[[dict[str, Any]], str],
-        prepare: Callable[[VM], object] | None = None,
+        cls, snapshot: Snapshot, devices: _CloneDevices, prepare: Callable[[VM], object] | None = None
     ) -> VM:
         vm = cls.__new__(cls)
         vm._adopt(_core.Vm.from_snapshot(snapshot._core), snapshot.cpus)
         try:
             for device in snapshot._setup.get("devices", []):
-                vm._add_from_setup(device, vsock_path)
+                vm._add_from_setup(device, devices)
             if prepare is not None:
                 prepare(vm)
             vm._core.restore(snapshot._core)
@@ -564,14 +602,14 @@ class VM:
         log.debug("made a VM from %r", snapshot)
         return vm
 
-    def _add_from_setup(self, device: dict[str, Any], vsock_path: Callable[[dict[str, Any]], str]) -> None:
+    def _add_from_setup(self, device: dict[str, Any], devices: _CloneDevices) -> None:
         kind = device.get("kind")
         if kind == "block":
             self.add_disk(device["path"], device["read_only"], serial=device["serial"], lock=device["lock"])
         elif kind == "net":
-            self.add_net(device["tap"], device["mac"])
+            self._add_net(devices.net_tap(device), None if devices.new_mac else device["mac"])
         elif kind == "vsock":
-            self.add_vsock(device["cid"], vsock_path(device))
+            self.add_vsock(device["cid"], devices.vsock_path(device))
         elif kind == "rng":
             self.add_rng()
         elif kind == "linux":
@@ -582,9 +620,56 @@ class VM:
             raise SnapshotFormatError(f"the snapshot names a device kvmkit does not know: {device!r}")
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+class _CloneDevices:
+    """How a clone's devices differ from those the snapshot describes."""
+
+    def __init__(
+        self, vsock_path: Callable[[dict[str, Any]], str], taps: list[str | None] | None, new_mac: bool
+    ) -> None:
+        self.vsock_path = vsock_path
+        """The socket path of a vsock device."""
+        self._taps = None if taps is None else iter(taps)
+        self.new_mac = new_mac
+        """Whether network cards get new MAC addresses."""
+
+    def net_tap(self, device: dict[str, Any]) -> str | None:
+        """The tap of the next network card: the planned one, else the saved one (None for a card
+        with no back end)."""
+        saved: str | None = device["tap"]
+        return saved if self._taps is None else next(self._taps)
+
+
+def _net_cards(setup: dict[str, Any]) -> int:
+    return sum(1 for device in setup.get("devices", []) if device.get("kind") == "net")
+
+
+def _net_plan(cards: int, net: NetChoice, clones: int) -> list[list[str | None]]:
+    """The tap of each card of each clone (None for no back end), as ``net`` says; see
+    :meth:`VM.fork`."""
+
+    def tap(name: str) -> str | None:
+        return None if name == "none" else name
+
+    if isinstance(net, str):
+        if net == "none" or "%d" in net or clones * cards <= 1:
+            return [[tap(net)] * cards for _ in range(clones)]
+        raise ConfigError(
+            f"{clones * cards} network cards cannot share the tap {net}: "
+            "give a list with one tap per clone, or a name with %d"
+        )
+    if isinstance(net, bytes) or not isinstance(net, Sequence):
+        raise ConfigError(f'net must be "none", a tap name or a list of them, not {type(net).__name__}')
+    if len(net) != clones:
+        raise ConfigError(f"net names {len(net)} taps for {clones} clone(s); give one per clone")
+    plan = []
+    for entry in net:
+        names = [entry] * cards if isinstance(entry, str) and (entry == "none" or cards == 1) else entry
+        if isinstance(names, str) or not isinstance(names, Sequence) or len(names) != cards:
+            raise ConfigError(f"the VM has {cards} network card(s), and net gives {entry!r} for a clone")
+        if not all(isinstance(name, str) for name in names):
+            raise ConfigError(f"tap names must be strings, not {entry!r}")
+        plan.append([tap(name) for name in names])
+    return plan
 
 
 @atexit.register

@@ -1,7 +1,10 @@
-/* virtio-net ARP and ping, C guest (guest.h conventions): arg = address of struct params {u64 base (MMIO base of a virtio-net device); u32 bad_tx}. Negotiates MAC only, prints "mac=<its MAC>\n", posts 8 receive buffers, then (with bad_tx) submits a header-only transmit chain and one whose frame buffer is at 1 GiB (outside a small VM's RAM), each expected back used with length 0. As 10.0.2.15 it broadcasts an ARP who-has 10.0.2.1 (42-byte frame), skips other frames until the reply and prints "arp 10.0.2.1 is-at <MAC>\n", then sends that MAC an ICMP echo request (id 0x4b56, seq 1, 32-byte payload: 74-byte frame) and prints "pong seq=1 ttl=<ttl>\n" once the reply checks out (addresses, IP and ICMP checksums, id, seq, payload). Returns 0; a CHECK failure (0xbad) or a VIRTIO_ERR_* otherwise. MACs print as lowercase aa:bb:cc:dd:ee:ff. */
+/* virtio-net ARP and ping, C guest (guest.h conventions): arg = address of struct params {u64 base (MMIO base of a virtio-net device); u32 bad_tx}. Negotiates MAC and STATUS only, prints "mac=<its MAC>\n" and "link=up\n" or "link=down\n" (from the status field; up when STATUS is not offered), posts 8 receive buffers, then (with bad_tx) submits a header-only transmit chain and one whose frame buffer is at 1 GiB (outside a small VM's RAM), each expected back used with length 0. As 10.0.2.15 it broadcasts an ARP who-has 10.0.2.1 (42-byte frame) and, with the link down, returns 0 there; otherwise it skips other frames until the reply and prints "arp 10.0.2.1 is-at <MAC>\n", then sends that MAC an ICMP echo request (id 0x4b56, seq 1, 32-byte payload: 74-byte frame) and prints "pong seq=1 ttl=<ttl>\n" once the reply checks out (addresses, IP and ICMP checksums, id, seq, payload). Returns 0; a CHECK failure (0xbad) or a VIRTIO_ERR_* otherwise. MACs print as lowercase aa:bb:cc:dd:ee:ff. */
 #include "virtio.h"
 
 #define F_MAC (1ull << 5)
+#define F_STATUS (1ull << 16)
+#define CONFIG_STATUS 6
+#define S_LINK_UP 1
 #define NET_HDR_LEN 12
 #define ETH_MAX 1514
 #define RX_BUFS 8
@@ -231,7 +234,7 @@ static void ping(const u8 *host_mac)
 int main(u64 arg)
 {
     const struct params *p = (const struct params *)(uintptr_t)arg;
-    int r = virtio_init(&dev, (uintptr_t)p->base, VIRTIO_ID_NET, F_MAC);
+    int r = virtio_init(&dev, (uintptr_t)p->base, VIRTIO_ID_NET, F_MAC | F_STATUS);
     if (r < 0)
         return r;
     CHECK(dev.features & F_MAC);
@@ -239,6 +242,8 @@ int main(u64 arg)
     print("mac=");
     print_mac(my_mac);
     print("\n");
+    bool link_up = !(dev.features & F_STATUS) || (virtio_config_read(&dev, CONFIG_STATUS, 2) & S_LINK_UP);
+    print(link_up ? "link=up\n" : "link=down\n");
     if ((r = vq_setup(&dev, 0, &rxq, 16)) < 0 || (r = vq_setup(&dev, 1, &txq, 8)) < 0)
         return r;
     virtio_driver_ok(&dev);
@@ -250,6 +255,8 @@ int main(u64 arg)
 
     u8 host_mac[6];
     arp_who_has_host();
+    if (!link_up)
+        return 0;
     await_arp_reply(host_mac);
     print("arp 10.0.2.1 is-at ");
     print_mac(host_mac);

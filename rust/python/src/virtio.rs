@@ -60,17 +60,23 @@ pub fn virtio_block(path: PathBuf, read_only: bool, id: Option<&str>, lock: bool
     Ok(VirtioBackend::new("block", Arc::new(Mutex::new(block)), Vec::new()))
 }
 
-/// A network card on the tap `tap` (opened, or created when this process may), with `mac` or a
-/// generated locally administered address.
+/// A network card on the tap `tap` (opened, or created when this process may), or with no back
+/// end and its link down when `tap` is None, with `mac` or a generated locally administered
+/// address.
 #[pyfunction]
 #[pyo3(signature = (tap, mac=None))]
-pub fn virtio_net(tap: &str, mac: Option<&str>) -> PyResult<VirtioBackend> {
+pub fn virtio_net(tap: Option<&str>, mac: Option<&str>) -> PyResult<VirtioBackend> {
     let mac = mac.map(parse_mac).transpose()?;
-    let tap = virtio::Tap::open(tap).map_err(device_error)?;
-    let name = tap.name().to_string();
-    let net = virtio::Net::new(tap, mac);
-    let mac = net.mac().iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-    Ok(VirtioBackend::new("net", Arc::new(Mutex::new(net)), vec![("tap", name), ("mac", mac)]))
+    let (net, mut details) = match tap {
+        Some(tap) => {
+            let tap = virtio::Tap::open(tap).map_err(device_error)?;
+            let name = tap.name().to_string();
+            (virtio::Net::new(tap, mac), vec![("tap", name)])
+        }
+        None => (virtio::Net::unplugged(mac), Vec::new()),
+    };
+    details.push(("mac", net.mac().iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")));
+    Ok(VirtioBackend::new("net", Arc::new(Mutex::new(net)), details))
 }
 
 /// A vsock device for the guest context id `cid`; the host side is the Unix socket `uds_path`.
@@ -136,7 +142,7 @@ impl VirtioHandle {
         self.slot.gsi
     }
 
-    /// What the device settled on: a network card's `tap` and `mac`.
+    /// What the device settled on: a network card's `mac` and its `tap`, if it has one.
     fn details(&self) -> Vec<(&'static str, String)> {
         self.details.clone()
     }

@@ -10,7 +10,9 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActiveQueues, Interrupt, SharedDevice, TransportState, VirtqueueState, F_EVENT_IDX, F_VERSION_1};
+use super::{
+    ActiveQueues, Interrupt, SharedDevice, TransportState, VirtqueueState, F_EVENT_IDX, F_VERSION_1, TYPE_NET,
+};
 use crate::bus::{BusDevice, DeviceError};
 use crate::ratelimit::guest_log;
 use crate::snapshot::{Persist, StateError};
@@ -286,8 +288,14 @@ impl MmioTransport {
         }
         let unknown = saved.driver_features & !(device.features() | F_VERSION_1);
         if unknown != 0 {
+            // A card offers the offloads of its tap: restored onto another tap, it may lack some.
+            let why = if device_type == TYPE_NET {
+                " (checksum or segmentation offloads its tap does not support)"
+            } else {
+                ""
+            };
             return Err(StateError::new(format!(
-                "the driver accepted features {unknown:#x} this device does not offer"
+                "the driver accepted features {unknown:#x} this device does not offer{why}"
             )));
         }
         saved.model.check(device_type)?;

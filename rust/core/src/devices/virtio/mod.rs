@@ -205,6 +205,11 @@ impl Interrupt {
         self.raise(INT_USED_RING);
     }
 
+    /// Tells the driver that the device's configuration changed.
+    pub fn signal_config(&self) {
+        self.raise(INT_CONFIG);
+    }
+
     /// Marks the device broken (`DEVICE_NEEDS_RESET`) because the driver did something the
     /// device cannot recover from, and tells the driver so.
     pub fn mark_broken(&self, why: &str) {

@@ -1,6 +1,10 @@
 //! virtio-net on a tap: one receive and one transmit queue, frames passed through with their
 //! virtio-net header, checksum and TCP segmentation offload when the tap takes them.
 //!
+//! A card may also have no back end ([`Net::unplugged`]): its link is down, what the driver
+//! transmits is dropped, and nothing is received. A fork gets one when it may not share the
+//! parent's tap, so that the guest's driver keeps the device it was using.
+//!
 //! Mergeable receive buffers are not offered. Without them a driver that accepts the TSO
 //! features posts receive buffers big enough for the largest segment (Linux's "big packets"
 //! mode), so every frame fits one chain; offering them would only save guest memory, at the
@@ -130,9 +134,17 @@ impl NetState {
     }
 }
 
-/// A network card whose other end is a tap on the host.
+/// Where a card's frames go.
+enum Backend {
+    /// To and from a tap on the host.
+    Tap(Tap),
+    /// Nowhere: the link is down.
+    Unplugged,
+}
+
+/// A network card whose other end is a tap on the host, or nothing.
 pub struct Net {
-    tap: Tap,
+    backend: Backend,
     mac: [u8; 6],
     features: u64,
     counters: Arc<DeviceCounters>,
@@ -146,17 +158,34 @@ pub struct Net {
     /// Written when a receive pass stops with frames possibly left, to come back to them after
     /// the event loop served the others. Without it (no eventfd to be had) passes are unbounded.
     rx_retry: Option<EventFd>,
+    /// Whether the driver must be told that the link went down: set when an unplugged card is
+    /// restored with an active driver, which last saw the link up.
+    link_change_pending: bool,
 }
 
 impl Net {
     /// A network card on `tap` with MAC address `mac`, or a random locally administered one.
     pub fn new(tap: Tap, mac: Option<[u8; 6]>) -> Net {
+        let features = offered_features(tap.supported_offloads());
+        Net::with_backend(Backend::Tap(tap), features, mac)
+    }
+
+    /// A network card with no back end and MAC address `mac`, or a random one. Its link is down,
+    /// transmitted frames are dropped (each counted as a failed request), and nothing is ever
+    /// received. It offers every offload a tap can take, so that the state of any card restores
+    /// into it.
+    pub fn unplugged(mac: Option<[u8; 6]>) -> Net {
+        let all = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        Net::with_backend(Backend::Unplugged, offered_features(all), mac)
+    }
+
+    fn with_backend(backend: Backend, features: u64, mac: Option<[u8; 6]>) -> Net {
         let rx_retry = EventFd::new(libc::EFD_NONBLOCK)
             .inspect_err(|e| log::warn!("virtio-net: no eventfd, receive passes are unbounded: {e}"))
             .ok();
         Net {
-            features: offered_features(tap.supported_offloads()),
-            tap,
+            features,
+            backend,
             mac: mac.unwrap_or_else(random_mac),
             counters: Arc::default(),
             active: None,
@@ -165,6 +194,7 @@ impl Net {
             rx_frame: vec![0; MAX_FRAME_LEN].into_boxed_slice(),
             tx_frame: vec![0; MAX_FRAME_LEN].into_boxed_slice(),
             rx_retry,
+            link_change_pending: false,
         }
     }
 
@@ -173,15 +203,21 @@ impl Net {
         self.mac
     }
 
-    /// The tap the card is connected to.
-    pub fn tap(&self) -> &Tap {
-        &self.tap
+    /// The tap the card is connected to, if any.
+    pub fn tap(&self) -> Option<&Tap> {
+        match &self.backend {
+            Backend::Tap(tap) => Some(tap),
+            Backend::Unplugged => None,
+        }
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_LEN] {
         let mut config = [0u8; CONFIG_LEN];
         config[CONFIG_MAC..CONFIG_MAC + 6].copy_from_slice(&self.mac);
-        let status = bindings::VIRTIO_NET_S_LINK_UP as u16;
+        let status = match self.backend {
+            Backend::Tap(_) => bindings::VIRTIO_NET_S_LINK_UP as u16,
+            Backend::Unplugged => 0,
+        };
         config[CONFIG_STATUS..CONFIG_STATUS + 2].copy_from_slice(&status.to_le_bytes());
         config
     }
@@ -197,12 +233,17 @@ impl Net {
 
     /// Moves frames from the tap into the driver's receive buffers until either runs out (or
     /// the pass's budget does). A frame read without a buffer to take it waits in `rx_pending`.
+    /// First tells the driver of a link change still to be reported.
     fn rx(&mut self) {
         let Some(active) = &mut self.active else { return };
+        if std::mem::take(&mut self.link_change_pending) {
+            active.interrupt.signal_config();
+        }
+        let Backend::Tap(tap) = &self.backend else { return };
         let budget = if self.rx_retry.is_some() { RX_BUDGET } else { usize::MAX };
         let mut reads = 0usize;
         let mut exhausted = false;
-        let (tap, frame, pending, counters) = (&self.tap, &mut self.rx_frame, &mut self.rx_pending, &self.counters);
+        let (frame, pending, counters) = (&mut self.rx_frame, &mut self.rx_pending, &self.counters);
         let guest_csum = self.guest_csum;
         serve_queue(&mut active.queues[RX], &active.memory, &active.interrupt, |chain| {
             let len = match *pending {
@@ -259,13 +300,16 @@ impl Net {
     /// Sends every frame the driver made available on the transmit queue.
     fn tx(&mut self) {
         let Some(active) = &mut self.active else { return };
-        let (tap, frame, counters) = (&self.tap, &mut self.tx_frame, &self.counters);
+        let (backend, frame, counters) = (&self.backend, &mut self.tx_frame, &self.counters);
         serve_queue(&mut active.queues[TX], &active.memory, &active.interrupt, |chain| {
-            let sent = gather_frame(chain, frame).and_then(|len| match tap.write(&frame[..len]) {
-                Ok(n) if n == len => Ok(len),
-                Ok(n) => Err(format!("the tap took {n} of {len} bytes")),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err("the tap is full".into()),
-                Err(e) => Err(format!("cannot write to the tap: {e}")),
+            let sent = gather_frame(chain, frame).and_then(|len| match backend {
+                Backend::Unplugged => Err("the link is down".into()),
+                Backend::Tap(tap) => match tap.write(&frame[..len]) {
+                    Ok(n) if n == len => Ok(len),
+                    Ok(n) => Err(format!("the tap took {n} of {len} bytes")),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err("the tap is full".into()),
+                    Err(e) => Err(format!("cannot write to the tap: {e}")),
+                },
             });
             match sent {
                 Ok(len) => counters.count_request(0, len as u64),
@@ -373,7 +417,9 @@ impl VirtioDevice for Net {
         if active.queues.len() != 2 {
             return Err(format!("virtio-net has 2 queues, not {}", active.queues.len()));
         }
-        self.tap.set_offload(tap_offloads(active.features)).map_err(|e| e.to_string())?;
+        if let Backend::Tap(tap) = &self.backend {
+            tap.set_offload(tap_offloads(active.features)).map_err(|e| e.to_string())?;
+        }
         self.guest_csum = active.features & F_GUEST_CSUM != 0;
         self.active = Some(active);
         // Frames that came while the device was down are waiting, and so may receive buffers.
@@ -384,8 +430,11 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.rx_pending = None;
-        if let Err(e) = self.tap.set_offload(0) {
-            guest_log!(log::Level::Warn, "virtio-net: {e}");
+        self.link_change_pending = false;
+        if let Backend::Tap(tap) = &self.backend {
+            if let Err(e) = tap.set_offload(0) {
+                guest_log!(log::Level::Warn, "virtio-net: {e}");
+            }
         }
     }
 
@@ -400,7 +449,10 @@ impl VirtioDevice for Net {
     fn backend_events(&self) -> Vec<(RawFd, u32, EventSet)> {
         // Edge-triggered: a tap that stays readable while the driver has no buffers wakes the
         // loop once, not continuously; the driver's next receive notification resumes.
-        let mut events = vec![(self.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN | EventSet::EDGE_TRIGGERED)];
+        let mut events = Vec::new();
+        if let Backend::Tap(tap) = &self.backend {
+            events.push((tap.as_raw_fd(), TAP_TOKEN, EventSet::IN | EventSet::EDGE_TRIGGERED));
+        }
         if let Some(retry) = &self.rx_retry {
             events.push((retry.as_raw_fd(), RX_RETRY_TOKEN, EventSet::IN));
         }
@@ -430,6 +482,15 @@ impl VirtioDevice for Net {
 
     fn restore_state(&mut self, state: &ModelState) {
         let ModelState::Net(NetState { rx_frame }) = state else { return };
+        if let Backend::Unplugged = self.backend {
+            // Nothing is received on a card without a link, not even what the last tap sent.
+            // The driver saw the link up: it learns otherwise from a configuration change,
+            // raised from the event loop once the VM runs, so that the interrupt controller's
+            // restored state does not swallow it.
+            self.link_change_pending = self.active.is_some();
+            self.kick_rx();
+            return;
+        }
         self.rx_pending = rx_frame.as_ref().and_then(|frame| {
             self.rx_frame.get_mut(..frame.len())?.copy_from_slice(frame);
             Some(frame.len())
@@ -462,7 +523,7 @@ mod tests {
     }
 
     fn tap_fd(driver: &MockDriver<Net>) -> RawFd {
-        driver.device.lock().unwrap().tap().as_raw_fd()
+        driver.device.lock().unwrap().tap().unwrap().as_raw_fd()
     }
 
     fn counters(driver: &MockDriver<Net>) -> CounterSnapshot {
@@ -493,7 +554,7 @@ mod tests {
             let device = driver.device.lock().unwrap();
             assert_eq!((device.device_type(), device.queue_max_sizes()), (TYPE_NET, &[256u16, 256][..]));
             assert_eq!(device.mac(), MAC);
-            assert_eq!(device.tap().name(), "cfg0");
+            assert_eq!(device.tap().unwrap().name(), "cfg0");
         });
     }
 
@@ -896,6 +957,65 @@ mod tests {
             assert_eq!(host.recv(WAIT_MS).as_deref(), Some(&sent[..]));
             assert_eq!(host.recv(100), None, "frames after the snapshot were sent again");
             assert_eq!(driver.used(TX), [(first, 0), (head, 0)], "the used ring goes on from the snapshot");
+        });
+    }
+
+    #[test]
+    fn an_unplugged_card_reports_its_mac_and_the_link_down_and_offers_every_offload() {
+        let driver = MockDriver::new(Net::unplugged(Some(MAC)));
+        assert_eq!(driver.config(0, 8), [MAC[0], MAC[1], MAC[2], MAC[3], MAC[4], MAC[5], 0, 0]);
+        assert_eq!(driver.device_features(), F_MAC | F_STATUS | F_EVENT_IDX | OFFLOADS | F_VERSION_1);
+        let device = driver.device.lock().unwrap();
+        assert!(device.tap().is_none());
+        let events = device.backend_events();
+        assert!(events.iter().all(|&(_, token, _)| token == RX_RETRY_TOKEN), "no tap to watch: {events:?}");
+        assert_eq!(Net::unplugged(None).mac()[0] & 0x03, 0x02, "a generated MAC is local and unicast");
+    }
+
+    #[test]
+    fn an_unplugged_card_drops_and_counts_what_the_driver_sends_and_receives_nothing() {
+        let mut driver = MockDriver::new(Net::unplugged(Some(MAC)));
+        driver.activate(OFFLOADS);
+        driver.add_chain(RX, &[(DATA_START + 0x8000, 1526, true)]);
+        driver.notify(RX);
+        let (first, _) = transmit(&mut driver, 0, 60, 1);
+        let (second, _) = transmit(&mut driver, 1, 1500, 2);
+        assert_eq!(driver.used(TX), [(first, 0), (second, 0)], "the chains go back, unsent");
+        assert!(driver.take_interrupt());
+        driver.device.lock().unwrap().rx();
+        assert_eq!(driver.used(RX), vec![], "the receive buffer stays with the device");
+        let counters = counters(&driver);
+        assert_eq!((counters.requests, counters.errors, counters.bytes_from_guest), (2, 2, 0));
+        assert!(!driver.needs_reset());
+    }
+
+    #[test]
+    fn restored_into_an_unplugged_card_the_driver_is_told_the_link_went_down() {
+        in_private_netns(|| {
+            let (mut driver, host) = setup("unplug0");
+            driver.activate(OFFLOADS);
+            // A frame waits in the card for a receive buffer.
+            let bad = driver.add_chain(RX, &[(MEMORY_SIZE - 8, 2048, true)]);
+            host.send(&frame(100, 2));
+            rx_ready(&driver);
+            assert_eq!(driver.used(RX), [(bad as u32, 0)]);
+            let state = driver.save();
+            assert!(matches!(&state.model, ModelState::Net(NetState { rx_frame: Some(_) })));
+
+            let mut restored = driver.fork(Net::unplugged(Some(MAC)));
+            restored.transport.restore(&state).unwrap();
+            assert_eq!(restored.read(0x60) & crate::devices::virtio::INT_CONFIG, 0, "not before the VM runs");
+            restored.add_chain(RX, &[(DATA_START + 0x4000, 1526, true)]);
+            restored.notify(RX);
+            assert!(restored.take_interrupt());
+            assert_ne!(restored.read(0x60) & crate::devices::virtio::INT_CONFIG, 0, "a configuration change");
+            assert_eq!(restored.config(CONFIG_STATUS as u64, 2), [0, 0], "link down");
+            assert_eq!(restored.used(RX), [(bad as u32, 0)], "the waiting frame is not delivered");
+            restored.write(0x64, crate::devices::virtio::INT_CONFIG);
+            restored.notify(RX);
+            assert_eq!(restored.read(0x60) & crate::devices::virtio::INT_CONFIG, 0, "told once");
+            transmit(&mut restored, 1, 80, 3);
+            assert_eq!(host.recv(100), None, "nothing reaches the parent's tap");
         });
     }
 }
