@@ -6,6 +6,7 @@ import atexit
 import itertools
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
@@ -14,6 +15,7 @@ from kvmkit import _core
 from kvmkit.agent import Agent, Command, ExecResult, PathArg
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, Vcpu
+from kvmkit.debug import Breakpoint, DebugCallback, DebugState, WatchAccess, Watchpoint
 from kvmkit.devices import Device
 from kvmkit.errors import AgentError, ConfigError, SnapshotFormatError, VmStateError, WaitTimeout
 from kvmkit.exits import Exit
@@ -111,7 +113,8 @@ class VM:
 
     def _adopt(self, core: _core.Vm, cpus: int) -> None:
         self._core = core
-        self.vcpus: list[Vcpu] = [Vcpu(self._core, i) for i in range(cpus)]
+        self._debug = DebugState(core)
+        self.vcpus: list[Vcpu] = [Vcpu(self._core, i, self._debug) for i in range(cpus)]
         self._console: Console | None = None
         self._virtio: list[VirtioDevice] = []
         self._agent: Agent | None = None
@@ -354,6 +357,45 @@ class VM:
         cannot read raises :class:`~kvmkit.errors.GuestOSError` with its errno."""
         return self.agent.get_file(path, timeout=timeout)
 
+    def mem_read_virtual(self, vcpu: Vcpu | int, vaddr: int, size: int) -> bytes:
+        """Copies ``size`` bytes at the virtual address ``vaddr`` as ``vcpu``'s page tables map
+        it, page by page. Raises ``ConfigError`` at the first page not mapped."""
+        index = vcpu if isinstance(vcpu, int) else vcpu.index
+        return self._core.mem_read_virtual(index, vaddr, size)
+
+    def mem_write_virtual(self, vcpu: Vcpu | int, vaddr: int, data: Buffer) -> None:
+        """Copies ``data`` to the virtual address ``vaddr`` as ``vcpu``'s page tables map it,
+        page by page. Raises ``ConfigError`` (writing nothing) if a page is not mapped."""
+        index = vcpu if isinstance(vcpu, int) else vcpu.index
+        self._core.mem_write_virtual(index, vaddr, data)
+
+    # Debugging
+
+    def add_breakpoint(self, addr: int, hardware: bool = True) -> Breakpoint:
+        """Stops runs before the instruction at the linear address ``addr`` runs, on every
+        vCPU; the run ends with ``ExitReason.DEBUG`` (``details["kind"] == "breakpoint"``) unless
+        the :meth:`on_debug` callback continues it. Running again goes on past it. Hardware
+        breakpoints share the four debug registers with watchpoints (``ConfigError`` beyond).
+        The VM must be stopped."""
+        if not hardware:
+            raise NotImplementedError("software breakpoints are not supported yet; use hardware=True")
+        return self._debug.add_breakpoint(addr)
+
+    def add_watchpoint(self, addr: int, length: int, access: WatchAccess = "write") -> Watchpoint:
+        """Stops runs right after an instruction writes (``access="write"``) or reads or writes
+        (``"readwrite"``) the ``length`` bytes (1, 2, 4 or 8, aligned) at the linear address
+        ``addr``, on every vCPU. Uses one of the four debug registers. The VM must be stopped."""
+        if access not in ("write", "readwrite"):
+            raise ConfigError(f'access must be "write" or "readwrite", not {access!r}')
+        return self._debug.add_watchpoint(addr, length, access)
+
+    def on_debug(self, callback: DebugCallback | None) -> None:
+        """Calls ``callback(vcpu, event)`` on each breakpoint or watchpoint hit that ends a run
+        of :meth:`run` or :meth:`wait`; it returns True to continue the run (past the hit) or
+        False to end it with the event. Its exceptions are raised from ``run``/``wait``. None
+        removes it."""
+        self._debug.callback = callback
+
     # Running
 
     def run(self, timeout: float | None = None) -> Exit:
@@ -364,13 +406,18 @@ class VM:
         is busy; that handler's call finishes on its own thread, and until it has the VM is still
         running (``vcpu_reasons`` is then empty; :meth:`wait` collects the full exit). The VM can
         be run again, resuming where it stopped."""
-        exit_ = Exit._from_core(self._core.run(timeout))
-        log.debug("run ended: %s", exit_)
-        return exit_
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            exit_ = self._debug.describe(Exit._from_core(self._core.run(left)))
+            log.debug("run ended: %s", exit_)
+            if not self._debug.should_continue(exit_, self.vcpus):
+                return exit_
 
     def start(self) -> None:
         """Starts every vCPU on its own thread and returns at once."""
         self._core.start()
+        self._debug.started = True
 
     def wait(self, timeout: float | None = None) -> Exit:
         """Waits for the run to end. Raises :class:`~kvmkit.errors.WaitTimeout` if it has not
@@ -382,12 +429,20 @@ class VM:
         return exit_
 
     def _wait(self, timeout: float | None) -> Exit | None:
-        raw = self._core.wait(timeout)
-        if raw is None:
-            return None
-        exit_ = Exit._from_core(raw)
-        log.debug("run ended: %s", exit_)
-        return exit_
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            raw = self._core.wait(left)
+            if raw is None:
+                return None
+            exit_ = self._debug.describe(Exit._from_core(raw))
+            log.debug("run ended: %s", exit_)
+            # Only the run start() began goes to the callback, not a later wait() for the same end.
+            started, self._debug.started = self._debug.started, False
+            if not (started and self._debug.should_continue(exit_, self.vcpus)):
+                return exit_
+            self._core.start()
+            self._debug.started = True
 
     def stop(self) -> bool:
         """Ends the run from any thread, or from a handler; returns whether it was running."""
@@ -401,7 +456,7 @@ class VM:
     def last_exit(self) -> Exit | None:
         """How the last finished run ended."""
         raw = self._core.last_exit
-        return None if raw is None else Exit._from_core(raw)
+        return None if raw is None else self._debug.describe(Exit._from_core(raw))
 
     # Pause, snapshot, restore, fork
 
