@@ -258,6 +258,11 @@ class Vcpu:
         unless ``mask_interrupts`` is false. Instruction breakpoints do not fire on a step."""
         from kvmkit.exits import Exit
 
+        if self._debug is not None:
+            # On a software breakpoint, the step runs the instruction under the int3.
+            over = self._debug.step_over_software(self, mask_interrupts)
+            if over is not None:
+                return over
         exit_ = Exit._from_core(self._core.step(self.index, mask_interrupts))
         return exit_ if self._debug is None else self._debug.describe(exit_)
 

@@ -18,7 +18,7 @@ from kvmkit.cpu import CpuidEdit, Vcpu
 from kvmkit.debug import Breakpoint, DebugCallback, DebugState, WatchAccess, Watchpoint
 from kvmkit.devices import Device
 from kvmkit.errors import AgentError, ConfigError, SnapshotFormatError, VmStateError, WaitTimeout
-from kvmkit.exits import Exit
+from kvmkit.exits import Exit, ExitReason
 from kvmkit.snapshot import SETUP_VERSION, Snapshot
 from kvmkit.virtio import Disk, Net, Rng, VirtioDevice, Vsock
 
@@ -149,8 +149,9 @@ class VM:
         return self._core.memory_regions
 
     def mem_read(self, addr: int, size: int) -> bytes:
-        """Copies ``size`` bytes of guest memory at ``addr``."""
-        return self._core.mem_read(addr, size)
+        """Copies ``size`` bytes of guest memory at ``addr`` (showing the original bytes where
+        software breakpoints are)."""
+        return self._debug.hide(addr, self._core.mem_read(addr, size))
 
     def mem_write(self, addr: int, data: Buffer) -> None:
         """Copies ``data`` (any bytes-like object) into guest memory at ``addr``."""
@@ -371,15 +372,22 @@ class VM:
 
     # Debugging
 
-    def add_breakpoint(self, addr: int, hardware: bool = True) -> Breakpoint:
+    def add_breakpoint(self, addr: int, hardware: bool = False) -> Breakpoint:
         """Stops runs before the instruction at the linear address ``addr`` runs, on every
         vCPU; the run ends with ``ExitReason.DEBUG`` (``details["kind"] == "breakpoint"``) unless
-        the :meth:`on_debug` callback continues it. Running again goes on past it. Hardware
-        breakpoints share the four debug registers with watchpoints (``ConfigError`` beyond).
-        The VM must be stopped."""
-        if not hardware:
-            raise NotImplementedError("software breakpoints are not supported yet; use hardware=True")
-        return self._debug.add_breakpoint(addr)
+        the :meth:`on_debug` callback continues it. Running again goes on past it. The VM must be
+        stopped.
+
+        Hardware breakpoints share the four debug registers with watchpoints (``ConfigError``
+        beyond). Software ones (any number) patch an ``int3`` at the address vCPU 0's page tables
+        map ``addr`` to now; :meth:`mem_read` shows the original byte (:meth:`mem_view` does not).
+        They need a KVM that lets ``int3`` exit (not the paravirtualized ``kvm_pvm``)."""
+        if hardware:
+            return self._debug.add_breakpoint(addr)
+        physical = self.vcpus[0].translate(addr)
+        if physical is None:
+            raise ConfigError(f"{addr:#x} is not mapped on vCPU 0")
+        return self._debug.add_software_breakpoint(addr, physical)
 
     def add_watchpoint(self, addr: int, length: int, access: WatchAccess = "write") -> Watchpoint:
         """Stops runs right after an instruction writes (``access="write"``) or reads or writes
@@ -409,6 +417,9 @@ class VM:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ended = self._step_over_software()
+            if ended is not None:
+                return ended
             exit_ = self._debug.describe(Exit._from_core(self._core.run(left)))
             log.debug("run ended: %s", exit_)
             if not self._debug.should_continue(exit_, self.vcpus):
@@ -416,8 +427,20 @@ class VM:
 
     def start(self) -> None:
         """Starts every vCPU on its own thread and returns at once."""
+        if self._step_over_software() is not None:
+            # The run ended in the step over a software breakpoint; run it again to go on.
+            return
         self._core.start()
         self._debug.started = True
+
+    def _step_over_software(self) -> Exit | None:
+        """Steps the vCPUs stopped on software breakpoints past them; returns the exit if such a
+        step ends the run (a watchpoint hit, a failure)."""
+        for cpu in self.vcpus:
+            exit_ = self._debug.step_over_software(cpu)
+            if exit_ is not None and exit_.reason is not ExitReason.HLT and exit_.details.get("kind") != "step":
+                return exit_
+        return None
 
     def wait(self, timeout: float | None = None) -> Exit:
         """Waits for the run to end. Raises :class:`~kvmkit.errors.WaitTimeout` if it has not
@@ -441,8 +464,7 @@ class VM:
             started, self._debug.started = self._debug.started, False
             if not (started and self._debug.should_continue(exit_, self.vcpus)):
                 return exit_
-            self._core.start()
-            self._debug.started = True
+            self.start()
 
     def stop(self) -> bool:
         """Ends the run from any thread, or from a handler; returns whether it was running."""

@@ -665,6 +665,11 @@ impl Vm {
         self.machine()?.add_hw_slot(slot).py()
     }
 
+    /// Turns on or off `int3` exiting to the VMM.
+    fn set_software_breakpoints(&self, on: bool) -> PyResult<()> {
+        self.machine()?.set_software_breakpoints(on).py()
+    }
+
     /// Frees debug register `slot`.
     fn remove_hw_slot(&self, slot: usize) -> PyResult<()> {
         self.machine()?.remove_hw_slot(slot).py()

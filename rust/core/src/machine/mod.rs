@@ -586,8 +586,9 @@ impl Machine {
     /// vCPU back when that fails.
     fn hand_over(state: &mut State, job: Job) -> std::result::Result<(), (Vcpu, std::io::Error)> {
         let index = job.vcpu.index() as usize;
-        if index >= state.workers.len() {
-            match Worker::start(index, state.thread_hook.clone()) {
+        // A step may run a later vCPU before the earlier ones ever ran.
+        while index >= state.workers.len() {
+            match Worker::start(state.workers.len(), state.thread_hook.clone()) {
                 Ok(worker) => state.workers.push(worker),
                 Err(e) => return Err((job.vcpu, e)),
             }

@@ -8,8 +8,9 @@ use crate::error::{Error, Result};
 /// How many debug-address registers (DR0-DR3) x86 has.
 pub const HW_SLOTS: usize = 4;
 
-/// DR7 bit 10 reads as one.
-const DR7_FIXED: u64 = 1 << 10;
+/// DR7 bit 10 reads as one; GE (bit 9) asks for exact data breakpoints, which some CPUs and
+/// hypervisors need to report them.
+const DR7_FIXED: u64 = 1 << 10 | 1 << 9;
 /// DR6: which of DR0-DR3 matched.
 const DR6_HITS: u64 = 0xf;
 /// The vector of `int3`.
