@@ -195,7 +195,11 @@ def test_software_breakpoint_stops_and_resumes(guest):
     exit = vm.run(timeout=HANG_GUARD)
 
     assert exit.reason == ExitReason.DEBUG, exit
-    assert (exit.details["kind"], exit.details["breakpoint"], exit.details["rip"]) == ("breakpoint", bp, CODE + 0x0A)
+    assert (exit.details["kind"], exit.details["breakpoint"], exit.details["rip"]) == (
+        "breakpoint",
+        bp,
+        CODE + 0x0A,
+    )
     regs = vm.vcpus[0].regs
     assert (regs.rip, regs.rax & M32) == (CODE + 0x0A, 1), "stopped before the add"
     assert vm.mem_read(CODE, len(STRAIGHT)) == STRAIGHT

@@ -438,7 +438,11 @@ class VM:
         step ends the run (a watchpoint hit, a failure)."""
         for cpu in self.vcpus:
             exit_ = self._debug.step_over_software(cpu)
-            if exit_ is not None and exit_.reason is not ExitReason.HLT and exit_.details.get("kind") != "step":
+            if (
+                exit_ is not None
+                and exit_.reason is not ExitReason.HLT
+                and exit_.details.get("kind") != "step"
+            ):
                 return exit_
         return None
 
