@@ -2,10 +2,32 @@
 and virtual addresses."""
 
 import pytest
-from kvmkit import ExitReason
+from kvmkit import ExitReason, nested
 from kvmkit.errors import ConfigError
 
-pytestmark = [pytest.mark.kvm, pytest.mark.standard_kvm]
+# Where each test runs: single-step, page walks and breakpoint bookkeeping work on every KVM
+# (standard_kvm: the nested machine too). Debug registers fire on this paravirtualized KVM and on
+# hardware KVM for instruction breakpoints, but not for guests of the nested machine (QEMU's
+# emulated SVM does not load them for its guest), so those tests are marked kvm only. int3 and
+# data watchpoints reach kvmkit only on hardware KVM: hw_kvm, expected to fail in the nested
+# machine, which lets neither through.
+pytestmark = [pytest.mark.kvm]
+everywhere = pytest.mark.standard_kvm
+needs_hw_kvm = [
+    pytest.mark.hw_kvm,
+    pytest.mark.xfail(
+        nested.inside(),
+        reason="the nested machine's emulated SVM lets no int3 or data breakpoint out",
+        strict=False,
+    ),
+]
+
+
+def hardware_kvm_only(test):
+    for mark in needs_hw_kvm:
+        test = mark(test)
+    return test
+
 
 CODE = 0x1000
 DATA = 0x3000
@@ -53,6 +75,7 @@ def guest(make_vm):
 # --------------------------------------------------------------------------- single-step
 
 
+@everywhere
 def test_step_runs_one_instruction_at_a_time(guest):
     vm = guest(STRAIGHT)
     cpu = vm.vcpus[0]
@@ -66,12 +89,14 @@ def test_step_runs_one_instruction_at_a_time(guest):
     regs = cpu.regs
     assert (regs.rax & M32, regs.rbx & M32, regs.rcx & M32) == (3, 2, 3)
     assert vm.mem_read(DATA, 4) == (3).to_bytes(4, "little")
-    # Stepping works with interrupts left unmasked too; the step over HLT reports the RIP after it.
+    # Stepping works with interrupts left unmasked too. Stepping HLT ends past it, as a step or
+    # (depending on the KVM) as the halt.
     exit = cpu.step(mask_interrupts=False)
-    assert (exit.reason, exit.details["rip"]) == (ExitReason.DEBUG, CODE + 0x22)
-    assert list(exit.vcpu_reasons) == [ExitReason.DEBUG]
+    assert exit.reason in (ExitReason.DEBUG, ExitReason.HLT)
+    assert cpu.regs.rip == CODE + 0x22
 
 
+@everywhere
 def test_step_moves_only_the_stepped_vcpu(guest):
     vm = guest(STRAIGHT, cpus=2)
     vm.vcpus[1].step()
@@ -122,6 +147,7 @@ def test_step_from_a_breakpoint_moves_on(guest):
     assert vm.vcpus[0].regs.rax & M32 == 3
 
 
+@everywhere
 def test_removed_breakpoint_no_longer_stops(guest):
     vm = guest(LOOP)
     bp = vm.add_breakpoint(LOOP_TOP, hardware=True)
@@ -142,6 +168,7 @@ def test_breakpoints_hit_on_every_vcpu(guest):
     assert (exit.reason, exit.vcpu, exit.details["rip"]) == (ExitReason.DEBUG, 1, CODE + 0x0C)
 
 
+@everywhere
 def test_more_than_four_hardware_slots_is_a_config_error(guest):
     vm = guest(STRAIGHT)
     handles = [vm.add_breakpoint(CODE + i, hardware=True) for i in range(3)]
@@ -154,6 +181,7 @@ def test_more_than_four_hardware_slots_is_a_config_error(guest):
     vm.add_breakpoint(CODE + 0x10, hardware=True)  # a freed register is reused
 
 
+@everywhere
 def test_bad_watchpoints_are_config_errors(guest):
     vm = guest(STRAIGHT)
     with pytest.raises(ConfigError, match="aligned"):
@@ -166,11 +194,8 @@ def test_bad_watchpoints_are_config_errors(guest):
 
 # --------------------------------------------------------------------------- software breakpoints
 
-# The paravirtualized KVM gives up on int3 (and reports no data breakpoints): the tests that run
-# into one need standard KVM semantics, in the nested machine or on hardware KVM.
-needs_hw_kvm = pytest.mark.hw_kvm
 
-
+@everywhere
 def test_software_breakpoints_are_hidden_and_restored(guest):
     vm = guest(LOOP)
     handles = [vm.add_breakpoint(CODE + offset) for offset in (0x00, 0x02, 0x07, 0x09, 0x0B, 0x0D)]
@@ -187,7 +212,7 @@ def test_software_breakpoints_are_hidden_and_restored(guest):
     assert vm.run(timeout=HANG_GUARD).reason == ExitReason.HLT
 
 
-@needs_hw_kvm
+@hardware_kvm_only
 def test_software_breakpoint_stops_and_resumes(guest):
     vm = guest(STRAIGHT)
     bp = vm.add_breakpoint(CODE + 0x0A)
@@ -209,7 +234,7 @@ def test_software_breakpoint_stops_and_resumes(guest):
     assert bytes(vm.mem_view(CODE + 0x0A, 1)) == b"\xcc", "still set after stepping over it"
 
 
-@needs_hw_kvm
+@hardware_kvm_only
 def test_software_breakpoint_with_callback_and_step(guest):
     vm = guest(LOOP)
     vm.add_breakpoint(LOOP_TOP)
@@ -229,7 +254,7 @@ def test_software_breakpoint_with_callback_and_step(guest):
 # --------------------------------------------------------------------------- watchpoints
 
 
-@needs_hw_kvm
+@hardware_kvm_only
 def test_write_watchpoint_stops_right_after_the_write(guest):
     vm = guest(STRAIGHT)
     wp = vm.add_watchpoint(DATA, 4, access="write")
@@ -248,7 +273,7 @@ def test_write_watchpoint_stops_right_after_the_write(guest):
     assert vm.run(timeout=HANG_GUARD).reason == ExitReason.HLT
 
 
-@needs_hw_kvm
+@hardware_kvm_only
 def test_readwrite_watchpoint_stops_on_a_read(guest):
     vm = guest(STRAIGHT)
     vm.mem_write(DATA + 8, (0x1234_5678).to_bytes(8, "little"))
@@ -332,6 +357,7 @@ def test_callback_exceptions_are_raised_from_run(guest):
 # --------------------------------------------------------------------------- virtual addresses
 
 
+@everywhere
 def test_translate_long_mode_identity_tables(guest):
     vm = guest(STRAIGHT)
     cpu = vm.vcpus[0]
@@ -342,6 +368,7 @@ def test_translate_long_mode_identity_tables(guest):
     assert vm.mem_read_virtual(cpu, CODE, len(STRAIGHT)) == STRAIGHT
 
 
+@everywhere
 def test_translate_paging_off_is_identity(make_vm):
     vm = make_vm()
     vm.vcpus[0].setup("protected", entry=CODE)
@@ -351,6 +378,7 @@ def test_translate_paging_off_is_identity(make_vm):
 VIRT = 0x7F00_0000_0000
 
 
+@everywhere
 def test_translate_a_hand_built_4k_mapping(guest):
     vm = guest(STRAIGHT)
     cpu = vm.vcpus[0]
