@@ -212,6 +212,23 @@ def test_software_breakpoints_are_hidden_and_restored(guest):
     assert vm.run(timeout=HANG_GUARD).reason == ExitReason.HLT
 
 
+@everywhere
+def test_software_breakpoints_are_left_out_of_snapshots(guest):
+    vm = guest(LOOP)
+    bp = vm.add_breakpoint(LOOP_TOP)
+    snap = vm.snapshot()
+    assert snap.mem_read(CODE, len(LOOP)) == LOOP, "the snapshot holds the original bytes"
+    assert bytes(vm.mem_view(LOOP_TOP, 1)) == b"\xcc", "the breakpoint is still set"
+    vm.mem_write(CODE + 0x03, b"\x07")  # mov ecx, 7
+    vm.restore(snap)
+    assert bytes(vm.mem_view(LOOP_TOP, 1)) == b"\xcc", "still set after a restore"
+    assert vm.mem_read(CODE, len(LOOP)) == LOOP
+    bp.remove()
+    assert bytes(vm.mem_view(CODE, len(LOOP))) == LOOP
+    assert vm.run(timeout=HANG_GUARD).reason == ExitReason.HLT
+    assert vm.vcpus[0].regs.rax & M32 == 5
+
+
 @hardware_kvm_only
 def test_software_breakpoint_stops_and_resumes(guest):
     vm = guest(STRAIGHT)

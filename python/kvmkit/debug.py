@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Literal
 
 from kvmkit.errors import ConfigError
@@ -125,6 +126,26 @@ class DebugState:
         self._stopped_on = {k: v for k, v in self._stopped_on.items() if v is not handle}
         if not self._software:
             self._core.set_software_breakpoints(False)
+
+    @contextlib.contextmanager
+    def unpatched(self) -> Iterator[None]:
+        """Puts the original bytes back under the software breakpoints for the block (a snapshot
+        taken in it holds no ``int3``), and the ``int3`` back after."""
+        for bp in self._software.values():
+            self._core.mem_write(bp.physical, bytes([bp.original]))
+        try:
+            yield
+        finally:
+            self.repatch()
+
+    def repatch(self) -> None:
+        """Writes the ``int3`` of every software breakpoint again, over what memory holds now
+        (after a restore, say), keeping that as the original byte."""
+        for bp in self._software.values():
+            bp.original = self._core.mem_read(bp.physical, 1)[0]
+            if bp.original == INT3[0]:
+                continue
+            self._core.mem_write(bp.physical, INT3)
 
     def hide(self, addr: int, data: bytes) -> bytes:
         """``data`` read from guest-physical ``addr`` with the original bytes in place of the

@@ -505,16 +505,22 @@ class VM:
     def snapshot(self) -> Snapshot:
         """The whole state of the stopped or paused VM (see :mod:`kvmkit.snapshot`). The first
         snapshot moves guest memory into a memory file the VM then maps copy-on-write; later ones
-        copy only the pages written since."""
-        return Snapshot(self._core.snapshot(), {"version": SETUP_VERSION, "devices": list(self._setup)})
+        copy only the pages written since. Software breakpoints are left out: the snapshot holds
+        the original bytes."""
+        with self._debug.unpatched():
+            core = self._core.snapshot()
+        return Snapshot(core, {"version": SETUP_VERSION, "devices": list(self._setup)})
 
     def restore(self, snapshot: Snapshot) -> dict[str, float]:
         """Puts the stopped or paused VM back to ``snapshot`` (taken from this VM, from the VM it
         was forked from, or loaded from files of a VM of the same configuration and devices),
         copying back only the memory pages written since. The guest's clock moves on by the time
         passed since the snapshot, so its wall clock stays right. Returns how long each part took
-        in microseconds, and ``pages_copied``. Repeatable any number of times."""
-        return self._core.restore(snapshot._core)
+        in microseconds, and ``pages_copied``. Repeatable any number of times. Software
+        breakpoints stay set (over the restored bytes)."""
+        times = self._core.restore(snapshot._core)
+        self._debug.repatch()
+        return times
 
     @classmethod
     def from_snapshot(
