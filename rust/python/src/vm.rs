@@ -645,11 +645,21 @@ impl Vm {
     }
 
     /// Runs one instruction on vCPU `vcpu`, the others staying stopped.
+    /// Ctrl-C stops a step that does not end and raises, as for `run`.
     fn step(&self, py: Python<'_>, vcpu: usize, mask_interrupts: bool) -> PyResult<Py<PyAny>> {
         self.handler_errors.take(py);
         let machine = self.machine()?;
-        let exit = py.detach(|| machine.step(vcpu, mask_interrupts));
+        let mut signal = None;
+        let mut interrupted = || {
+            signal = Python::attach(|py| py.check_signals().err());
+            signal.is_some()
+        };
+        let exit = py.detach(|| machine.step(vcpu, mask_interrupts, &mut interrupted));
         release(py, Some(machine));
+        if let Some(signal) = signal {
+            self.handler_errors.take(py);
+            return Err(signal);
+        }
         self.report(py, &exit.py()?)
     }
 

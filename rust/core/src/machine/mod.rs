@@ -409,16 +409,15 @@ impl Machine {
     /// Runs exactly one instruction on vCPU `index` while the others stay stopped, and returns
     /// the exit (normally [`ExitReason::Debug`] of kind step). With `mask_interrupts`, KVM
     /// delivers no interrupt during the step, when it can. Instruction breakpoints are left out of
-    /// the step, so stepping from one moves on; watchpoints stay.
-    pub fn step(&self, index: usize, mask_interrupts: bool) -> Result<Exit> {
+    /// the step, so stepping from one moves on; watchpoints stay. A step that does not end (a HLT
+    /// waiting for an interrupt) ends with [`ExitReason::Stopped`] once `interrupted` says so, as
+    /// a run does.
+    pub fn step(&self, index: usize, mask_interrupts: bool, interrupted: &mut dyn FnMut() -> bool) -> Result<Exit> {
         if index >= self.vcpu_count {
             return Err(Error::NoSuchVcpu { index, count: self.vcpu_count });
         }
         let control = self.launch(Some((index, mask_interrupts)))?;
-        control.wait(None);
-        let mut state = self.lock();
-        Self::reap(&mut state);
-        state.last_exit.clone().ok_or(Error::NotStarted)
+        self.collect(&control, None, interrupted)
     }
 
     /// Steps every vCPU that stopped at an instruction breakpoint (and still sits there, with the
@@ -442,7 +441,7 @@ impl Machine {
                 .collect()
         };
         for index in pending {
-            let exit = self.step(index, true)?;
+            let exit = self.step(index, true, &mut || false)?;
             let stepped = matches!(exit.reason, ExitReason::Debug(event) if event.kind == DebugKind::Step);
             if !stepped && exit.reason != ExitReason::Hlt {
                 return Ok(Some(exit));
@@ -500,6 +499,16 @@ impl Machine {
             return Ok(exit);
         }
         let control = self.launch(None)?;
+        self.collect(&control, deadline, interrupted)
+    }
+
+    /// Waits for the run `control` controls as [`run`](Self::run) does, and returns its exit.
+    fn collect(
+        &self,
+        control: &RunControl,
+        deadline: Option<Instant>,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<Exit> {
         let mut give_up = None;
         loop {
             let slice = deadline.map_or(POLL_PERIOD, |d| d.saturating_duration_since(Instant::now()).min(POLL_PERIOD));
