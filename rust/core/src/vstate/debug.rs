@@ -88,14 +88,9 @@ impl HwSlot {
         self.kind
     }
 
-    /// Bytes covered.
-    pub fn len(&self) -> u8 {
+    /// Bytes covered (1 for a breakpoint).
+    pub fn length(&self) -> u8 {
         self.len
-    }
-
-    /// Always false: a slot covers at least one byte.
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// The DR7 LEN field.
