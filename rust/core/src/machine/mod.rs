@@ -435,7 +435,10 @@ impl Machine {
                 .filter_map(|(index, pc)| {
                     let pc = (*pc).filter(|pc| breakpoints.contains(pc))?;
                     let vcpu = state.vcpus.get(index)?;
-                    let rip = vcpu.regs().ok()?.rip.wrapping_add(vcpu.sregs().ok()?.cs.base);
+                    let sregs = vcpu.sregs().ok()?;
+                    // Debug addresses are linear; a 64-bit code segment has no base.
+                    let base = if sregs.cs.l != 0 { 0 } else { sregs.cs.base };
+                    let rip = vcpu.regs().ok()?.rip.wrapping_add(base);
                     (rip == pc).then_some(index)
                 })
                 .collect()
