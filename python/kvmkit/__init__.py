@@ -12,7 +12,7 @@ Rust devices, and run it at KVM speed::
         print(vm.run(timeout=5).reason)
 """
 
-from kvmkit import agent, devices, errors, snapshot, virtio
+from kvmkit import agent, debug, devices, errors, snapshot, virtio
 from kvmkit._core import __version__
 from kvmkit.agent import ExecResult
 from kvmkit.console import Console
@@ -39,6 +39,7 @@ __all__ = [
     "Vcpu",
     "__version__",
     "agent",
+    "debug",
     "devices",
     "errors",
     "parse_size",

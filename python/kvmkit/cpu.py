@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from kvmkit._core import Vm as _CoreVm
+    from kvmkit.debug import DebugState
+    from kvmkit.exits import Exit
 
 CpuMode = Literal["real", "protected", "long"]
 CpuidRegister = Literal["eax", "ebx", "ecx", "edx"]
@@ -158,9 +160,10 @@ class Vcpu:
     """One vCPU of a :class:`~kvmkit.VM`. Its state can be read and written while the VM is
     stopped; during a run those calls raise :class:`~kvmkit.errors.VmStateError`."""
 
-    def __init__(self, core: _CoreVm, index: int) -> None:
+    def __init__(self, core: _CoreVm, index: int, debug: DebugState | None = None) -> None:
         self._core = core
         self.index = index
+        self._debug = debug
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.index}>"
@@ -244,6 +247,29 @@ class Vcpu:
     def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
         """Replaces the CPUID table (KVM accepts this only before the vCPU first runs)."""
         self._core.set_cpuid(self.index, [dataclasses.astuple(e) for e in entries])
+
+    # Debugging
+
+    def step(self, mask_interrupts: bool = True) -> Exit:
+        """Runs exactly one instruction on this vCPU (the VM must be stopped; the other vCPUs
+        stay stopped) and returns the exit: normally ``ExitReason.DEBUG`` with ``details``
+        ``{"kind": "step", "rip": ...}`` (``rip`` is the linear address of the next instruction),
+        or ``"watchpoint"`` when the instruction hit one. Interrupts are kept out during the step
+        unless ``mask_interrupts`` is false. Instruction breakpoints do not fire on a step."""
+        from kvmkit.exits import Exit
+
+        if self._debug is not None:
+            # On a software breakpoint, the step runs the instruction under the int3.
+            over = self._debug.step_over_software(self, mask_interrupts)
+            if over is not None:
+                return over
+        exit_ = Exit._from_core(self._core.step(self.index, mask_interrupts))
+        return exit_ if self._debug is None else self._debug.describe(exit_)
+
+    def translate(self, vaddr: int) -> int | None:
+        """The guest-physical address the vCPU's page tables map the virtual (linear) address
+        ``vaddr`` to, or None when it is not mapped. With paging off, ``vaddr`` itself."""
+        return self._core.translate(self.index, vaddr)
 
 
 def _unknown_register(name: str) -> Exception:

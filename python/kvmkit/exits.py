@@ -29,6 +29,11 @@ class ExitReason(enum.Enum):
     """An access reached no device under ``unhandled_io="stop"``; ``details`` says where."""
     HANDLER_ERROR = "handler_error"
     """A device or Python handler failed (the handler's exception is raised from run/wait)."""
+    DEBUG = "debug"
+    """A single step finished, or a breakpoint or watchpoint was hit; ``details`` has ``kind``
+    (``"step"``, ``"breakpoint"``, ``"watchpoint"``), ``rip`` (the linear address of the next
+    instruction), ``vcpu``, ``dr6``, and for a hit the handle (``breakpoint`` or
+    ``watchpoint``), its ``address`` and, for a watchpoint, its ``access``."""
     STOPPED = "stopped"
     """``stop()`` was called, Ctrl-C was pressed, or (per vCPU) another vCPU ended the run."""
     TIMEOUT = "timeout"

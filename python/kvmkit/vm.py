@@ -7,6 +7,7 @@ import atexit
 import itertools
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
@@ -15,9 +16,10 @@ from kvmkit import _aio, _core
 from kvmkit.agent import Agent, Command, ExecResult, PathArg
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, Vcpu
+from kvmkit.debug import Breakpoint, DebugCallback, DebugState, WatchAccess, Watchpoint
 from kvmkit.devices import Device
 from kvmkit.errors import AgentError, ConfigError, SnapshotFormatError, VmStateError, WaitTimeout
-from kvmkit.exits import Exit
+from kvmkit.exits import Exit, ExitReason
 from kvmkit.snapshot import SETUP_VERSION, Snapshot
 from kvmkit.virtio import Disk, Net, Rng, VirtioDevice, Vsock
 
@@ -115,7 +117,8 @@ class VM:
 
     def _adopt(self, core: _core.Vm, cpus: int) -> None:
         self._core = core
-        self.vcpus: list[Vcpu] = [Vcpu(self._core, i) for i in range(cpus)]
+        self._debug = DebugState(core)
+        self.vcpus: list[Vcpu] = [Vcpu(self._core, i, self._debug) for i in range(cpus)]
         self._console: Console | None = None
         self._virtio: list[VirtioDevice] = []
         self._agent: Agent | None = None
@@ -150,8 +153,9 @@ class VM:
         return self._core.memory_regions
 
     def mem_read(self, addr: int, size: int) -> bytes:
-        """Copies ``size`` bytes of guest memory at ``addr``."""
-        return self._core.mem_read(addr, size)
+        """Copies ``size`` bytes of guest memory at ``addr`` (showing the original bytes where
+        software breakpoints are)."""
+        return self._debug.hide(addr, self._core.mem_read(addr, size))
 
     def mem_write(self, addr: int, data: Buffer) -> None:
         """Copies ``data`` (any bytes-like object) into guest memory at ``addr``."""
@@ -362,6 +366,52 @@ class VM:
         cannot read raises :class:`~kvmkit.errors.GuestOSError` with its errno."""
         return self.agent.get_file(path, timeout=timeout)
 
+    def mem_read_virtual(self, vcpu: Vcpu | int, vaddr: int, size: int) -> bytes:
+        """Copies ``size`` bytes at the virtual address ``vaddr`` as ``vcpu``'s page tables map
+        it, page by page. Raises ``ConfigError`` at the first page not mapped."""
+        index = vcpu if isinstance(vcpu, int) else vcpu.index
+        return self._core.mem_read_virtual(index, vaddr, size)
+
+    def mem_write_virtual(self, vcpu: Vcpu | int, vaddr: int, data: Buffer) -> None:
+        """Copies ``data`` to the virtual address ``vaddr`` as ``vcpu``'s page tables map it,
+        page by page. Raises ``ConfigError`` (writing nothing) if a page is not mapped."""
+        index = vcpu if isinstance(vcpu, int) else vcpu.index
+        self._core.mem_write_virtual(index, vaddr, data)
+
+    # Debugging
+
+    def add_breakpoint(self, addr: int, hardware: bool = False) -> Breakpoint:
+        """Stops runs before the instruction at the linear address ``addr`` runs, on every
+        vCPU; the run ends with ``ExitReason.DEBUG`` (``details["kind"] == "breakpoint"``) unless
+        the :meth:`on_debug` callback continues it. Running again goes on past it. The VM must be
+        stopped.
+
+        Hardware breakpoints share the four debug registers with watchpoints (``ConfigError``
+        beyond). Software ones (any number) patch an ``int3`` at the address vCPU 0's page tables
+        map ``addr`` to now; :meth:`mem_read` shows the original byte (:meth:`mem_view` does not).
+        They need a KVM that lets ``int3`` exit (not the paravirtualized ``kvm_pvm``)."""
+        if hardware:
+            return self._debug.add_breakpoint(addr)
+        physical = self.vcpus[0].translate(addr)
+        if physical is None:
+            raise ConfigError(f"{addr:#x} is not mapped on vCPU 0")
+        return self._debug.add_software_breakpoint(addr, physical)
+
+    def add_watchpoint(self, addr: int, length: int, access: WatchAccess = "write") -> Watchpoint:
+        """Stops runs right after an instruction writes (``access="write"``) or reads or writes
+        (``"readwrite"``) the ``length`` bytes (1, 2, 4 or 8, aligned) at the linear address
+        ``addr``, on every vCPU. Uses one of the four debug registers. The VM must be stopped."""
+        if access not in ("write", "readwrite"):
+            raise ConfigError(f'access must be "write" or "readwrite", not {access!r}')
+        return self._debug.add_watchpoint(addr, length, access)
+
+    def on_debug(self, callback: DebugCallback | None) -> None:
+        """Calls ``callback(vcpu, event)`` on each breakpoint or watchpoint hit that ends a run
+        of :meth:`run` or :meth:`wait`; it returns True to continue the run (past the hit) or
+        False to end it with the event. Its exceptions are raised from ``run``/``wait``. None
+        removes it."""
+        self._debug.callback = callback
+
     # Running
 
     def run(self, timeout: float | None = None) -> Exit:
@@ -372,13 +422,37 @@ class VM:
         is busy; that handler's call finishes on its own thread, and until it has the VM is still
         running (``vcpu_reasons`` is then empty; :meth:`wait` collects the full exit). The VM can
         be run again, resuming where it stopped."""
-        exit_ = Exit._from_core(self._core.run(timeout))
-        log.debug("run ended: %s", exit_)
-        return exit_
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ended = self._step_over_software()
+            if ended is not None:
+                return ended
+            exit_ = self._debug.describe(Exit._from_core(self._core.run(left)))
+            log.debug("run ended: %s", exit_)
+            if not self._debug.should_continue(exit_, self.vcpus):
+                return exit_
 
     def start(self) -> None:
         """Starts every vCPU on its own thread and returns at once."""
+        if self._step_over_software() is not None:
+            # The run ended in the step over a software breakpoint; run it again to go on.
+            return
         self._core.start()
+        self._debug.started = True
+
+    def _step_over_software(self) -> Exit | None:
+        """Steps the vCPUs stopped on software breakpoints past them; returns the exit if such a
+        step ends the run (a watchpoint hit, a failure)."""
+        for cpu in self.vcpus:
+            exit_ = self._debug.step_over_software(cpu)
+            if (
+                exit_ is not None
+                and exit_.reason is not ExitReason.HLT
+                and exit_.details.get("kind") != "step"
+            ):
+                return exit_
+        return None
 
     def wait(self, timeout: float | None = None) -> Exit:
         """Waits for the run to end. Raises :class:`~kvmkit.errors.WaitTimeout` if it has not
@@ -390,12 +464,19 @@ class VM:
         return exit_
 
     def _wait(self, timeout: float | None) -> Exit | None:
-        raw = self._core.wait(timeout)
-        if raw is None:
-            return None
-        exit_ = Exit._from_core(raw)
-        log.debug("run ended: %s", exit_)
-        return exit_
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            raw = self._core.wait(left)
+            if raw is None:
+                return None
+            exit_ = self._debug.describe(Exit._from_core(raw))
+            log.debug("run ended: %s", exit_)
+            # Only the run start() began goes to the callback, not a later wait() for the same end.
+            started, self._debug.started = self._debug.started, False
+            if not (started and self._debug.should_continue(exit_, self.vcpus)):
+                return exit_
+            self.start()
 
     async def run_async(self, timeout: float | None = None) -> Exit:
         """:meth:`run` for asyncio: starts the VM and waits for the run to end without blocking
@@ -447,7 +528,7 @@ class VM:
     def last_exit(self) -> Exit | None:
         """How the last finished run ended."""
         raw = self._core.last_exit
-        return None if raw is None else Exit._from_core(raw)
+        return None if raw is None else self._debug.describe(Exit._from_core(raw))
 
     # Pause, snapshot, restore, fork
 
@@ -470,16 +551,21 @@ class VM:
     def snapshot(self) -> Snapshot:
         """The whole state of the stopped or paused VM (see :mod:`kvmkit.snapshot`). The first
         snapshot moves guest memory into a memory file the VM then maps copy-on-write; later ones
-        copy only the pages written since."""
-        return Snapshot(self._core.snapshot(), {"version": SETUP_VERSION, "devices": list(self._setup)})
+        copy only the pages written since. Software breakpoints are left out: the snapshot holds
+        the original bytes."""
+        with self._debug.unpatched():
+            core = self._core.snapshot()
+        return Snapshot(core, {"version": SETUP_VERSION, "devices": list(self._setup)})
 
     def restore(self, snapshot: Snapshot) -> None:
         """Puts the stopped or paused VM back to ``snapshot`` (taken from this VM, from the VM it
         was forked from, or loaded from files of a VM of the same configuration and devices),
         copying back only the memory pages written since. The guest's clock moves on by the time
         passed since the snapshot, so its wall clock stays right. Repeatable any number of times;
-        :attr:`last_restore` says what it took."""
+        :attr:`last_restore` says what it took. Software breakpoints stay set (over the restored
+        bytes)."""
         self._core.restore(snapshot._core)
+        self._debug.repatch()
 
     @property
     def last_restore(self) -> dict[str, float] | None:

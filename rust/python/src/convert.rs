@@ -180,6 +180,14 @@ fn reason_details<'py>(py: Python<'py>, reason: &ExitReason) -> PyResult<Bound<'
             details.set_item("message", message)?;
         }
         ExitReason::VmmError(message) => details.set_item("message", message)?,
+        ExitReason::Debug(event) => {
+            details.set_item("kind", event.kind_name())?;
+            details.set_item("rip", event.pc)?;
+            details.set_item("dr6", event.dr6)?;
+            if let kvmkit_core::vstate::debug::DebugKind::Hardware(slot) = event.kind {
+                details.set_item("slot", slot)?;
+            }
+        }
         _ => {}
     }
     Ok(details)

@@ -15,6 +15,7 @@ use kvmkit_core::devices::{BootTimer, SerialPort, VmGenId};
 use kvmkit_core::irq::IrqLine;
 use kvmkit_core::linux::{self, LinuxPlatform};
 use kvmkit_core::machine::{RestoreTimes, STOP_GRACE};
+use kvmkit_core::vstate::debug::{HwKind, HwSlot};
 use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
 use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
@@ -642,6 +643,72 @@ impl Vm {
         };
         release(py, Some(machine));
         result
+    }
+
+    fn translate(&self, vcpu: usize, vaddr: Unsigned<u64>) -> PyResult<Option<u64>> {
+        self.machine()?.translate(vcpu, vaddr.0).py()
+    }
+
+    fn mem_read_virtual<'py>(
+        &self,
+        py: Python<'py>,
+        vcpu: usize,
+        vaddr: Unsigned<u64>,
+        size: Unsigned<usize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let machine = self.machine()?;
+        // The size is the caller's to choose: more than the guest has cannot be read.
+        let total: u64 = memory::regions(machine.memory()).iter().map(|(_, size)| size).sum();
+        if size.0 as u64 > total {
+            return Err(config_error(format!("cannot read {} bytes from a guest with {total}", size.0)));
+        }
+        PyBytes::new_with(py, size.0, |buf| machine.read_virtual(vcpu, vaddr.0, buf).py())
+    }
+
+    fn mem_write_virtual(&self, py: Python<'_>, vcpu: usize, vaddr: Unsigned<u64>, data: PyBuffer<u8>) -> PyResult<()> {
+        let bytes = data.to_vec(py)?;
+        self.machine()?.write_virtual(vcpu, vaddr.0, &bytes).py()
+    }
+
+    /// Runs one instruction on vCPU `vcpu`, the others staying stopped.
+    /// Ctrl-C stops a step that does not end and raises, as for `run`.
+    fn step(&self, py: Python<'_>, vcpu: usize, mask_interrupts: bool) -> PyResult<Py<PyAny>> {
+        self.handler_errors.take(py);
+        let machine = self.machine()?;
+        let mut signal = None;
+        let mut interrupted = || {
+            signal = Python::attach(|py| py.check_signals().err());
+            signal.is_some()
+        };
+        let exit = py.detach(|| machine.step(vcpu, mask_interrupts, &mut interrupted));
+        release(py, Some(machine));
+        if let Some(signal) = signal {
+            self.handler_errors.take(py);
+            return Err(signal);
+        }
+        self.report(py, &exit.py()?)
+    }
+
+    /// Takes a debug register for a breakpoint (`kind` "execute") or a watchpoint ("write",
+    /// "readwrite") and returns its number.
+    fn add_hw_slot(&self, kind: &str, addr: Unsigned<u64>, len: u8) -> PyResult<usize> {
+        let slot = match kind {
+            "execute" => HwSlot::breakpoint(addr.0),
+            "write" => HwSlot::watchpoint(addr.0, len, HwKind::Write).py()?,
+            "readwrite" => HwSlot::watchpoint(addr.0, len, HwKind::ReadWrite).py()?,
+            other => return Err(config_error(format!("unknown watchpoint access {other:?}"))),
+        };
+        self.machine()?.add_hw_slot(slot).py()
+    }
+
+    /// Turns on or off `int3` exiting to the VMM.
+    fn set_software_breakpoints(&self, on: bool) -> PyResult<()> {
+        self.machine()?.set_software_breakpoints(on).py()
+    }
+
+    /// Frees debug register `slot`.
+    fn remove_hw_slot(&self, slot: usize) -> PyResult<()> {
+        self.machine()?.remove_hw_slot(slot).py()
     }
 
     /// Asks the run to end; `timeout=True` records it as a timeout. Returns whether it was running.

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{self, VIRTIO_MMIO_SIZE};
 use crate::arch::x86_64::mode::CpuMode;
+use crate::arch::x86_64::pagewalk::{self, PagingRegs};
 use crate::bus::{BusDevice, BusRange};
 use crate::config::MachineConfig;
 use crate::devices::virtio::{
@@ -29,6 +30,7 @@ use crate::devices::virtio::{
 use crate::error::{Error, Result};
 use crate::io::{IoSpaces, IoStats};
 use crate::irq::IrqLine;
+use crate::vstate::debug::{DebugKind, GuestDebug, HwKind, HwSlot, HW_SLOTS};
 use crate::vstate::exit::{AddressSpace, Exit, ExitReason};
 use crate::vstate::kvm::Kvm;
 use crate::vstate::memory::{self, GuestMemory};
@@ -76,6 +78,11 @@ struct State {
     ran_since_dirty_log: bool,
     /// Run after each restore.
     restore_hooks: hooks::RestoreHooks,
+    /// The breakpoints and watchpoints every vCPU runs with.
+    debug: GuestDebug,
+    /// For each vCPU that stopped at an instruction breakpoint, the breakpoint's address: resuming
+    /// from there steps over it first, or it would hit again at once.
+    at_breakpoint: Vec<Option<u64>>,
 }
 
 /// Where a virtio device sits and how it is doing.
@@ -176,6 +183,8 @@ impl Machine {
             pause: None,
             ran_since_dirty_log: false,
             restore_hooks: hooks::RestoreHooks::default(),
+            debug: GuestDebug::default(),
+            at_breakpoint: Vec::new(),
         };
         let vcpu_count = config.vcpus as usize;
         let run_end = Arc::new(new_eventfd()?);
@@ -195,6 +204,59 @@ impl Machine {
     /// Copies `data` into guest memory at `addr`.
     pub fn write_memory(&self, addr: u64, data: &[u8]) -> Result<()> {
         Ok(memory::write(self.memory(), addr, data)?)
+    }
+
+    /// The guest-physical address vCPU `index`'s page tables map the virtual address `vaddr` to,
+    /// or None; fails while the VM runs.
+    pub fn translate(&self, index: usize, vaddr: u64) -> Result<Option<u64>> {
+        let regs = PagingRegs::from(&self.with_vcpu(index, Vcpu::sregs)?);
+        Ok(self.translate_with(&regs, vaddr))
+    }
+
+    fn translate_with(&self, regs: &PagingRegs, vaddr: u64) -> Option<u64> {
+        pagewalk::translate(regs, vaddr, &mut |addr, buf| memory::read(self.memory(), addr, buf).is_ok())
+    }
+
+    /// The guest-physical pieces of `len` bytes at virtual address `vaddr`, one per page.
+    fn virtual_pieces(&self, index: usize, vaddr: u64, len: usize) -> Result<Vec<(u64, usize)>> {
+        let regs = PagingRegs::from(&self.with_vcpu(index, Vcpu::sregs)?);
+        let mut pieces = Vec::new();
+        let (mut at, mut left) = (vaddr, len);
+        while left > 0 {
+            let size = (pagewalk::page_rest(at) as usize).min(left);
+            let phys = self.translate_with(&regs, at).ok_or_else(|| {
+                Error::InvalidConfig(format!("virtual address {at:#x} is not mapped on vCPU {index}"))
+            })?;
+            pieces.push((phys, size));
+            at = at.wrapping_add(size as u64);
+            left -= size;
+        }
+        Ok(pieces)
+    }
+
+    /// Copies guest memory at virtual address `vaddr`, as vCPU `index` maps it, into `buf`.
+    pub fn read_virtual(&self, index: usize, vaddr: u64, buf: &mut [u8]) -> Result<()> {
+        let mut offset = 0;
+        for (phys, size) in self.virtual_pieces(index, vaddr, buf.len())? {
+            self.read_memory(phys, &mut buf[offset..offset + size])?;
+            offset += size;
+        }
+        Ok(())
+    }
+
+    /// Copies `data` to virtual address `vaddr` as vCPU `index` maps it; every page is translated
+    /// (and checked) before anything is written.
+    pub fn write_virtual(&self, index: usize, vaddr: u64, data: &[u8]) -> Result<()> {
+        let pieces = self.virtual_pieces(index, vaddr, data.len())?;
+        for &(phys, size) in &pieces {
+            memory::check_range(self.memory(), phys, size)?;
+        }
+        let mut offset = 0;
+        for (phys, size) in pieces {
+            self.write_memory(phys, &data[offset..offset + size])?;
+            offset += size;
+        }
+        Ok(())
     }
 
     /// Number of vCPUs.
@@ -351,7 +413,94 @@ impl Machine {
 
     /// Starts every vCPU on its own thread and returns; [`wait`](Self::wait) collects the end.
     pub fn start(&self) -> Result<()> {
-        self.launch().map(drop)
+        if self.step_over_breakpoints()?.is_some() {
+            // The run ended in the step; `wait` finds its exit.
+            return Ok(());
+        }
+        self.launch(None).map(drop)
+    }
+
+    /// Runs exactly one instruction on vCPU `index` while the others stay stopped, and returns
+    /// the exit (normally [`ExitReason::Debug`] of kind step). With `mask_interrupts`, KVM
+    /// delivers no interrupt during the step, when it can. Instruction breakpoints are left out of
+    /// the step, so stepping from one moves on; watchpoints stay. A step that does not end (a HLT
+    /// waiting for an interrupt) ends with [`ExitReason::Stopped`] once `interrupted` says so, as
+    /// a run does.
+    pub fn step(&self, index: usize, mask_interrupts: bool, interrupted: &mut dyn FnMut() -> bool) -> Result<Exit> {
+        if index >= self.vcpu_count {
+            return Err(Error::NoSuchVcpu { index, count: self.vcpu_count });
+        }
+        let control = self.launch(Some((index, mask_interrupts)))?;
+        self.collect(&control, None, interrupted)
+    }
+
+    /// Steps every vCPU that stopped at an instruction breakpoint (and still sits there, with the
+    /// breakpoint still set) past it. Returns the exit when such a step ends the run: a watchpoint
+    /// hit, a failure.
+    fn step_over_breakpoints(&self) -> Result<Option<Exit>> {
+        let pending: Vec<usize> = {
+            let mut state = self.stopped_state()?;
+            let marks = std::mem::take(&mut state.at_breakpoint);
+            let breakpoints: Vec<u64> =
+                state.debug.slots.iter().flatten().filter(|s| s.kind() == HwKind::Execute).map(|s| s.addr()).collect();
+            marks
+                .iter()
+                .enumerate()
+                .filter_map(|(index, pc)| {
+                    let pc = (*pc).filter(|pc| breakpoints.contains(pc))?;
+                    let vcpu = state.vcpus.get(index)?;
+                    let sregs = vcpu.sregs().ok()?;
+                    // Debug addresses are linear; a 64-bit code segment has no base.
+                    let base = if sregs.cs.l != 0 { 0 } else { sregs.cs.base };
+                    let rip = vcpu.regs().ok()?.rip.wrapping_add(base);
+                    (rip == pc).then_some(index)
+                })
+                .collect()
+        };
+        for index in pending {
+            let exit = self.step(index, true, &mut || false)?;
+            let stepped = matches!(exit.reason, ExitReason::Debug(event) if event.kind == DebugKind::Step);
+            if !stepped && exit.reason != ExitReason::Hlt {
+                return Ok(Some(exit));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Puts a hardware breakpoint or watchpoint in the first free debug register, for every vCPU
+    /// from the next run on, and returns the register's number; fails while the VM runs or when
+    /// all four are taken.
+    pub fn add_hw_slot(&self, slot: HwSlot) -> Result<usize> {
+        let mut state = self.stopped_state()?;
+        let free = state.debug.slots.iter().position(Option::is_none).ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "x86 has {HW_SLOTS} debug registers for hardware breakpoints and watchpoints, all in use"
+            ))
+        })?;
+        state.debug.slots[free] = Some(slot);
+        Ok(free)
+    }
+
+    /// Frees debug register `index`; fails while the VM runs.
+    pub fn remove_hw_slot(&self, index: usize) -> Result<()> {
+        let mut state = self.stopped_state()?;
+        let slot =
+            state.debug.slots.get_mut(index).ok_or_else(|| {
+                Error::InvalidConfig(format!("there are {HW_SLOTS} debug registers, not {}", index + 1))
+            })?;
+        *slot = None;
+        Ok(())
+    }
+
+    /// The hardware breakpoints and watchpoints, by debug register.
+    pub fn hw_slots(&self) -> [Option<HwSlot>; HW_SLOTS] {
+        self.lock().debug.slots
+    }
+
+    /// Turns on or off `int3` exiting to the VMM (software breakpoints); fails while the VM runs.
+    pub fn set_software_breakpoints(&self, on: bool) -> Result<()> {
+        self.stopped_state()?.debug.software_breakpoints = on;
+        Ok(())
     }
 
     /// Runs the VM until the run ends, every vCPU on its own thread while the caller waits. The run
@@ -363,7 +512,20 @@ impl Machine {
     pub fn run(&self, timeout: Option<Duration>, interrupted: &mut dyn FnMut() -> bool) -> Result<Exit> {
         // A timeout too long to be a time of day never passes.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let control = self.launch()?;
+        if let Some(exit) = self.step_over_breakpoints()? {
+            return Ok(exit);
+        }
+        let control = self.launch(None)?;
+        self.collect(&control, deadline, interrupted)
+    }
+
+    /// Waits for the run `control` controls as [`run`](Self::run) does, and returns its exit.
+    fn collect(
+        &self,
+        control: &RunControl,
+        deadline: Option<Instant>,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<Exit> {
         let mut give_up = None;
         loop {
             let slice = deadline.map_or(POLL_PERIOD, |d| d.saturating_duration_since(Instant::now()).min(POLL_PERIOD));
@@ -392,11 +554,22 @@ impl Machine {
         state.last_exit.clone().ok_or(Error::NotStarted)
     }
 
-    /// Starts a new run on the vCPU threads (starting those that are not yet).
-    fn launch(&self) -> Result<Arc<RunControl>> {
+    /// Starts a new run on the vCPU threads (starting those that are not yet). With `step`, only
+    /// that vCPU runs, for one instruction (interrupts masked if asked).
+    fn launch(&self, step: Option<(usize, bool)>) -> Result<Arc<RunControl>> {
         let mut state = self.stopped_state()?;
         install_kick_handler().map_err(Error::Thread)?;
         self.unpause(&mut state)?;
+        let base = state.debug;
+        for (index, vcpu) in state.vcpus.iter_mut().enumerate() {
+            let debug = match step {
+                Some((stepping, block_irq)) if stepping == index => {
+                    GuestDebug { single_step: true, block_irq, ..base.without_breakpoints() }
+                }
+                _ => base,
+            };
+            vcpu.set_guest_debug(&debug)?;
+        }
         state.ran_since_dirty_log = true;
         for first_start in std::mem::take(&mut state.on_first_start) {
             first_start();
@@ -407,6 +580,12 @@ impl Machine {
         let mut run = ActiveRun { control: control.clone(), finished: receive, pending: 0, returned: Vec::new() };
         let mut vcpus = vcpus.into_iter();
         while let Some(vcpu) = vcpus.next() {
+            if step.is_some_and(|(stepping, _)| stepping != vcpu.index() as usize) {
+                // Not this step's vCPU: it stays where it is.
+                control.finish();
+                run.returned.push((vcpu, ExitReason::Stopped));
+                continue;
+            }
             let job = Job {
                 vcpu,
                 io: state.io.clone(),
@@ -439,8 +618,9 @@ impl Machine {
     /// vCPU back when that fails.
     fn hand_over(state: &mut State, job: Job) -> std::result::Result<(), (Vcpu, std::io::Error)> {
         let index = job.vcpu.index() as usize;
-        if index >= state.workers.len() {
-            match Worker::start(index, state.thread_hook.clone()) {
+        // A step may run a later vCPU before the earlier ones ever ran.
+        while index >= state.workers.len() {
+            match Worker::start(state.workers.len(), state.thread_hook.clone()) {
                 Ok(worker) => state.workers.push(worker),
                 Err(e) => return Err((job.vcpu, e)),
             }
@@ -513,6 +693,20 @@ impl Machine {
         let Some(run) = state.run.take() else { return };
         let (vcpus, exit) = run.join();
         state.vcpus = vcpus;
+        let slots = state.debug.slots;
+        state.at_breakpoint = exit
+            .vcpu_reasons
+            .iter()
+            .map(|reason| match reason {
+                ExitReason::Debug(event) => match event.kind {
+                    DebugKind::Hardware(n) => {
+                        slots[usize::from(n)].filter(|slot| slot.kind() == HwKind::Execute).map(|_| event.pc)
+                    }
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
         state.last_exit = Some(exit);
     }
 }

@@ -4,6 +4,7 @@ use kvm_ioctls::VcpuExit;
 use vmm_sys_util::errno;
 
 use crate::bus::DeviceError;
+use crate::vstate::debug::DebugEvent;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -102,6 +103,8 @@ pub enum ExitReason {
         /// What the device said.
         message: String,
     },
+    /// A single step finished or a breakpoint or watchpoint was hit.
+    Debug(DebugEvent),
     /// `stop()` was called, or another vCPU ended the run.
     Stopped,
     /// The run's time limit passed.
@@ -132,6 +135,7 @@ impl ExitReason {
             Self::FailEntry { .. } => "fail_entry",
             Self::UnhandledIo { .. } => "unhandled_io",
             Self::DeviceError { .. } => "handler_error",
+            Self::Debug(_) => "debug",
             Self::Stopped => "stopped",
             Self::Timeout => "timeout",
             Self::Paused => "paused",
@@ -153,6 +157,7 @@ impl fmt::Display for ExitReason {
             }
             Self::DeviceError { space, addr, message } => write!(f, "device at {space} {addr:#x} failed: {message}"),
             Self::VmmError(message) => f.write_str(message),
+            Self::Debug(event) => write!(f, "debug event ({}) at {:#x}", event.kind_name(), event.pc),
             other => f.write_str(other.name()),
         }
     }
@@ -248,6 +253,9 @@ pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, pio_size: usize, io
         VcpuExit::Intr => ExitAction::Interrupted,
         VcpuExit::Hlt => ExitAction::Stop(ExitReason::Hlt),
         VcpuExit::Shutdown => ExitAction::Stop(ExitReason::Shutdown),
+        VcpuExit::Debug(arch) => {
+            ExitAction::Stop(ExitReason::Debug(DebugEvent::classify(arch.exception, arch.pc, arch.dr6)))
+        }
         VcpuExit::InternalError => ExitAction::InternalError,
         VcpuExit::FailEntry(reason, cpu) => ExitAction::Stop(ExitReason::FailEntry { reason, cpu }),
         VcpuExit::SystemEvent(kind, _) => ExitAction::Stop(match kind {
@@ -378,6 +386,27 @@ mod tests {
         assert!(matches!(stop(VcpuExit::Nmi), ExitReason::VmmError(m) if m.contains("Nmi")));
         assert_eq!(handle_exit(Ok(VcpuExit::InternalError), 0, &io), ExitAction::InternalError);
         assert!(io.0.borrow().is_empty());
+    }
+
+    #[test]
+    fn debug_exits_stop_the_vcpu_with_the_event() {
+        use crate::vstate::debug::DebugKind;
+        use kvm_bindings::kvm_debug_exit_arch;
+        let io = Recorder::default();
+        let debug = |exception, pc, dr6| match handle_exit(
+            Ok(VcpuExit::Debug(kvm_debug_exit_arch { exception, pad: 0, pc, dr6, dr7: 0x400 })),
+            0,
+            &io,
+        ) {
+            ExitAction::Stop(ExitReason::Debug(event)) => event,
+            other => panic!("expected a debug stop, got {other:?}"),
+        };
+        assert_eq!(debug(1, 0x1002, 0xffff_4ff0), DebugEvent { kind: DebugKind::Step, pc: 0x1002, dr6: 0xffff_4ff0 });
+        assert_eq!(debug(1, 0x1010, 0xffff_0ff1).kind, DebugKind::Hardware(0));
+        assert_eq!(debug(1, 0x1010, 0xffff_0ff8).kind, DebugKind::Hardware(3));
+        assert_eq!(debug(3, 0x1020, 0).kind, DebugKind::Software);
+        assert!(ExitReason::Debug(debug(1, 0, 0)).ends_run());
+        assert_eq!(ExitReason::Debug(debug(1, 0, 0)).name(), "debug");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The only part of kvmkit that talks to KVM.
 
+/// Single-step and hardware breakpoints: what `KVM_SET_GUEST_DEBUG` gets, what its exits mean.
+pub mod debug;
 /// What a vCPU exit means for the run, as a pure function of the exit.
 pub mod exit;
 /// The `/dev/kvm` system handle and the capabilities kvmkit needs.

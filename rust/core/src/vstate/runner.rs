@@ -367,4 +367,29 @@ mod tests {
         assert_eq!(guest.vcpu.regs().unwrap().rip, CODE_ADDR + 0xe);
         assert_eq!(guest.run().0, ExitReason::Hlt);
     }
+
+    #[test]
+    fn single_steps_and_breakpoints_end_the_vcpu_with_a_debug_exit() {
+        use crate::vstate::debug::{DebugEvent, DebugKind, GuestDebug, HwSlot};
+        let Some(kvm) = kvm() else { return };
+        let mut guest = Guest::new(&kvm, false, READS);
+        let step = GuestDebug { single_step: true, block_irq: true, ..Default::default() };
+        guest.vcpu.set_guest_debug(&step).unwrap();
+        let debug = |reason| match reason {
+            ExitReason::Debug(DebugEvent { kind, pc, .. }) => (kind, pc),
+            other => panic!("expected a debug exit, got {other:?}"),
+        };
+        assert_eq!(debug(guest.run().0), (DebugKind::Step, CODE_ADDR + 0x4));
+        assert_eq!(guest.vcpu.regs().unwrap().rip, CODE_ADDR + 0x4);
+        // A breakpoint on the checkpoint: the run stops before it, with the two reads done.
+        let mut breakpoint = GuestDebug::default();
+        breakpoint.slots[2] = Some(HwSlot::breakpoint(CODE_ADDR + 0xc));
+        guest.vcpu.set_guest_debug(&breakpoint).unwrap();
+        assert_eq!(guest.run().0, ExitReason::Stopped, "the `in` asks for a stop");
+        assert_eq!(guest.run().0, ExitReason::Stopped, "so does the MMIO read");
+        assert_eq!(debug(guest.run().0), (DebugKind::Hardware(2), CODE_ADDR + 0xc));
+        guest.vcpu.set_guest_debug(&GuestDebug::default()).unwrap();
+        assert_eq!(guest.run().0, ExitReason::Stopped, "the checkpoint, now");
+        assert_eq!(guest.run().0, ExitReason::Hlt);
+    }
 }

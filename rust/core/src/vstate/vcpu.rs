@@ -14,6 +14,7 @@ use vmm_sys_util::fam::FamStruct;
 use crate::arch::x86_64::cpuid::{self, CpuidEdit, VcpuPlatform};
 use crate::arch::x86_64::{lapic, msr};
 use crate::error::{Error, Result};
+use crate::vstate::debug::GuestDebug;
 use crate::vstate::exit::InternalError;
 use crate::vstate::kvm::Kvm;
 
@@ -181,6 +182,11 @@ pub struct Vcpu {
     irqchip: bool,
     /// Whether `KVM_RUN` was called: KVM then refuses any CPUID other than the one it has.
     ran: bool,
+    /// What `KVM_SET_GUEST_DEBUG` last got, so that runs with nothing changed skip the ioctl
+    /// (boxed with the rest, as vCPUs move between threads by value).
+    guest_debug: Box<GuestDebug>,
+    /// Whether KVM can keep interrupts out while single-stepping (`KVM_GUESTDBG_BLOCKIRQ`).
+    block_irq: bool,
     /// Boxed, as vCPUs move between threads by value.
     tracking: Box<StateTracking>,
 }
@@ -227,6 +233,8 @@ impl Vcpu {
             mxcsr_via_xsave,
             irqchip,
             ran: false,
+            guest_debug: Box::default(),
+            block_irq: guest_debug_flags(vm) & kvm_bindings::KVM_GUESTDBG_BLOCKIRQ != 0,
             tracking: Box::new(StateTracking {
                 caps,
                 cpuid: Mutex::new(Vec::new()),
@@ -417,6 +425,17 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Sets single-step, software breakpoints and the debug registers KVM uses for the VMM's
+    /// debugging (not the guest's own DR0-DR7); does nothing when they are as last set.
+    pub fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<()> {
+        if *debug == *self.guest_debug {
+            return Ok(());
+        }
+        self.fd.set_guest_debug(&debug.to_kvm(self.block_irq)).map_err(Error::kvm("KVM_SET_GUEST_DEBUG"))?;
+        *self.guest_debug = *debug;
+        Ok(())
+    }
+
     /// Details of the `KVM_EXIT_INTERNAL_ERROR` the vCPU last stopped with.
     pub(crate) fn internal_error(&mut self) -> InternalError {
         // SAFETY: called right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, so the kernel
@@ -425,6 +444,11 @@ impl Vcpu {
         let count = (internal.ndata as usize).min(internal.data.len());
         InternalError::new(internal.suberror, internal.data[..count].to_vec())
     }
+}
+
+/// The `KVM_GUESTDBG_*` flags KVM supports, 0 when it does not say.
+fn guest_debug_flags(vm: &VmFd) -> u32 {
+    u32::try_from(vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG2))).unwrap_or(0)
 }
 
 /// Saving and restoring the whole state.

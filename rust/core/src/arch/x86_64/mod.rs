@@ -16,6 +16,8 @@ pub mod mode;
 pub mod mptable;
 /// Model-specific registers a Linux guest starts with.
 pub mod msr;
+/// Translating virtual addresses by walking the guest's page tables.
+pub mod pagewalk;
 /// Identity-mapped page tables for long mode.
 pub mod paging;
 
