@@ -42,10 +42,10 @@ fi
 
 say "pytest (this host's KVM: $kvm; tests that need hardware semantics run in the nested machine next)"
 status=0
-pytest_run "${PYTEST[@]}" tests -m "not hw_kvm" "$@" || status=$?
+pytest_run "${PYTEST[@]}" tests -m "not hw_kvm and not hw_debug" "$@" || status=$?
 
 say "pytest in the nested machine: Linux guests, and the core raw-guest tests again, on standard KVM"
 # The nested machine sees this host's files read-only: build the default guest here first.
 .venv/bin/python -c 'from kvmkit.images import default_guest; default_guest()'
-pytest_run .venv/bin/kvmkit nested --timeout 2400 -- "${PYTEST[@]}" tests -m "hw_kvm or standard_kvm" "$@" || status=$?
+pytest_run .venv/bin/kvmkit nested --timeout 2400 -- "${PYTEST[@]}" tests -m "(hw_kvm or standard_kvm) and not hw_debug" "$@" || status=$?
 exit "$status"
