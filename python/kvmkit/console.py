@@ -12,7 +12,7 @@ import time
 from typing import IO, TYPE_CHECKING, Any, Union, overload
 
 from kvmkit import _aio
-from kvmkit.errors import ConsoleTimeout, KvmkitError
+from kvmkit.errors import ConfigError, ConsoleTimeout, KvmkitError, check_timeout
 
 if TYPE_CHECKING:
     from kvmkit._core import Vm as _CoreVm
@@ -194,13 +194,16 @@ class _Search:
     def __init__(
         self, console: Console, pattern: Pattern | list[Expected] | tuple[Expected, ...], timeout: float
     ):
+        check_timeout(timeout)
         self.expected: list[Expected]
         if isinstance(pattern, (str, bytes, re.Pattern)):
             self.single, self.expected = True, [pattern]
-        else:
+        elif isinstance(pattern, (list, tuple)):
             self.single, self.expected = False, list(pattern)
+        else:
+            raise TypeError(f"expect() takes a pattern or a list of them, not {type(pattern).__name__}")
         if not self.expected:
-            raise ValueError("expect() needs at least one pattern")
+            raise ConfigError("expect() needs at least one pattern")
         self.regexes = [(i, _compile(p)) for i, p in enumerate(self.expected) if not isinstance(p, _Marker)]
         self.console, self.timeout = console, timeout
         self.start, self.seen = console._core.console_read(console._cursor, 0.0)

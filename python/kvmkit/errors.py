@@ -148,3 +148,10 @@ __all__ = [
     "VmStateError",
     "WaitTimeout",
 ]
+
+
+def check_timeout(timeout: float | None) -> None:
+    """Raises :class:`ConfigError` for a timeout that is not a non-negative number of seconds
+    (NaN included); None means no timeout."""
+    if timeout is not None and not timeout >= 0:
+        raise ConfigError(f"timeout must be a non-negative number of seconds, not {timeout}")

@@ -18,7 +18,14 @@ from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, Vcpu
 from kvmkit.debug import Breakpoint, DebugCallback, DebugState, WatchAccess, Watchpoint
 from kvmkit.devices import Device
-from kvmkit.errors import AgentError, ConfigError, SnapshotFormatError, VmStateError, WaitTimeout
+from kvmkit.errors import (
+    AgentError,
+    ConfigError,
+    SnapshotFormatError,
+    VmStateError,
+    WaitTimeout,
+    check_timeout,
+)
 from kvmkit.exits import Exit, ExitReason
 from kvmkit.snapshot import SETUP_VERSION, Snapshot
 from kvmkit.virtio import Disk, Net, Rng, VirtioDevice, Vsock
@@ -422,6 +429,7 @@ class VM:
         is busy; that handler's call finishes on its own thread, and until it has the VM is still
         running (``vcpu_reasons`` is then empty; :meth:`wait` collects the full exit). The VM can
         be run again, resuming where it stopped."""
+        check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -464,6 +472,7 @@ class VM:
         return exit_
 
     def _wait(self, timeout: float | None) -> Exit | None:
+        check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -482,6 +491,7 @@ class VM:
         """:meth:`run` for asyncio: starts the VM and waits for the run to end without blocking
         the event loop (it watches an eventfd the VM signals when a run ends). After ``timeout``
         seconds the VM is stopped and the reason is ``TIMEOUT``; cancelling the task stops the VM."""
+        check_timeout(timeout)
         self.start()
         try:
             return await self.wait_async(timeout)
@@ -495,8 +505,8 @@ class VM:
     async def wait_async(self, timeout: float | None = None) -> Exit:
         """:meth:`wait` for asyncio, driven by the eventfd the VM signals when a run ends, not by
         polling. Raises :class:`~kvmkit.errors.WaitTimeout` after ``timeout`` seconds (the VM keeps
-        running), and the exception a handler raised during the run. One task at a time may wait
-        for a given VM."""
+        running), and the exception a handler raised during the run."""
+        check_timeout(timeout)
         try:
             return await asyncio.wait_for(self._run_end(), timeout)
         except asyncio.TimeoutError as error:
