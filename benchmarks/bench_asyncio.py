@@ -15,7 +15,6 @@ Usage: python benchmarks/bench_asyncio.py [--quick] [--rounds N] [--vms N] [--ex
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import resource
 import statistics
@@ -94,15 +93,9 @@ def vms_per_second(guest: bytes, count: int, exits: int, drive: Callable[[list[k
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer VMs and rounds (a smoke run)")
-    parser.add_argument("--rounds", type=int, help="alternating rounds")
+    parser = placement.parser(__doc__, "asyncio.json", "fewer VMs and rounds")
     parser.add_argument("--vms", type=int, help="VMs run at once per round")
     parser.add_argument("--exits", type=int, help="port writes each guest makes before it halts")
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "asyncio.json")
-    placement.add_argument(parser)
     args = parser.parse_args()
     status = placement.relaunch(args, __file__, args.json.parent, cpus=2)
     if status is not None:

@@ -17,7 +17,6 @@ Usage: python benchmarks/bench_exits.py [--quick] [--rounds N] [--exits N] [--ch
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -113,15 +112,9 @@ def result_row(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer exits and rounds (a smoke run)")
-    parser.add_argument("--rounds", type=int, help="alternating rounds per case")
+    parser = placement.parser(__doc__, "exits.json", "fewer exits and rounds")
     parser.add_argument("--exits", type=int, help="exits per round of each exit case")
     parser.add_argument("--churn", type=int, help="VMs per round of the churn case")
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "exits.json")
-    placement.add_argument(parser)
     args = parser.parse_args()
     status = placement.relaunch(args, __file__, args.json.parent, cpus=1)
     if status is not None:

@@ -27,7 +27,6 @@ Usage: python benchmarks/bench_snapshot.py [--quick] [--rounds N] [--resets N] [
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -399,16 +398,10 @@ def print_summary(reset: dict[str, Any], fork: dict[str, Any], files: dict[str, 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and repetitions (a smoke run)")
-    parser.add_argument("--rounds", type=int, help="alternating rounds per case")
+    parser = placement.parser(__doc__, "snapshot.json", "fewer rounds and repetitions")
     parser.add_argument("--resets", type=int, help="resets per round of each reset case")
     parser.add_argument("--forks", type=int, help="forks (and empty VMs) per round")
     parser.add_argument("--loads", type=int, help="restores from files (and empty VMs) per round and size")
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "snapshot.json")
-    placement.add_argument(parser)
     args = parser.parse_args()
     status = placement.relaunch(args, __file__, args.json.parent, cpus=1)
     if status is not None:

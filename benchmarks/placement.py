@@ -15,6 +15,18 @@ from kvmkit.images import default_guest
 NESTED_MEMORY = "2G"
 
 
+def parser(doc: str | None, results: str, quick: str) -> argparse.ArgumentParser:
+    """The command line every alternating-rounds benchmark shares: ``doc`` as its help, ``--quick``
+    (``quick`` says what it cuts), ``--rounds``, ``--json`` (default ``benchmarks/results/<results>``)
+    and ``--where``."""
+    parsed = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parsed.add_argument("--quick", action="store_true", help=f"{quick} (a smoke run)")
+    parsed.add_argument("--rounds", type=int, help="alternating rounds per case")
+    parsed.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / results)
+    add_argument(parsed)
+    return parsed
+
+
 def add_argument(parser: argparse.ArgumentParser) -> None:
     """Adds ``--where auto|here|nested`` to a benchmark's command line."""
     parser.add_argument(
