@@ -125,6 +125,30 @@ impl Vm {
         self.with_vcpu(vcpu, |v| set(v, &value))
     }
 
+    /// Runs `go` (a run or a step) without the GIL, letting Ctrl-C through: `go` asks its
+    /// `interrupted` callback every few milliseconds, which checks for signals. Returns the exit,
+    /// or the exception of the signal or of a handler.
+    fn drive(
+        &self,
+        py: Python<'_>,
+        go: impl Send + FnOnce(&Machine, &mut dyn FnMut() -> bool) -> kvmkit_core::Result<Exit>,
+    ) -> PyResult<Py<PyAny>> {
+        self.handler_errors.take(py);
+        let machine = self.machine()?;
+        let mut signal = None;
+        let mut interrupted = || {
+            signal = Python::attach(|py| py.check_signals().err());
+            signal.is_some()
+        };
+        let exit = py.detach(|| go(&machine, &mut interrupted));
+        release(py, Some(machine));
+        if let Some(signal) = signal {
+            self.handler_errors.take(py);
+            return Err(signal);
+        }
+        self.report(py, &exit.py()?)
+    }
+
     /// The exit as a dict, or the exception a handler raised during the run.
     fn report(&self, py: Python<'_>, exit: &Exit) -> PyResult<Py<PyAny>> {
         if let Some(error) = self.handler_errors.take(py) {
@@ -601,20 +625,7 @@ impl Vm {
     #[pyo3(signature = (timeout=None))]
     fn run(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         let timeout = timeout.map(seconds).transpose()?;
-        self.handler_errors.take(py);
-        let machine = self.machine()?;
-        let mut signal = None;
-        let mut interrupted = || {
-            signal = Python::attach(|py| py.check_signals().err());
-            signal.is_some()
-        };
-        let exit = py.detach(|| machine.run(timeout, &mut interrupted));
-        release(py, Some(machine));
-        if let Some(signal) = signal {
-            self.handler_errors.take(py);
-            return Err(signal);
-        }
-        self.report(py, &exit.py()?)
+        self.drive(py, |machine, interrupted| machine.run(timeout, interrupted))
     }
 
     /// Waits for the run to end; `None` if `timeout` passed first. Ctrl-C stops the VM and raises.
@@ -673,20 +684,7 @@ impl Vm {
     /// Runs one instruction on vCPU `vcpu`, the others staying stopped.
     /// Ctrl-C stops a step that does not end and raises, as for `run`.
     fn step(&self, py: Python<'_>, vcpu: usize, mask_interrupts: bool) -> PyResult<Py<PyAny>> {
-        self.handler_errors.take(py);
-        let machine = self.machine()?;
-        let mut signal = None;
-        let mut interrupted = || {
-            signal = Python::attach(|py| py.check_signals().err());
-            signal.is_some()
-        };
-        let exit = py.detach(|| machine.step(vcpu, mask_interrupts, &mut interrupted));
-        release(py, Some(machine));
-        if let Some(signal) = signal {
-            self.handler_errors.take(py);
-            return Err(signal);
-        }
-        self.report(py, &exit.py()?)
+        self.drive(py, |machine, interrupted| machine.step(vcpu, mask_interrupts, interrupted))
     }
 
     /// Takes a debug register for a breakpoint (`kind` "execute") or a watchpoint ("write",
