@@ -1,5 +1,7 @@
 """VM construction, guest memory, CPU setup and register/FPU/MSR/CPUID state."""
 
+import dataclasses
+
 import pytest
 from kvmkit import CpuidEdit
 from kvmkit.errors import GuestMemoryError
@@ -200,13 +202,24 @@ def test_regs_roundtrip(make_vm):
     values = {name: 0x0101_0101_0101_0101 * (i + 1) for i, name in enumerate(GPRS)}
     values.update(rip=0x1234, rflags=0x247)
 
-    regs = cpu.regs
-    for name, value in values.items():
-        setattr(regs, name, value)
-    cpu.regs = regs
+    cpu.regs = cpu.regs.replace(**values)
 
     got = cpu.regs
     assert {name: getattr(got, name) for name in values} == values
+
+
+def test_register_copies_refuse_changes_in_place(make_vm):
+    """``cpu.regs.rax = 5`` would change a copy and nothing else: it raises, naming the fix."""
+    cpu = make_vm().vcpus[0]
+    with pytest.raises(dataclasses.FrozenInstanceError, match=r"reg_write"):
+        cpu.regs.rax = 5
+    with pytest.raises(dataclasses.FrozenInstanceError, match=r"copy"):
+        cpu.sregs.cr4 |= 0x200
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cpu.sregs.cs.base = 0x1000
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cpu.fpu.mxcsr = 0
+    assert cpu.regs.rax == 0 and cpu.sregs.cr4 & 0x200 == 0
 
 
 REG_VALUES = [(name, 0x0F0E_0D0C_0B0A_0900 + i) for i, name in enumerate([*GPRS, "rip"])] + [
@@ -233,11 +246,7 @@ def test_sregs_roundtrip(make_vm):
     cpu.setup("protected", entry=LOAD_ADDR)
 
     sregs = cpu.sregs
-    idt = sregs.idt  # nested values may be copies: modify, then assign back
-    idt.base, idt.limit = 0x7000, 0x7FF
-    sregs.idt = idt
-    sregs.cr2 = 0xBAD0_0000
-    cpu.sregs = sregs
+    cpu.sregs = sregs.replace(idt=sregs.idt.replace(base=0x7000, limit=0x7FF), cr2=0xBAD0_0000)
 
     got = cpu.sregs
     assert (got.idt.base, got.idt.limit, got.cr2) == (0x7000, 0x7FF, 0xBAD0_0000)
@@ -253,8 +262,7 @@ def test_fpu_roundtrip(make_vm):
     xmm[5] = bytes(range(16))
     fpr[2] = bytes(range(0x80, 0x8A)) + fpr[2][10:]  # 80-bit value in a 16-byte slot
 
-    fpu.fcw, fpu.xmm, fpu.fpr = 0x027F, xmm, fpr
-    cpu.fpu = fpu
+    cpu.fpu = fpu.replace(fcw=0x027F, xmm=xmm, fpr=fpr)
 
     got = cpu.fpu
     assert got.fcw == 0x027F
@@ -272,8 +280,7 @@ def test_fpu_mxcsr(make_vm):
     fpu = cpu.fpu
     assert fpu.mxcsr == 0x1F80
 
-    fpu.mxcsr = 0x9F80  # + flush-to-zero
-    cpu.fpu = fpu
+    cpu.fpu = fpu.replace(mxcsr=0x9F80)  # + flush-to-zero
 
     assert cpu.fpu.mxcsr == 0x9F80
 

@@ -13,7 +13,7 @@ Rust devices, and run it at KVM speed::
 """
 
 from kvmkit import agent, debug, devices, errors, snapshot, virtio
-from kvmkit._core import __version__
+from kvmkit._core import VcpuContext, __version__
 from kvmkit.agent import ExecResult
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, CpuidEntry, CpuMode, DescriptorTable, Fpu, Regs, Segment, SRegs, Vcpu
@@ -37,6 +37,7 @@ __all__ = [
     "Segment",
     "Snapshot",
     "Vcpu",
+    "VcpuContext",
     "__version__",
     "agent",
     "debug",

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from kvmkit.errors import CallError, CallTimeout, check_timeout
 
 if TYPE_CHECKING:
+    from kvmkit._core import VcpuContext
     from kvmkit._core import Vm as _CoreVm
     from kvmkit.debug import DebugState
     from kvmkit.exits import Exit
@@ -20,9 +23,33 @@ def _from_dict(cls: type[Any], raw: dict[str, Any]) -> Any:
     return cls(**{f.name: raw[f.name] for f in fields(cls)})
 
 
-@dataclass
+_T = TypeVar("_T")
+
+
+def _copy_of_state(cls: type[_T]) -> type[_T]:
+    """Makes a frozen dataclass of vCPU state say, when assigned to, that it is a copy and how to
+    change the vCPU instead: ``cpu.regs.rax = 5`` would otherwise change nothing."""
+
+    def refuse(self: object, name: str, value: object) -> None:
+        raise dataclasses.FrozenInstanceError(
+            f"cannot assign to {cls.__name__}.{name}: it is a copy of the vCPU's state; change the "
+            f"vCPU with vcpu.reg_write(name, value), or assign a copy made with .replace({name}=...) back"
+        )
+
+    def replace(self: _T, **changes: Any) -> _T:
+        """A copy with the fields named in ``changes`` replaced."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    cls.__setattr__ = refuse  # type: ignore[method-assign]
+    cls.replace = replace  # type: ignore[attr-defined]
+    return cls
+
+
+@_copy_of_state
+@dataclass(frozen=True)
 class Regs:
-    """General-purpose registers, RIP and RFLAGS."""
+    """General-purpose registers, RIP and RFLAGS: a copy, which ``vcpu.regs = regs`` writes back.
+    It cannot be changed in place; ``regs.replace(rax=5)`` makes a changed copy."""
 
     rax: int = 0
     rbx: int = 0
@@ -43,8 +70,13 @@ class Regs:
     rip: int = 0
     rflags: int = 2
 
+    if TYPE_CHECKING:
 
-@dataclass
+        def replace(self, **changes: int) -> Regs: ...
+
+
+@_copy_of_state
+@dataclass(frozen=True)
 class Segment:
     """A segment register with its hidden descriptor part."""
 
@@ -61,13 +93,22 @@ class Segment:
     avl: int = 0
     unusable: int = 0
 
+    if TYPE_CHECKING:
 
-@dataclass
+        def replace(self, **changes: int) -> Segment: ...
+
+
+@_copy_of_state
+@dataclass(frozen=True)
 class DescriptorTable:
     """GDTR or IDTR."""
 
     base: int = 0
     limit: int = 0
+
+    if TYPE_CHECKING:
+
+        def replace(self, **changes: int) -> DescriptorTable: ...
 
 
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
@@ -75,9 +116,10 @@ _TABLES = ("gdt", "idt")
 _CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 
 
-@dataclass
+@_copy_of_state
+@dataclass(frozen=True)
 class SRegs:
-    """Segment, descriptor-table and control registers."""
+    """Segment, descriptor-table and control registers: a copy, as :class:`Regs` is."""
 
     cs: Segment
     ds: Segment
@@ -104,10 +146,16 @@ class SRegs:
         parts.update({name: raw[name] for name in _CONTROL})
         return cls(**parts)
 
+    if TYPE_CHECKING:
 
-@dataclass
+        def replace(self, **changes: Any) -> SRegs: ...
+
+
+@_copy_of_state
+@dataclass(frozen=True)
 class Fpu:
-    """x87 and SSE state. ``fpr`` holds 8 and ``xmm`` 16 values of 16 bytes."""
+    """x87 and SSE state. ``fpr`` holds 8 and ``xmm`` 16 values of 16 bytes. A copy, as
+    :class:`Regs` is."""
 
     fcw: int
     fsw: int
@@ -118,6 +166,10 @@ class Fpu:
     mxcsr: int
     fpr: list[bytes]
     xmm: list[bytes]
+
+    if TYPE_CHECKING:
+
+        def replace(self, **changes: Any) -> Fpu: ...
 
 
 @dataclass(frozen=True)
@@ -150,10 +202,6 @@ class CpuidEdit:
 
     def _to_core(self) -> tuple[int, int | None, str, int, int]:
         return (self.leaf, self.subleaf, self.register, self.clear, self.set)
-
-
-_GENERAL = frozenset(f.name for f in fields(Regs))
-_SPECIAL_SCALARS = frozenset(_CONTROL)
 
 
 class Vcpu:
@@ -207,21 +255,60 @@ class Vcpu:
         self._core.set_fpu(self.index, dataclasses.asdict(fpu))
 
     def reg_read(self, name: str) -> int:
-        """One register by name: a :class:`Regs` field, or cr0/cr2/cr3/cr4/cr8/efer/apic_base."""
-        if name in _GENERAL:
-            return int(self._core.get_regs(self.index)[name])
-        if name in _SPECIAL_SCALARS:
-            return int(self._core.get_sregs(self.index)[name])
-        raise _unknown_register(name)
+        """One register by name, in any case: the 64-bit general registers and their 32-, 16- and
+        8-bit parts (``rax``, ``eax``, ``ax``, ``al``, ``ah``, ``r8d``, ``r8w``, ``r8b``, ...),
+        ``rip``/``eip``/``ip``, ``rflags``/``eflags``/``flags``, ``cr0``, ``cr2``, ``cr3``,
+        ``cr4``, ``cr8``, ``efer``, ``apic_base``, ``fs_base``, ``gs_base`` and the selectors
+        ``cs``, ``ds``, ``es``, ``fs``, ``gs``, ``ss``. Also from a handler, for the vCPU whose
+        access it serves (see :attr:`VM.current_vcpu <kvmkit.VM.current_vcpu>`)."""
+        return self._core.reg_read(self.index, name)
 
     def reg_write(self, name: str, value: int) -> None:
-        """Sets one register by name (see :meth:`reg_read`)."""
-        if name in _GENERAL:
-            self._core.set_regs(self.index, {name: value})
-        elif name in _SPECIAL_SCALARS:
-            self._core.set_sregs(self.index, {name: value})
-        else:
-            raise _unknown_register(name)
+        """Sets one register by name (see :meth:`reg_read`). The value is cut to the register's
+        width (negative values in two's complement), and writing a part of a register leaves its
+        other bits as they were: ``reg_write("al", 1)`` keeps the rest of RAX, as in Unicorn."""
+        self._core.reg_write(self.index, name, value)
+
+    def save_context(self) -> VcpuContext:
+        """The vCPU's whole state (registers, FPU and vector state, MSRs, local APIC, pending
+        events, debug registers), as a snapshot keeps it, for :meth:`restore_context`."""
+        return self._core.save_context(self.index)
+
+    def restore_context(self, context: VcpuContext) -> None:
+        """Puts back what :meth:`save_context` took, from this vCPU or the same vCPU of a VM of the
+        same shape. Memory is not part of it (see :meth:`VM.snapshot <kvmkit.VM.snapshot>`)."""
+        self._core.restore_context(self.index, context)
+
+    def call(self, entry: int, *args: int, stack: int | None = None, timeout: float | None = None) -> int:
+        """Calls the 64-bit function at ``entry`` with up to six integer arguments (System V: RDI,
+        RSI, RDX, RCX, R8, R9) and returns RAX when it returns. The vCPU must be in long mode
+        (:meth:`setup`), in a VM without ``irqchip``; only this vCPU runs, on the calling thread,
+        so a call that makes no I/O costs one ``KVM_RUN``. The stack is ``stack``, or the vCPU's
+        RSP, rounded down to 16 bytes. The function returns to a few instructions kvmkit keeps at
+        guest address 0x4f0 (``HLT`` after the call): R11 and RBX are set by the call, the other
+        registers keep their values, so they can be read after it.
+
+        A call that does not return raises :class:`~kvmkit.errors.CallError` with the
+        :class:`~kvmkit.exits.Exit` (a fault, a ``HLT``, ``stop()``); after ``timeout`` seconds,
+        :class:`~kvmkit.errors.CallTimeout`. An exception a handler raised comes out as it is.
+        Ctrl-C stops the call and raises ``KeyboardInterrupt``."""
+        if timeout is not None:
+            check_timeout(timeout)
+        result = self._core.call(self.index, entry, args, stack, timeout)
+        if isinstance(result, int):
+            return result
+        raise self._call_error(entry, result, timeout)
+
+    def _call_error(self, entry: int, raw: dict[str, Any], timeout: float | None) -> CallError:
+        from kvmkit.exits import Exit, ExitReason
+
+        exit_ = Exit._from_core(raw)
+        if self._debug is not None:
+            exit_ = self._debug.describe(exit_)
+        where = f"the call of {entry:#x} on vCPU {self.index}"
+        if exit_.reason is ExitReason.TIMEOUT:
+            return CallTimeout(f"{where} did not return within {timeout} s", exit_)
+        return CallError(f"{where} did not return: {exit_.message}", exit_)
 
     def msr_read(self, index: int) -> int:
         """One model-specific register."""
@@ -270,10 +357,3 @@ class Vcpu:
         """The guest-physical address the vCPU's page tables map the virtual (linear) address
         ``vaddr`` to, or None when it is not mapped. With paging off, ``vaddr`` itself."""
         return self._core.translate(self.index, vaddr)
-
-
-def _unknown_register(name: str) -> Exception:
-    from kvmkit.errors import ConfigError
-
-    known = ", ".join(sorted(_GENERAL | _SPECIAL_SCALARS))
-    return ConfigError(f"unknown register {name!r} (known: {known})")

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kvmkit.agent import ExecResult
+    from kvmkit.exits import Exit
 
 
 class KvmkitError(Exception):
@@ -61,6 +62,19 @@ class ConsoleTimeout(KvmkitError, TimeoutError):
 
 class WaitTimeout(KvmkitError, TimeoutError):
     """``VM.wait`` timed out; the VM is still running."""
+
+
+class CallError(KvmkitError):
+    """``Vcpu.call`` ended before the function returned; :attr:`exit` says how (a fault, a
+    ``HLT``, ``stop()``)."""
+
+    def __init__(self, message: str, exit: Exit) -> None:
+        super().__init__(message)
+        self.exit = exit
+
+
+class CallTimeout(CallError, TimeoutError):
+    """``Vcpu.call`` did not return within its timeout; the vCPU was stopped where it was."""
 
 
 class SnapshotError(KvmkitError):

@@ -421,15 +421,32 @@ class VM:
 
     # Running
 
-    def run(self, timeout: float | None = None) -> Exit:
+    def run(
+        self, timeout: float | None = None, *, until: int | None = None, count: int | None = None
+    ) -> Exit:
         """Runs every vCPU, each on its own thread, until the run ends and returns how it ended.
         After ``timeout`` seconds the VM is stopped and the reason is ``TIMEOUT``. An exception
         raised by a handler during the run is raised here; Ctrl-C stops the VM and raises
         ``KeyboardInterrupt``. A timeout or Ctrl-C returns within about 0.1 s even while a handler
         is busy; that handler's call finishes on its own thread, and until it has the VM is still
         running (``vcpu_reasons`` is then empty; :meth:`wait` collects the full exit). The VM can
-        be run again, resuming where it stopped."""
+        be run again, resuming where it stopped.
+
+        Like Unicorn's ``emu_start(begin, until, timeout, count)``: with ``until``, the run also
+        ends when a vCPU is about to execute the instruction at that (linear) address, with
+        ``ExitReason.DEBUG`` of kind ``"breakpoint"`` (a hardware breakpoint, for the run only);
+        with ``count``, the VM's only vCPU runs that many instructions, one step each, on the
+        calling thread, ending with the last step's exit (``DEBUG`` of kind ``"step"``) or earlier
+        on any other exit."""
         check_timeout(timeout)
+        if count is not None:
+            return self._run_count(count, timeout)
+        if until is not None:
+            stop_at = self.add_breakpoint(until, hardware=True)
+            try:
+                return self.run(timeout)
+            finally:
+                stop_at.remove()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -440,6 +457,27 @@ class VM:
             log.debug("run ended: %s", exit_)
             if not self._debug.should_continue(exit_, self.vcpus):
                 return exit_
+
+    def _run_count(self, count: int, timeout: float | None) -> Exit:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"count must be a positive number of instructions, not {count!r}")
+        if len(self.vcpus) != 1:
+            raise ConfigError(
+                f"run(count=...) steps the VM's only vCPU, and this VM has {len(self.vcpus)}: "
+                "use vcpus[i].step() for one of them"
+            )
+        exit_ = self._debug.describe(Exit._from_core(self._core.step(0, True, count, timeout)))
+        log.debug("run of %d instructions ended: %s", count, exit_)
+        return exit_
+
+    @property
+    def current_vcpu(self) -> Vcpu | None:
+        """In a handler, the vCPU whose access it serves (``None`` elsewhere). Its registers can
+        be read and changed from the handler: ``vm.current_vcpu.reg_read("rip")`` is the address
+        of the instruction making the access. KVM completes the access when the run goes on: an
+        ``in`` still writes its register, and a new RIP cancels the rest of the instruction."""
+        index = self._core.current_vcpu
+        return None if index is None else self.vcpus[index]
 
     def start(self) -> None:
         """Starts every vCPU on its own thread and returns at once."""

@@ -60,6 +60,17 @@ pub enum Error {
     /// The operation needs the VM stopped.
     #[error("the VM is running; stop it or wait for it first")]
     Running,
+    /// A handler asked for the registers of another vCPU than the one whose access it serves.
+    #[error(
+        "while the VM runs, a handler reaches only the registers of the vCPU whose access it serves \
+         (vCPU {serving}), not vCPU {index}'s"
+    )]
+    NotServing {
+        /// The vCPU asked for.
+        index: usize,
+        /// The vCPU the handler serves.
+        serving: u32,
+    },
     /// `wait` was called on a VM that was never started.
     #[error("the VM has not been started")]
     NotStarted,

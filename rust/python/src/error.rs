@@ -40,7 +40,9 @@ pub fn to_py(error: Error) -> PyErr {
         | Error::NoSuchVcpu { .. } => ConfigError::new_err(message),
         // The Linux platform's generation id needs guest memory at its fixed place.
         Error::Boot(_) | Error::VmGenId(VmGenIdError::Memory(_)) => BootError::new_err(message),
-        Error::Running | Error::NotStarted | Error::WaitInRun => VmStateError::new_err(message),
+        Error::Running | Error::NotServing { .. } | Error::NotStarted | Error::WaitInRun => {
+            VmStateError::new_err(message)
+        }
         Error::Thread(_) | Error::DeviceSetup(_) | Error::VmGenId(_) => KvmkitError::new_err(message),
         Error::Snapshot(error) => snapshot_error(error, message),
     }

@@ -40,6 +40,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<devices::Scratchpad>()?;
     m.add_class::<memory_view::GuestMemoryView>()?;
     m.add_class::<snapshot::Snapshot>()?;
+    m.add_class::<snapshot::VcpuContext>()?;
     m.add_class::<initramfs::Initramfs>()?;
     m.add_class::<virtio::VirtioBackend>()?;
     m.add_class::<virtio::VirtioHandle>()?;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use kvmkit_core::snapshot::MachineSnapshot;
 use kvmkit_core::vstate::memory;
+use kvmkit_core::vstate::vcpu::VcpuState;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -86,5 +87,38 @@ impl Snapshot {
     #[getter]
     fn own_bytes(&self) -> usize {
         self.inner.memory.own_bytes()
+    }
+}
+
+/// `_core.VcpuContext`: one vCPU's whole state (what a snapshot keeps of each vCPU), to put back
+/// on the vCPU it came from or on the same vCPU of a VM of the same shape.
+#[pyclass(frozen, module = "kvmkit._core")]
+pub struct VcpuContext {
+    vcpu: usize,
+    state: VcpuState,
+}
+
+impl VcpuContext {
+    pub fn new(vcpu: usize, state: VcpuState) -> Self {
+        Self { vcpu, state }
+    }
+
+    pub fn state(&self) -> &VcpuState {
+        &self.state
+    }
+}
+
+#[pymethods]
+impl VcpuContext {
+    /// The index of the vCPU it was taken from.
+    #[getter]
+    fn vcpu(&self) -> usize {
+        self.vcpu
+    }
+
+    /// The general registers it holds, as `Vm.get_regs` gives them.
+    #[getter]
+    fn regs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        crate::convert::regs_to_dict(py, &self.state.regs)
     }
 }

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_cpuid_entry2;
 use kvmkit_core::arch::x86_64::cpuid::{CpuidEdit, CpuidRegister};
 use kvmkit_core::arch::x86_64::mode::CpuMode;
+use kvmkit_core::arch::x86_64::registers::Register;
 use kvmkit_core::boot::{Image, LinuxBoot};
 use kvmkit_core::devices::console::ConsoleOutput;
 use kvmkit_core::devices::{BootTimer, SerialPort, VmGenId};
 use kvmkit_core::irq::IrqLine;
 use kvmkit_core::linux::{self, LinuxPlatform};
-use kvmkit_core::machine::{RestoreTimes, STOP_GRACE};
-use kvmkit_core::vstate::debug::{HwKind, HwSlot};
+use kvmkit_core::machine::{CallOutcome, RestoreTimes, STOP_GRACE};
+use kvmkit_core::vstate::debug::{DebugKind, HwKind, HwSlot};
 use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
 use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
@@ -32,7 +33,7 @@ use crate::devices::bus_device;
 use crate::error::{config_error, IntoPyResult, VmStateError};
 use crate::handler::{ErrorSlot, PyHandler};
 use crate::memory_view::GuestMemoryView;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, VcpuContext};
 use crate::virtio::{VirtioBackend, VirtioHandle};
 
 /// How often a waiting caller checks for signals such as Ctrl-C.
@@ -111,18 +112,18 @@ impl Vm {
     }
 
     /// Reads a piece of vCPU state, changes the fields named in `changes`, and writes it back.
-    /// The dict is read outside the VM's lock, since reading it may run Python code.
+    /// The dict is read while no lock of the VM is held, since reading it may run Python code.
     fn update<T>(
         &self,
-        vcpu: usize,
         changes: &Bound<'_, PyDict>,
-        get: impl FnOnce(&Vcpu) -> kvmkit_core::Result<T>,
+        get: impl FnOnce(&Machine) -> kvmkit_core::Result<T>,
         change: impl FnOnce(&mut T, &Bound<'_, PyDict>) -> PyResult<()>,
-        set: impl FnOnce(&Vcpu, &T) -> kvmkit_core::Result<()>,
+        set: impl FnOnce(&Machine, &T) -> kvmkit_core::Result<()>,
     ) -> PyResult<()> {
-        let mut value = self.with_vcpu(vcpu, get)?;
+        let machine = self.machine()?;
+        let mut value = get(&machine).py()?;
         change(&mut value, changes)?;
-        self.with_vcpu(vcpu, |v| set(v, &value))
+        set(&machine, &value).py()
     }
 
     /// Runs `go` (a run or a step) without the GIL, letting Ctrl-C through: `go` asks its
@@ -182,6 +183,17 @@ fn image(value: &Bound<'_, PyAny>) -> PyResult<Image> {
     }
     let path: std::path::PathBuf = value.extract()?;
     Image::open(&path).map_err(kvmkit_core::Error::from).py()
+}
+
+/// A register name, resolved.
+fn register(name: &str) -> PyResult<Register> {
+    name.parse().map_err(|e: kvmkit_core::arch::x86_64::registers::UnknownRegister| config_error(e.to_string()))
+}
+
+/// An int for a 64-bit register: from -2**63 up to 2**64 - 1, negative ones in two's complement.
+fn register_value(what: &str, value: &Bound<'_, PyAny>) -> PyResult<u64> {
+    let fits = value.extract::<i128>().ok().filter(|v| (-(1i128 << 63)..(1i128 << 64)).contains(v));
+    fits.map(|v| v as u64).ok_or_else(|| config_error(format!("{what} must be an int that fits 64 bits, not {value}")))
 }
 
 /// A timeout in seconds; one longer than a `Duration` holds (infinity included) is the longest.
@@ -419,19 +431,19 @@ impl Vm {
     }
 
     fn get_regs<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
-        convert::regs_to_dict(py, &self.with_vcpu(vcpu, Vcpu::regs)?)
+        convert::regs_to_dict(py, &self.machine()?.regs(vcpu).py()?)
     }
 
     fn set_regs(&self, vcpu: usize, regs: &Bound<'_, PyDict>) -> PyResult<()> {
-        self.update(vcpu, regs, Vcpu::regs, convert::update_regs, Vcpu::set_regs)
+        self.update(regs, |m| m.regs(vcpu), convert::update_regs, |m, r| m.set_regs(vcpu, r))
     }
 
     fn get_sregs<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
-        convert::sregs_to_dict(py, &self.with_vcpu(vcpu, Vcpu::sregs)?)
+        convert::sregs_to_dict(py, &self.machine()?.sregs(vcpu).py()?)
     }
 
     fn set_sregs(&self, vcpu: usize, sregs: &Bound<'_, PyDict>) -> PyResult<()> {
-        self.update(vcpu, sregs, Vcpu::sregs, convert::update_sregs, Vcpu::set_sregs)
+        self.update(sregs, |m| m.sregs(vcpu), convert::update_sregs, |m, s| m.set_sregs(vcpu, s))
     }
 
     fn get_fpu<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
@@ -439,7 +451,56 @@ impl Vm {
     }
 
     fn set_fpu(&self, vcpu: usize, fpu: &Bound<'_, PyDict>) -> PyResult<()> {
-        self.update(vcpu, fpu, Vcpu::fpu, convert::update_fpu, Vcpu::set_fpu)
+        let (get, set) =
+            (|m: &Machine| m.with_vcpu(vcpu, Vcpu::fpu), |m: &Machine, f: &_| m.with_vcpu(vcpu, |v| v.set_fpu(f)));
+        self.update(fpu, get, convert::update_fpu, set)
+    }
+
+    /// One register by name (any case): reads only the register set it is in.
+    fn reg_read(&self, vcpu: usize, name: &str) -> PyResult<u64> {
+        let register = register(name)?;
+        let machine = self.machine()?;
+        if register.is_special() {
+            Ok(register.read(&Default::default(), &machine.sregs(vcpu).py()?))
+        } else {
+            Ok(register.read(&machine.regs(vcpu).py()?, &Default::default()))
+        }
+    }
+
+    /// Sets one register by name, cut to its width (negative values in two's complement).
+    fn reg_write(&self, vcpu: usize, name: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let register = register(name)?;
+        let value = register_value(&format!("a value for {name}"), value)?;
+        let machine = self.machine()?;
+        if register.is_special() {
+            let mut sregs = machine.sregs(vcpu).py()?;
+            register.write(&mut Default::default(), &mut sregs, value);
+            machine.set_sregs(vcpu, &sregs).py()
+        } else {
+            let mut regs = machine.regs(vcpu).py()?;
+            register.write(&mut regs, &mut Default::default(), value);
+            machine.set_regs(vcpu, &regs).py()
+        }
+    }
+
+    /// The vCPU whose access the calling handler serves, if it is one of this VM's.
+    #[getter]
+    fn current_vcpu(&self) -> PyResult<Option<usize>> {
+        Ok(self.machine()?.serving_vcpu())
+    }
+
+    /// Everything vCPU `vcpu` needs to continue from where it is.
+    fn save_context(&self, py: Python<'_>, vcpu: usize) -> PyResult<VcpuContext> {
+        let machine = self.machine()?;
+        let state = py.detach(|| machine.with_vcpu(vcpu, |v| v.save_state())).py()?;
+        Ok(VcpuContext::new(vcpu, state))
+    }
+
+    /// Puts back a context `save_context` took, of this vCPU or the same vCPU of a VM of the same shape.
+    fn restore_context(&self, py: Python<'_>, vcpu: usize, context: &VcpuContext) -> PyResult<()> {
+        let machine = self.machine()?;
+        let state = context.state();
+        py.detach(|| machine.with_vcpu(vcpu, |v| v.restore_state(state))).py()
     }
 
     fn get_msrs(&self, vcpu: usize, indices: Vec<Unsigned<u32>>) -> PyResult<Vec<(u32, u64)>> {
@@ -683,8 +744,62 @@ impl Vm {
 
     /// Runs one instruction on vCPU `vcpu`, the others staying stopped.
     /// Ctrl-C stops a step that does not end and raises, as for `run`.
-    fn step(&self, py: Python<'_>, vcpu: usize, mask_interrupts: bool) -> PyResult<Py<PyAny>> {
-        self.drive(py, |machine, interrupted| machine.step(vcpu, mask_interrupts, interrupted))
+    /// With `count`, runs that many instructions, ending early on any exit other than a step's,
+    /// or as a timeout after `timeout` seconds.
+    #[pyo3(signature = (vcpu, mask_interrupts, count=1, timeout=None))]
+    fn step(
+        &self,
+        py: Python<'_>,
+        vcpu: usize,
+        mask_interrupts: bool,
+        count: u64,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let deadline = timeout.map(seconds).transpose()?.and_then(|t| Instant::now().checked_add(t));
+        self.drive(py, |machine, interrupted| {
+            let mut exit = machine.run_here(vcpu, Some(mask_interrupts), deadline, interrupted)?;
+            for _ in 1..count {
+                if !matches!(&exit.reason, ExitReason::Debug(event) if event.kind == DebugKind::Step) {
+                    break;
+                }
+                exit = machine.run_here(vcpu, Some(mask_interrupts), deadline, interrupted)?;
+            }
+            Ok(exit)
+        })
+    }
+
+    /// Calls the 64-bit function at `entry` on vCPU `vcpu` (see `Machine::call`): RAX when it
+    /// returned, else the exit that ended the run, as a dict.
+    #[pyo3(signature = (vcpu, entry, args, stack=None, timeout=None))]
+    fn call(
+        &self,
+        py: Python<'_>,
+        vcpu: usize,
+        entry: Unsigned<u64>,
+        args: Vec<Bound<'_, PyAny>>,
+        stack: Option<Unsigned<u64>>,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let args = args.iter().map(|arg| register_value("an argument", arg)).collect::<PyResult<Vec<u64>>>()?;
+        let deadline = timeout.map(seconds).transpose()?.and_then(|t| Instant::now().checked_add(t));
+        let stack = stack.map(|Unsigned(stack)| stack);
+        self.handler_errors.take(py);
+        let machine = self.machine()?;
+        let mut signal = None;
+        let mut interrupted = || {
+            signal = Python::attach(|py| py.check_signals().err());
+            signal.is_some()
+        };
+        let outcome = py.detach(|| machine.call(vcpu, entry.0, &args, stack, deadline, &mut interrupted));
+        release(py, Some(machine));
+        if let Some(signal) = signal {
+            self.handler_errors.take(py);
+            return Err(signal);
+        }
+        match outcome.py()? {
+            CallOutcome::Returned(rax) => Ok(rax.into_pyobject(py)?.into_any().unbind()),
+            CallOutcome::Ended(exit) => self.report(py, &exit),
+        }
     }
 
     /// Takes a debug register for a breakpoint (`kind` "execute") or a watchpoint ("write",

@@ -5,13 +5,17 @@
 //! The thread owns its vCPU during a run and hands it back at the end, so register access and
 //! changes to the I/O map need the VM stopped, while memory and `stop` are available at any time.
 
+mod call;
 mod hooks;
 mod snapshot;
 
+pub use call::{CallOutcome, CALL_ARGS_MAX};
 pub use hooks::RestoreHook;
 pub use snapshot::RestoreTimes;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
@@ -34,7 +38,8 @@ use crate::vstate::debug::{DebugKind, GuestDebug, HwKind, HwSlot, HW_SLOTS};
 use crate::vstate::exit::{AddressSpace, Exit, ExitReason};
 use crate::vstate::kvm::Kvm;
 use crate::vstate::memory::{self, GuestMemory};
-use crate::vstate::runner::{install_kick_handler, run_vcpu, Kicker, RunControl};
+use crate::vstate::regs::{self, RegisterFile};
+use crate::vstate::runner::{install_kick_handler, run_vcpu, Alarm, Kicker, RunControl};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{new_eventfd, Vm};
 
@@ -124,8 +129,41 @@ struct Job {
     io: IoSpaces,
     control: Arc<RunControl>,
     finished: mpsc::Sender<(Vcpu, ExitReason)>,
-    /// Signalled by the vCPU that finishes the run last.
-    run_end: Arc<EventFd>,
+    /// Signalled by the vCPU that finishes the run last; `None` for a run on the caller's thread,
+    /// which nobody else waits for.
+    run_end: Option<Arc<EventFd>>,
+}
+
+impl Job {
+    /// Runs the vCPU until it exits for good, asking `interrupted` whenever it is kicked out of
+    /// the guest (or, given `None`, ends its part of the run without running it), then hands it
+    /// back.
+    fn serve(self, interrupted: Option<&mut dyn FnMut() -> Option<ExitReason>>) {
+        let Job { mut vcpu, io, control, finished, run_end } = self;
+        let exit = match interrupted {
+            Some(interrupted) => run_guarded(&mut vcpu, &io, &control, interrupted),
+            None => ExitReason::VmmError("the vCPU thread hook did not run the vCPU".into()),
+        };
+        control.end_run_if(vcpu.index(), &exit);
+        drop(io);
+        // Handed back before being counted, so whoever sees the run finished finds it.
+        let _ = finished.send((vcpu, exit));
+        control.finish();
+        // The last vCPU to finish sees the run over (two at once may both signal).
+        if let Some(run_end) = run_end.filter(|_| control.wait(Some(Duration::ZERO))) {
+            let _ = run_end.write(1);
+        }
+    }
+}
+
+/// Which vCPUs a run runs.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    /// Every vCPU, each on its own thread.
+    All,
+    /// Only vCPU `index`, on the calling thread, the others staying where they are: for one
+    /// instruction when `step` says so (with interrupts kept out when it holds true).
+    One { index: usize, step: Option<bool> },
 }
 
 /// How often a waiting or running caller checks its deadline and interrupt callback.
@@ -300,6 +338,51 @@ impl Machine {
         f(state.vcpus.get(index).ok_or(Error::NoSuchVcpu { index, count })?)
     }
 
+    /// General-purpose registers, RIP and RFLAGS of vCPU `index`: while the VM is stopped, or,
+    /// while it runs, from the handler of an access of that vCPU (see
+    /// [`with_registers`](Self::with_registers)).
+    pub fn regs(&self, index: usize) -> Result<kvm_regs> {
+        self.with_registers(index, RegisterFile::regs)
+    }
+
+    /// Sets the general registers of vCPU `index`, as for [`regs`](Self::regs). During an access,
+    /// KVM completes the access after taking them: an `in` still writes its register, and a new
+    /// RIP cancels the rest of the instruction.
+    pub fn set_regs(&self, index: usize, regs: &kvm_regs) -> Result<()> {
+        self.with_registers(index, |file| file.set_regs(regs))
+    }
+
+    /// Segment, control and descriptor-table registers of vCPU `index`, as for [`regs`](Self::regs).
+    pub fn sregs(&self, index: usize) -> Result<kvm_sregs> {
+        self.with_registers(index, RegisterFile::sregs)
+    }
+
+    /// Sets the special registers of vCPU `index`, as for [`regs`](Self::regs).
+    pub fn set_sregs(&self, index: usize, sregs: &kvm_sregs) -> Result<()> {
+        self.with_registers(index, |file| file.set_sregs(sregs))
+    }
+
+    /// The vCPU the calling thread runs for this machine, if any: in a handler, the vCPU whose
+    /// access it serves.
+    pub fn serving_vcpu(&self) -> Option<usize> {
+        let in_run = self.lock().run.as_ref().is_some_and(|run| run.control.is_current_thread());
+        in_run.then(regs::serving_vcpu).flatten().map(|index| index as usize)
+    }
+
+    /// Runs `f` on the registers of vCPU `index`: while the VM is stopped, or, while it runs, from
+    /// the handler of an access of that vCPU, on the thread that runs it (as Unicorn's hooks can).
+    fn with_registers<R>(&self, index: usize, f: impl FnOnce(&RegisterFile) -> Result<R>) -> Result<R> {
+        let in_handler = self.lock().run.as_ref().is_some_and(|run| run.control.is_current_thread());
+        if !in_handler {
+            return self.with_vcpu(index, |vcpu| f(&vcpu.register_file()));
+        }
+        match regs::serving(index as u32) {
+            Some(file) => f(&file),
+            None if index >= self.vcpu_count => Err(Error::NoSuchVcpu { index, count: self.vcpu_count }),
+            None => Err(Error::NotServing { index, serving: regs::serving_vcpu().unwrap_or_default() }),
+        }
+    }
+
     /// Puts vCPU `index` in `mode` at `entry` (writing the GDT and page tables the mode needs
     /// into guest memory), with the stack pointer at `stack` if given.
     pub fn enter_mode(&self, index: usize, mode: CpuMode, entry: u64, stack: Option<u64>) -> Result<()> {
@@ -417,7 +500,7 @@ impl Machine {
             // The run ended in the step; `wait` finds its exit.
             return Ok(());
         }
-        self.launch(None).map(drop)
+        self.launch(Scope::All).map(drop)
     }
 
     /// Runs exactly one instruction on vCPU `index` while the others stay stopped, and returns
@@ -427,11 +510,43 @@ impl Machine {
     /// waiting for an interrupt) ends with [`ExitReason::Stopped`] once `interrupted` says so, as
     /// a run does.
     pub fn step(&self, index: usize, mask_interrupts: bool, interrupted: &mut dyn FnMut() -> bool) -> Result<Exit> {
+        self.run_here(index, Some(mask_interrupts), None, interrupted)
+    }
+
+    /// Runs only vCPU `index`, on the calling thread, while the others stay stopped, until it
+    /// exits for good: for one instruction when `step` says so (interrupts kept out when it holds
+    /// true). The run ends with [`ExitReason::Timeout`] at `deadline`, and with
+    /// [`ExitReason::Stopped`] when `interrupted` says so; it is asked whenever the vCPU is kicked
+    /// out of the guest: by [`stop`](Self::stop), by the deadline, or by a signal to the calling
+    /// thread (Ctrl-C's, on a main thread).
+    ///
+    /// No thread is woken, so a short run costs little more than its `KVM_RUN`s; the price is the
+    /// one KVM asks when a vCPU runs on another thread than the time before (an RCU grace period),
+    /// paid when runs alternate between here and the vCPU's own thread.
+    pub fn run_here(
+        &self,
+        index: usize,
+        step: Option<bool>,
+        deadline: Option<Instant>,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<Exit> {
         if index >= self.vcpu_count {
             return Err(Error::NoSuchVcpu { index, count: self.vcpu_count });
         }
-        let control = self.launch(Some((index, mask_interrupts)))?;
-        self.collect(&control, None, interrupted)
+        let alarm = deadline.map(Alarm::at).transpose().map_err(Error::Thread)?;
+        let (control, job) = self.launch(Scope::One { index, step })?;
+        let mut ask = || {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(ExitReason::Timeout)
+            } else {
+                interrupted().then_some(ExitReason::Stopped)
+            }
+        };
+        if let Some(job) = job {
+            job.serve(Some(&mut ask));
+        }
+        drop(alarm);
+        self.collect(&control, None, &mut || false)
     }
 
     /// Steps every vCPU that stopped at an instruction breakpoint (and still sits there, with the
@@ -515,7 +630,7 @@ impl Machine {
         if let Some(exit) = self.step_over_breakpoints()? {
             return Ok(exit);
         }
-        let control = self.launch(None)?;
+        let (control, _) = self.launch(Scope::All)?;
         self.collect(&control, deadline, interrupted)
     }
 
@@ -554,16 +669,16 @@ impl Machine {
         state.last_exit.clone().ok_or(Error::NotStarted)
     }
 
-    /// Starts a new run on the vCPU threads (starting those that are not yet). With `step`, only
-    /// that vCPU runs, for one instruction (interrupts masked if asked).
-    fn launch(&self, step: Option<(usize, bool)>) -> Result<Arc<RunControl>> {
+    /// Starts a new run of the vCPUs of `scope`: all on their threads (starting those that are not
+    /// yet), or one, whose job is handed back for the caller to serve.
+    fn launch(&self, scope: Scope) -> Result<(Arc<RunControl>, Option<Job>)> {
         let mut state = self.stopped_state()?;
         install_kick_handler().map_err(Error::Thread)?;
         self.unpause(&mut state)?;
         let base = state.debug;
         for (index, vcpu) in state.vcpus.iter_mut().enumerate() {
-            let debug = match step {
-                Some((stepping, block_irq)) if stepping == index => {
+            let debug = match scope {
+                Scope::One { index: stepping, step: Some(block_irq) } if stepping == index => {
                     GuestDebug { single_step: true, block_irq, ..base.without_breakpoints() }
                 }
                 _ => base,
@@ -579,20 +694,27 @@ impl Machine {
         let (finished, receive) = mpsc::channel();
         let mut run = ActiveRun { control: control.clone(), finished: receive, pending: 0, returned: Vec::new() };
         let mut vcpus = vcpus.into_iter();
+        let mut here = None;
         while let Some(vcpu) = vcpus.next() {
-            if step.is_some_and(|(stepping, _)| stepping != vcpu.index() as usize) {
-                // Not this step's vCPU: it stays where it is.
-                control.finish();
-                run.returned.push((vcpu, ExitReason::Stopped));
-                continue;
-            }
-            let job = Job {
+            let job = |vcpu, run_end| Job {
                 vcpu,
                 io: state.io.clone(),
                 control: control.clone(),
                 finished: finished.clone(),
-                run_end: self.run_end.clone(),
+                run_end,
             };
+            if let Scope::One { index, .. } = scope {
+                if index == vcpu.index() as usize {
+                    here = Some(job(vcpu, None));
+                    run.pending += 1;
+                } else {
+                    // Not this run's vCPU: it stays where it is.
+                    control.finish();
+                    run.returned.push((vcpu, ExitReason::Stopped));
+                }
+                continue;
+            }
+            let job = job(vcpu, Some(self.run_end.clone()));
             match Self::hand_over(&mut state, job) {
                 Ok(()) => run.pending += 1,
                 Err((vcpu, e)) => {
@@ -611,7 +733,7 @@ impl Machine {
             }
         }
         state.run = Some(run);
-        Ok(control)
+        Ok((control, here))
     }
 
     /// Gives `job` to its vCPU's thread, starting the thread on the vCPU's first run; hands the
@@ -736,30 +858,13 @@ impl Worker {
     fn start(index: usize, hook: Option<VcpuThreadHook>) -> std::io::Result<Self> {
         let (jobs, receive) = mpsc::channel::<Job>();
         let thread = thread::Builder::new().name(format!("kvmkit-vcpu{index}")).spawn(move || {
-            let serve = |job: Job, run: bool| {
-                let Job { mut vcpu, io, control, finished, run_end } = job;
-                let exit = if run {
-                    run_guarded(&mut vcpu, &io, &control, &mut || None)
-                } else {
-                    ExitReason::VmmError("the vCPU thread hook did not run the vCPU".into())
-                };
-                control.end_run_if(vcpu.index(), &exit);
-                drop(io);
-                // Handed back before being counted, so whoever sees the run finished finds it.
-                let _ = finished.send((vcpu, exit));
-                control.finish();
-                // The last vCPU to finish sees the run over (two at once may both signal).
-                if control.wait(Some(Duration::ZERO)) {
-                    let _ = run_end.write(1);
-                }
-            };
-            let mut body = || receive.iter().for_each(|job| serve(job, true));
+            let mut body = || receive.iter().for_each(|job| job.serve(Some(&mut || None)));
             match &hook {
                 Some(hook) => hook(&mut body),
                 None => body(),
             }
             // A hook that did not call the body leaves jobs that must still end their runs.
-            receive.try_iter().for_each(|job| serve(job, false));
+            receive.try_iter().for_each(|job| job.serve(None));
         })?;
         Ok(Self { jobs, thread })
     }

@@ -8,6 +8,8 @@ pub mod exit;
 pub mod kvm;
 /// Guest RAM: regions, validation, bounds-checked access.
 pub mod memory;
+/// A vCPU's registers without a system call where KVM allows it, also from the handler of its exit.
+pub mod regs;
 /// The vCPU run loop on its own thread, and how other threads kick it out of `KVM_RUN`.
 pub mod runner;
 #[cfg(test)]

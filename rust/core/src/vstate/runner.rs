@@ -8,6 +8,7 @@ use vmm_sys_util::errno;
 use vmm_sys_util::signal::{unblock_signal, SIGRTMIN};
 
 use crate::vstate::exit::{handle_exit, ExitAction, ExitReason, IoHandler};
+use crate::vstate::regs;
 use crate::vstate::vcpu::Vcpu;
 
 /// The signal that gets a thread out of `KVM_RUN`.
@@ -18,6 +19,8 @@ fn kick_signal() -> libc::c_int {
 thread_local! {
     /// `immediate_exit` of the vCPU this thread runs, or null.
     static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+    /// Whether this thread has unblocked the kick signal (nothing kvmkit runs blocks it again).
+    static KICK_UNBLOCKED: Cell<bool> = const { Cell::new(false) };
     /// The run whose vCPU this thread runs (only compared, never dereferenced), or null.
     static CURRENT_RUN: Cell<*const RunControl> = const { Cell::new(std::ptr::null()) };
 }
@@ -106,7 +109,11 @@ impl Kicker {
 
     /// Registers the calling thread as the one running the vCPU, until the guard drops.
     fn bind_current_thread(&self) -> std::io::Result<BoundThread<'_>> {
-        unblock_signal(kick_signal()).map_err(|e| std::io::Error::other(e.to_string()))?;
+        // Once per thread: a system call per run would weigh on short runs.
+        if !KICK_UNBLOCKED.with(Cell::get) {
+            unblock_signal(kick_signal()).map_err(|e| std::io::Error::other(e.to_string()))?;
+            KICK_UNBLOCKED.with(|cell| cell.set(true));
+        }
         IMMEDIATE_EXIT.with(|cell| cell.set(self.immediate_exit));
         // SAFETY: pthread_self has no preconditions.
         *lock(&self.thread) = Some(unsafe { libc::pthread_self() });
@@ -117,6 +124,50 @@ impl Kicker {
     fn rearm(&self) {
         self.immediate_exit().store(0, Ordering::SeqCst);
         fence(Ordering::SeqCst);
+    }
+}
+
+/// A one-shot timer that kicks the calling thread out of `KVM_RUN` at a deadline, for runs on a
+/// thread that has nobody else to kick it.
+pub struct Alarm(libc::timer_t);
+
+impl Alarm {
+    /// Sends the kick signal to the calling thread at `deadline` (at once if it has passed).
+    pub fn at(deadline: std::time::Instant) -> std::io::Result<Self> {
+        install_kick_handler()?;
+        // SAFETY: an all-zero sigevent is valid; the fields that matter are set below.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `event` and `timer` are valid for the call; the kernel fills `timer`.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let alarm = Self(timer);
+        // A zero time would disarm the timer instead of firing it.
+        let left = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
+                tv_nsec: libc::c_long::from(left.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: the timer was just created and `spec` is valid for the call.
+        if unsafe { libc::timer_settime(alarm.0, 0, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(alarm)
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        // SAFETY: the timer is this value's, created in `at` and deleted only here.
+        unsafe { libc::timer_delete(self.0) };
     }
 }
 
@@ -138,12 +189,18 @@ impl Drop for BoundThread<'_> {
     }
 }
 
+/// vCPUs of a run still running, and threads waiting for them.
+struct RunCount {
+    running: usize,
+    waiting: usize,
+}
+
 /// What the vCPU threads of one run share: the stop flag, the reason the run ended, and a count
 /// of vCPUs still running.
 pub struct RunControl {
     stop: AtomicBool,
     cause: Mutex<Option<(Option<u32>, ExitReason)>>,
-    running: Mutex<usize>,
+    running: Mutex<RunCount>,
     finished: Condvar,
     kickers: Vec<Kicker>,
 }
@@ -154,7 +211,7 @@ impl RunControl {
         Self {
             stop: AtomicBool::new(false),
             cause: Mutex::new(None),
-            running: Mutex::new(kickers.len()),
+            running: Mutex::new(RunCount { running: kickers.len(), waiting: 0 }),
             finished: Condvar::new(),
             kickers,
         }
@@ -184,25 +241,30 @@ impl RunControl {
 
     /// Records that one vCPU is done.
     pub fn finish(&self) {
-        let mut running = lock(&self.running);
-        *running -= 1;
-        if *running == 0 {
+        let mut count = lock(&self.running);
+        count.running -= 1;
+        // Waking costs a system call even with nobody waiting, as when the caller ran the vCPU.
+        if count.running == 0 && count.waiting > 0 {
             self.finished.notify_all();
         }
     }
 
     /// Waits until every vCPU has finished or `timeout` passes; true when all finished.
     pub fn wait(&self, timeout: Option<Duration>) -> bool {
-        let running = lock(&self.running);
-        let busy = |running: &mut usize| *running > 0;
-        match timeout {
-            None => *self.finished.wait_while(running, busy).unwrap_or_else(|p| p.into_inner()) == 0,
-            Some(timeout) => {
-                let (running, _) =
-                    self.finished.wait_timeout_while(running, timeout, busy).unwrap_or_else(|p| p.into_inner());
-                *running == 0
-            }
+        let mut count = lock(&self.running);
+        if count.running == 0 || timeout == Some(Duration::ZERO) {
+            return count.running == 0;
         }
+        count.waiting += 1;
+        let busy = |count: &mut RunCount| count.running > 0;
+        let mut count = match timeout {
+            None => self.finished.wait_while(count, busy).unwrap_or_else(|p| p.into_inner()),
+            Some(timeout) => {
+                self.finished.wait_timeout_while(count, timeout, busy).unwrap_or_else(|p| p.into_inner()).0
+            }
+        };
+        count.waiting -= 1;
+        count.running == 0
     }
 
     /// Whether the calling thread runs one of this run's vCPUs (a handler called from it, say).
@@ -232,6 +294,8 @@ pub fn run_vcpu(
     };
     CURRENT_RUN.with(|cell| cell.set(control));
     let _unmark = OnDrop(|| CURRENT_RUN.with(|cell| cell.set(std::ptr::null())));
+    // Handlers reach the registers of the vCPU whose access they serve.
+    let _serving = regs::serve_exit(vcpu.index(), vcpu.register_file());
     // Whether the last exit was an access that was served: KVM completes it (an `in` writes RAX,
     // RIP moves past the instruction) only on the next KVM_RUN, which must happen before the
     // run ends, or the registers read afterwards (a snapshot) would be from mid-instruction.

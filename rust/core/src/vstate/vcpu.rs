@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::vstate::debug::GuestDebug;
 use crate::vstate::exit::InternalError;
 use crate::vstate::kvm::Kvm;
+use crate::vstate::regs::RegisterFile;
 
 /// Where MXCSR sits in the XSAVE area, in 32-bit words (byte 24 of the legacy region).
 const XSAVE_MXCSR_WORD: usize = 6;
@@ -189,6 +190,8 @@ pub struct Vcpu {
     block_irq: bool,
     /// Boxed, as vCPUs move between threads by value.
     tracking: Box<StateTracking>,
+    /// Its general and special registers.
+    registers: RegisterFile,
 }
 
 /// What a vCPU keeps to save and restore its state quickly.
@@ -217,7 +220,8 @@ impl Vcpu {
         supported: &CpuId,
         edits: &[CpuidEdit],
     ) -> Result<Self> {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        let mut fd = vm.create_vcpu(u64::from(index)).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        let registers = RegisterFile::new(vm, &mut fd)?;
         let caps = StateCaps::of(vm);
         let mxcsr_via_xsave = caps.xsave_size == Some(KVM_XSAVE_SIZE as usize);
         let tsc_khz = if caps.tsc_khz { fd.get_tsc_khz().ok() } else { None };
@@ -241,6 +245,7 @@ impl Vcpu {
                 tsc_khz: AtomicU32::new(tsc_khz.unwrap_or(0)),
                 restore_cache: Mutex::new(RestoreCache::default()),
             }),
+            registers,
         };
         let mut entries = supported.as_slice().to_vec();
         cpuid::normalize(&mut entries, &platform);
@@ -280,24 +285,30 @@ impl Vcpu {
         (exit, pio_size)
     }
 
-    /// General-purpose registers, RIP and RFLAGS.
-    pub fn regs(&self) -> Result<kvm_regs> {
-        self.fd.get_regs().map_err(Error::kvm("KVM_GET_REGS"))
+    /// Its register file, for the handlers of its exits.
+    pub(crate) fn register_file(&self) -> RegisterFile {
+        self.registers
     }
 
-    /// Sets general-purpose registers, RIP and RFLAGS.
+    /// General-purpose registers, RIP and RFLAGS; no system call where KVM synchronizes them.
+    pub fn regs(&self) -> Result<kvm_regs> {
+        self.registers.regs()
+    }
+
+    /// Sets general-purpose registers, RIP and RFLAGS; where KVM synchronizes them, it takes them
+    /// at the next entry.
     pub fn set_regs(&self, regs: &kvm_regs) -> Result<()> {
-        self.fd.set_regs(regs).map_err(Error::kvm("KVM_SET_REGS"))
+        self.registers.set_regs(regs)
     }
 
     /// Segment, control and descriptor-table registers.
     pub fn sregs(&self) -> Result<kvm_sregs> {
-        self.fd.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))
+        self.registers.sregs()
     }
 
     /// Sets segment, control and descriptor-table registers.
     pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<()> {
-        self.fd.set_sregs(sregs).map_err(Error::kvm("KVM_SET_SREGS"))
+        self.registers.set_sregs(sregs)
     }
 
     /// x87 and SSE state, MXCSR included.
@@ -456,6 +467,8 @@ impl Vcpu {
     /// Captures everything the vCPU needs to continue elsewhere. The vCPU must be out of
     /// `KVM_RUN` with the access of its last exit complete, as a run leaves it.
     pub fn save_state(&self) -> Result<VcpuState> {
+        // A register write KVM has not taken yet would be applied after the state read here.
+        self.registers.flush()?;
         // First, as with an in-kernel LAPIC it takes in a pending INIT or SIPI, which changes
         // the registers and the LAPIC read below.
         let mp_state = self.mp_state()?;
@@ -498,7 +511,7 @@ impl Vcpu {
         // Before the LAPIC: the APIC base, one of the special registers, enables it. Before the
         // events: setting the registers drops a pending exception, which the events carry.
         self.set_sregs(&state.sregs)?;
-        self.set_regs(&state.regs)?;
+        self.registers.set_regs_now(&state.regs)?;
         self.restore_fpu(&state.fpu)?;
         if let Some(xcrs) = &state.xcrs {
             self.set_xcrs(xcrs)?;

@@ -1,5 +1,8 @@
 // Low memory below 0x500 holds the real-mode IVT and BIOS data area, so tables start above it.
 
+/// Where `Machine::call` plants the few instructions a called function returns to: the last 16
+/// bytes of the BIOS data area, which raw code has no use for.
+pub const CALL_TRAMPOLINE_ADDR: u64 = 0x4f0;
 /// Where the GDT is written for protected and long mode.
 pub const GDT_ADDR: u64 = 0x500;
 /// Where the (empty) IDT points: with limit 0 any exception triple-faults, which KVM reports as a

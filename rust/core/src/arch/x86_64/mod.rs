@@ -20,6 +20,8 @@ pub mod msr;
 pub mod pagewalk;
 /// Identity-mapped page tables for long mode.
 pub mod paging;
+/// Registers by name: general registers and their parts, control and segment registers.
+pub mod registers;
 
 /// The byte that makes `bytes` sum to zero modulo 256, which is how a guest validates the MP and
 /// ACPI tables firmware leaves it.
