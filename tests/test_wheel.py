@@ -162,11 +162,12 @@ def test_wheel_is_abi3_manylinux_with_license_and_urls(installed):
     assert license_text == (ROOT / "LICENSE").read_text()
 
 
-def test_installed_wheel_imports_and_runs_without_the_source_tree(installed, tmp_path):
+def probe(venv: Path, env: dict[str, str], cwd: Path) -> None:
+    """Imports kvmkit in ``venv`` from ``cwd`` (outside the source tree) and runs a guest."""
     done = subprocess.run(
-        [str(installed.venv / "bin" / "python"), "-c", PROBE],
-        env=installed.env,
-        cwd=tmp_path,
+        [str(venv / "bin" / "python"), "-c", PROBE],
+        env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         check=False,
@@ -175,12 +176,16 @@ def test_installed_wheel_imports_and_runs_without_the_source_tree(installed, tmp
     found = json.loads(done.stdout)
     assert found["version"] == found["distribution"] == cargo_version()
     package = Path(found["package"])
-    assert installed.venv in package.parents, f"kvmkit was imported from {package}, not the fresh venv"
+    assert venv in package.parents, f"kvmkit was imported from {package}, not the fresh venv"
     assert ROOT not in package.parents
     assert Path(found["core"]).name == "_core.abi3.so"
     if os.path.exists("/dev/kvm"):
         assert found["exit"] == "hlt"
         assert found["view"] == ["B", False, "kvm!"]
+
+
+def test_installed_wheel_imports_and_runs_without_the_source_tree(installed, tmp_path):
+    probe(installed.venv, installed.env, tmp_path)
     check = subprocess.run(
         [str(installed.venv / "bin" / "python"), "-m", "pip", "check"],
         env=installed.env,
@@ -190,3 +195,36 @@ def test_installed_wheel_imports_and_runs_without_the_source_tree(installed, tmp
         check=False,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def other_pythons() -> list[str]:
+    """One interpreter of each other CPython 3.9+ that runs here: python3.N on the PATH, or one
+    that pyenv installed (its shims run only the versions chosen for the folder)."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = []
+    for minor in range(9, 20):
+        if minor == sys.version_info.minor:
+            continue
+        on_path = shutil.which(f"python3.{minor}")
+        candidates = [on_path] if on_path else []
+        candidates += [str(path) for path in sorted(pyenv.glob(f"3.{minor}.*/bin/python3.{minor}"))]
+        for python in candidates:
+            version = subprocess.run(
+                [python, "-c", "import sys; print(sys.version_info[1])"], capture_output=True
+            )
+            if version.returncode == 0 and version.stdout.strip() == str(minor).encode():
+                found.append(python)
+                break
+    return found
+
+
+def test_the_one_wheel_serves_every_other_python_found(installed, tmp_path):
+    """The same cp39-abi3 wheel on each other CPython 3.9+ found (the buffer export of mem_view
+    included). Where there is none, only the interpreter of the test run is checked, above."""
+    for python in other_pythons():
+        venv = tmp_path / Path(python).name
+        subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-index", "--no-deps"]
+        done = subprocess.run([*pip, str(installed.wheel)], env=installed.env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{python}: {done.stdout}\n{done.stderr}"
+        probe(venv, installed.env, tmp_path)
