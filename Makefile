@@ -1,5 +1,5 @@
 # Entry points; each installs what it needs first (see scripts/bootstrap.sh).
-.PHONY: demo test bench fuzz build clean
+.PHONY: demo test bench fuzz build wheel clean
 
 demo:            ## boot the default Linux guest and run a command in it
 	scripts/bootstrap.sh
@@ -24,6 +24,10 @@ fuzz:            ## run each fuzz target for FUZZ_SECONDS (default 60)
 
 build:
 	scripts/bootstrap.sh
+
+wheel:           ## the release wheel (stable ABI, manylinux) into dist/; it installs without Rust
+	test -x .venv/bin/maturin || scripts/bootstrap.sh
+	.venv/bin/maturin build --release --interpreter .venv/bin/python --out dist
 
 clean:
 	cargo clean

@@ -41,8 +41,11 @@ fi
 if ! .venv/bin/python -c 'import maturin, pytest, pexpect, ruff, mypy, lz4, zstandard, hypothesis' 2>/dev/null; then
     say "installing build and test tools into .venv"
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q "maturin>=1.5,<2" "pytest>=7" "pexpect>=4.8" "ruff>=0.4" "mypy>=1.8" "lz4>=4" "zstandard>=0.22" "hypothesis>=6"
+    .venv/bin/pip install -q "maturin>=1.9,<2" "pytest>=7" "pexpect>=4.8" "ruff>=0.4" "mypy>=1.8" "lz4>=4" "zstandard>=0.22" "hypothesis>=6"
 fi
 
 say "building kvmkit (release)"
+# The extension is built for the stable ABI (_core.abi3.so); a version-specific one left by an older
+# build would be imported first.
+rm -f python/kvmkit/_core.cpython-*.so
 VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" .venv/bin/maturin develop --release --quiet

@@ -13,6 +13,7 @@ import random
 import re
 import stat
 import struct
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +246,71 @@ def test_default_guest_is_cached_by_kernel_version(guest):
     again = images.default_guest(directory.parent.parent)
     assert again == guest
     assert [path.stat().st_mtime_ns for path in directory.iterdir()] == mtimes, "the cache was rebuilt"
+
+
+APT_TOOLS = ("apt", "apt-get", "apt-cache", "apt-config", "dpkg", "dpkg-deb", "dpkg-query")
+
+
+@pytest.fixture
+def no_apt(tmp_path, monkeypatch) -> Path:
+    """PATH holds only shims of apt's and dpkg's tools (and the C compiler) that fail loudly and
+    log their calls; subprocess.run is watched too. Returns the log, which must stay absent."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    calls = tmp_path / "apt-calls"
+    for tool in (*APT_TOOLS, "cc", "gcc"):
+        shim = shims / tool
+        shim.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\necho "{tool} was run" >&2\nexit 99\n')
+        shim.chmod(0o755)
+    monkeypatch.setenv("PATH", str(shims))
+    real_run = subprocess.run
+
+    def watched_run(*args, **kwargs):
+        with calls.open("a") as log:
+            log.write(f"subprocess.run {args} {kwargs}\n")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(images.subprocess, "run", watched_run)
+    # As after an `apt-get update` since the guest was built: apt's remembered answer is stale.
+    monkeypatch.setattr(images, "_apt_lists_stamp", lambda: -1)
+    return calls
+
+
+def test_cached_default_guest_needs_no_apt(guest, no_apt, monkeypatch):
+    cache = guest.kernel.parent.parent.parent
+    assert images.default_guest(cache) == guest
+    assert not no_apt.exists(), no_apt.read_text()
+    # No apt at all on the PATH: the cached guest is still found.
+    monkeypatch.setenv("PATH", str(no_apt.parent / "empty"))
+    assert images.default_guest(cache) == guest
+    assert not no_apt.exists(), no_apt.read_text()
+
+
+def test_cached_default_guest_is_found_without_apts_answer(guest, no_apt, tmp_path):
+    """A cache holding only the guest (apt-resolved.json gone, as in a copied cache) still needs
+    no apt: the newest guest of the current recipe is used."""
+    folder = guest.kernel.parent
+    cache = tmp_path / "copied"
+    (cache / "guests").mkdir(parents=True)
+    (cache / "guests" / folder.name).symlink_to(folder)
+    (cache / "guests" / f".{folder.name}.staging").mkdir()  # an unfinished build is not a guest
+    found = images.default_guest(cache)
+    assert found.kernel_version == guest.kernel_version
+    assert found.kernel == cache / "guests" / folder.name / "bzImage"
+    assert not no_apt.exists(), no_apt.read_text()
+
+
+def test_a_new_recipe_is_not_served_from_the_cache(guest, tmp_path, monkeypatch):
+    """A cached guest of another recipe (an older agent or /init) is not used: without apt, the
+    default guest then says what to do instead."""
+    folder = guest.kernel.parent
+    cache = tmp_path / "cache"
+    (cache / "guests").mkdir(parents=True)
+    (cache / "guests" / folder.name).symlink_to(folder)
+    monkeypatch.setattr(images, "guest_recipe", lambda: "0123456789ab")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ImageError, match="--kernel and --initrd"):
+        images.default_guest(cache)
 
 
 def test_default_guest_vmlinux_is_an_x86_64_executable_with_notes(guest):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,15 @@ def test_cli_rejects_unknown_commands():
     done = subprocess.run([sys.executable, "-m", "kvmkit", "fly"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "invalid choice: 'fly'" in done.stderr
+
+
+def test_version_is_the_cargo_workspaces_and_the_extension_is_abi3():
+    """One version: Cargo.toml's, which maturin writes into the distribution's metadata and the
+    extension reports as ``kvmkit.__version__``."""
+    from test_wheel import cargo_version
+
+    assert kvmkit.__version__ == importlib.metadata.version("kvmkit") == cargo_version()
+    assert Path(kvmkit._core.__file__).name == "_core.abi3.so"
 
 
 def test_native_module_matches_its_stubs():

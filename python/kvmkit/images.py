@@ -6,7 +6,7 @@ Its initramfs holds busybox, the kernel's virtio modules, kvmkit's guest agent (
 compiled with the host's C compiler; see :mod:`kvmkit.agent`) and an ``/init`` that starts the
 agent, signals kvmkit's boot timer, prints :data:`READY_MARKER` and runs a shell on the console.
 The result is cached per kernel package version and recipe (the agent's source and ``/init``), so
-only the first call downloads and builds anything.
+only the first call downloads and builds anything; later calls do not run apt.
 """
 
 from __future__ import annotations
@@ -613,19 +613,63 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
 def default_guest(cache_dir: Path | str | None = None) -> GuestImage:
     """The default Linux guest, built on first use from Debian's cloud kernel and busybox.
 
-    Needs apt-get, apt-cache and dpkg-deb, and a C compiler that links statically for the guest
-    agent (:func:`build_agent`); the first call for a kernel version downloads about 30 MB. Later
-    calls reuse the cached build (they still ask apt which kernel is current).
+    The first call needs apt-get, apt-cache and dpkg-deb, and a C compiler that links statically
+    for the guest agent (:func:`build_agent`); it downloads about 30 MB. Later calls use the cached
+    build without running apt or the compiler at all (no ``apt-get update`` either), so the cached
+    guest keeps its kernel: remove the cache's ``guests`` folder to build one with Debian's current
+    kernel. A change to the agent or to ``/init`` makes a new guest (and needs apt once more).
     """
+    recipe = guest_recipe()
+    cached = cached_guest(recipe, cache_dir)
+    if cached is not None:
+        return cached
     require_tools()
     kernel = resolve_kernel(cache_dir=cache_dir)
     release = kernel.release
-    target = cache_root(cache_dir) / "guests" / f"{kernel.cache_key}-{guest_recipe()}"
+    target = cache_root(cache_dir) / "guests" / f"{kernel.cache_key}-{recipe}"
     build_cached(target, "the default guest", lambda staging: _build_into(staging, kernel, release))
+    return _guest_image(target, release)
+
+
+def cached_guest(recipe: str, cache_dir: Path | str | None = None) -> GuestImage | None:
+    """The default guest of ``recipe`` if the cache has one, found without asking apt: the build
+    for the kernel apt last named, else the newest build."""
+    suffix = f"-{recipe}"
+    guests = cache_root(cache_dir) / "guests"
+    try:
+        # Staging folders are hidden; a complete guest is renamed into place.
+        found = [
+            path
+            for path in guests.iterdir()
+            if path.name.endswith(suffix) and not path.name.startswith(".") and path.is_dir()
+        ]
+    except OSError:
+        return None
+    if not found:
+        return None
+    remembered = _read_json(cache_root(cache_dir) / "apt-resolved.json").get(KERNEL_METAPACKAGE)
+    last = None
+    if isinstance(remembered, dict) and isinstance(remembered.get("name"), str):
+        last = Package(str(remembered["name"]), str(remembered.get("version"))).cache_key + suffix
+    chosen = next((path for path in found if path.name == last), None) or max(found, key=_mtime)
+    log.info("using the default guest cached in %s", chosen)
+    # The folder is named <release>_<package version>-<recipe> (Package.cache_key).
+    release = chosen.name[: -len(suffix)].partition("_")[0]
+    return _guest_image(chosen, release)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _guest_image(folder: Path, release: str) -> GuestImage:
     return GuestImage(
-        kernel=target / "bzImage",
-        vmlinux=target / "vmlinux",
-        initrd=target / "initrd.cpio",
+        kernel=folder / "bzImage",
+        vmlinux=folder / "vmlinux",
+        initrd=folder / "initrd.cpio",
         kernel_version=release,
         cmdline=DEFAULT_CMDLINE,
     )

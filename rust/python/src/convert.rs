@@ -2,9 +2,9 @@
 
 use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvmkit_core::vstate::exit::{Exit, ExitReason};
-use pyo3::exceptions::PyOverflowError;
+use pyo3::exceptions::{PyOverflowError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView};
 
 use crate::error::config_error;
 
@@ -25,6 +25,37 @@ impl<'a, 'py, T: FromPyObject<'a, 'py>> FromPyObject<'a, 'py> for Unsigned<T> {
                 e
             }
         })
+    }
+}
+
+/// A bytes-like argument (bytes, bytearray, memoryview, array, a guest memory view...): its bytes,
+/// as a `bytes` object. `bytes` passes as it is; other objects are read through a memoryview, which
+/// the stable ABI of Python 3.9 offers where it has no buffer API of its own.
+pub struct BytesLike<'py>(pub Bound<'py, PyBytes>);
+
+impl<'py> BytesLike<'py> {
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for BytesLike<'py> {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(bytes) = obj.cast::<PyBytes>() {
+            return Ok(Self(bytes.to_owned()));
+        }
+        let view = PyMemoryView::from(&obj).map_err(|error| {
+            if error.is_instance_of::<PyTypeError>(obj.py()) {
+                let kind = obj.get_type().name().map_or_else(|_| "?".to_owned(), |name| name.to_string());
+                PyTypeError::new_err(format!("a bytes-like object is required, not '{kind}'"))
+            } else {
+                error
+            }
+        })?;
+        Ok(Self(view.call_method0("tobytes")?.cast_into::<PyBytes>()?))
     }
 }
 

@@ -38,7 +38,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<devices::Device>()?;
     m.add_class::<devices::NullDevice>()?;
     m.add_class::<devices::Scratchpad>()?;
-    m.add_class::<memory_view::GuestMemoryView>()?;
+    m.add("GuestMemoryView", memory_view::view_type(m.py())?)?;
     m.add_class::<snapshot::Snapshot>()?;
     m.add_class::<snapshot::VcpuContext>()?;
     m.add_class::<initramfs::Initramfs>()?;

@@ -21,18 +21,17 @@ use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
 use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
 use kvmkit_core::{Machine, MachineConfig, MemoryRegionConfig, UnhandledIo};
-use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyTypeError;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use pyo3::PyTraverseError;
 
-use crate::convert::{self, Unsigned};
+use crate::convert::{self, BytesLike, Unsigned};
 use crate::devices::bus_device;
 use crate::error::{config_error, IntoPyResult, VmStateError};
 use crate::handler::{ErrorSlot, PyHandler};
-use crate::memory_view::GuestMemoryView;
+use crate::memory_view;
 use crate::snapshot::{Snapshot, VcpuContext};
 use crate::virtio::{VirtioBackend, VirtioHandle};
 
@@ -416,18 +415,22 @@ impl Vm {
         PyBytes::new_with(py, size, |buf| machine.read_memory(addr, buf).py())
     }
 
-    fn mem_write(&self, py: Python<'_>, addr: Unsigned<u64>, data: PyBuffer<u8>) -> PyResult<()> {
-        let addr = addr.0;
-        memory::check_range(self.machine()?.memory(), addr, data.len_bytes()).map_err(kvmkit_core::Error::from).py()?;
-        let bytes = data.to_vec(py)?;
-        self.machine()?.write_memory(addr, &bytes).py()
+    fn mem_write(&self, addr: Unsigned<u64>, data: BytesLike<'_>) -> PyResult<()> {
+        let (addr, bytes) = (addr.0, data.as_bytes());
+        memory::check_range(self.machine()?.memory(), addr, bytes.len()).map_err(kvmkit_core::Error::from).py()?;
+        self.machine()?.write_memory(addr, bytes).py()
     }
 
-    fn mem_view(&self, addr: Unsigned<u64>, size: Unsigned<usize>) -> PyResult<GuestMemoryView> {
+    fn mem_view<'py>(
+        &self,
+        py: Python<'py>,
+        addr: Unsigned<u64>,
+        size: Unsigned<usize>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let (addr, size) = (addr.0, size.0);
         let machine = self.machine()?;
         let (host, loan) = machine.memory().lend(addr, size).map_err(kvmkit_core::Error::from).py()?;
-        Ok(GuestMemoryView::new(machine.memory().clone(), host, size, loan))
+        memory_view::new_view(py, machine.memory().clone(), host, size, loan)
     }
 
     fn get_regs<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
@@ -737,9 +740,8 @@ impl Vm {
         PyBytes::new_with(py, size.0, |buf| machine.read_virtual(vcpu, vaddr.0, buf).py())
     }
 
-    fn mem_write_virtual(&self, py: Python<'_>, vcpu: usize, vaddr: Unsigned<u64>, data: PyBuffer<u8>) -> PyResult<()> {
-        let bytes = data.to_vec(py)?;
-        self.machine()?.write_virtual(vcpu, vaddr.0, &bytes).py()
+    fn mem_write_virtual(&self, vcpu: usize, vaddr: Unsigned<u64>, data: BytesLike<'_>) -> PyResult<()> {
+        self.machine()?.write_virtual(vcpu, vaddr.0, data.as_bytes()).py()
     }
 
     /// Runs one instruction on vCPU `vcpu`, the others staying stopped.
