@@ -8,11 +8,13 @@ demo:            ## boot the default Linux guest and run a command in it
 test:            ## lints, cargo test, pytest
 	scripts/test.sh
 
-bench:           ## exit latency, VM churn, snapshots, asyncio, soak, boot time and virtio I/O against their baselines
+bench:           ## exit latency, VM churn, snapshots, function calls, debugging, asyncio, soak, boot time and virtio I/O against their baselines
 	scripts/bootstrap.sh
 	command -v qemu-system-x86_64 >/dev/null || (apt-get update -qq && apt-get install -y -qq qemu-system-x86 >/dev/null)
 	.venv/bin/python benchmarks/bench_exits.py
 	.venv/bin/python benchmarks/bench_snapshot.py
+	.venv/bin/python benchmarks/bench_calls.py
+	.venv/bin/python benchmarks/bench_debug.py
 	.venv/bin/python benchmarks/bench_asyncio.py
 	.venv/bin/python benchmarks/bench_soak.py
 	.venv/bin/python benchmarks/bench_boot.py

@@ -702,8 +702,9 @@ _Noreturn static void usage(const char *argv0)
             "       %s churn <guest.bin> <count>\n"
             "       %s reset <page_writer.bin> <resets> <pages> <port> <irqchip 0|1>\n"
             "       %s create <memory bytes> <count>\n"
-            "       %s call  <function.bin> <calls> <length>\n",
-            argv0, argv0, argv0, argv0, argv0, argv0);
+            "       %s call  <function.bin> <calls> <length>\n"
+            "       %s step  <step_loop.bin> <steps>\n",
+            argv0, argv0, argv0, argv0, argv0, argv0, argv0);
     exit(2);
 }
 
@@ -790,6 +791,40 @@ static int bench_call(const char *guest_path, uint64_t iters, uint64_t length)
     return 0;
 }
 
+// Single-step: `steps` KVM_RUNs of the step loop with KVM_GUESTDBG_SINGLESTEP (and BLOCKIRQ where
+// KVM has it, as kvmkit's steps do), each ending in KVM_EXIT_DEBUG. Prints ns per step.
+static int bench_step(const char *guest_path, uint64_t steps)
+{
+    static uint8_t guest[MEM_SIZE - GUEST_LOAD];
+    size_t guest_len = load_guest(guest_path, guest, sizeof(guest));
+    size_t run_size;
+    int kvm = open_kvm(&run_size);
+    struct vm vm;
+    vm_create(&vm, kvm, run_size, MEM_SIZE, 0, guest, guest_len);
+    set_protected_mode(vm.vcpufd);
+    set_regs(vm.vcpufd, 0, 0, 0);
+    struct kvm_guest_debug debug = { .control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP };
+#if defined(KVM_CAP_SET_GUEST_DEBUG2) && defined(KVM_GUESTDBG_BLOCKIRQ)
+    int flags = ioctl(vm.vmfd, KVM_CHECK_EXTENSION, KVM_CAP_SET_GUEST_DEBUG2);
+    if (flags > 0 && (flags & KVM_GUESTDBG_BLOCKIRQ))
+        debug.control |= KVM_GUESTDBG_BLOCKIRQ;
+#endif
+    IOCTL(vm.vcpufd, KVM_SET_GUEST_DEBUG, &debug);
+    double start = 0;
+    for (uint64_t i = 0; i <= steps; i++) {
+        if (i == 1)
+            start = now();
+        IOCTL(vm.vcpufd, KVM_RUN, 0);
+        if (vm.run->exit_reason != KVM_EXIT_DEBUG)
+            bad_exit(vm.run);
+    }
+    double elapsed = now() - start;
+    printf("{\"ns_per_step\": %.1f}\n", elapsed / (double)steps * 1e9);
+    vm_destroy(&vm);
+    close(kvm);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2)
@@ -819,6 +854,8 @@ int main(int argc, char **argv)
         }
         return bench_create(mem_size, parse_u64(argv[3], "count", 1, UINT64_MAX));
     }
+    if (strcmp(argv[1], "step") == 0 && argc == 4)
+        return bench_step(argv[2], parse_u64(argv[3], "steps", 1, UINT64_MAX));
     if (strcmp(argv[1], "call") == 0 && argc == 5)
         return bench_call(argv[2], parse_u64(argv[3], "calls", 1, UINT64_MAX),
                           parse_u64(argv[4], "length", 0, MEM_SIZE - CALL_DATA));

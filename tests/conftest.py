@@ -26,6 +26,7 @@ so run the suite as ``pytest tests/ [--strict-skips]`` (this conftest must be an
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import shutil
@@ -356,6 +357,7 @@ def run_c_guest(compile_c, kvm_available):
     value (or fail's code) as a C int. Asserts that the run ended with exactly one exit report,
     showing the debug text otherwise."""
     from kvmkit import ExitReason
+    from kvmkit.errors import KvmkitError
 
     def _run(vm, name: str, arg: int = 0, timeout: float = HANG_GUARD) -> tuple[int, str]:
         guest = compile_c(name)
@@ -374,6 +376,9 @@ def run_c_guest(compile_c, kvm_available):
             # ends here rather than at the HLT.
             vm.stop()
 
+        for port in (C_EXIT_PORT, C_DEBUG_PORT):  # hooked by an earlier run of the same VM
+            with contextlib.suppress(KvmkitError):
+                vm.unhook_io(port)
         vm.hook_io(C_EXIT_PORT, size=4, write=on_exit)
         vm.hook_io(C_DEBUG_PORT, write=lambda _port, data: debug.extend(data))
         cpu = vm.vcpus[0]

@@ -275,6 +275,8 @@ def test_devices_that_cannot_be_shared_refuse_a_fork(make_vm, tmp_path):
     vm.add_disk(image)
     with pytest.raises(ConfigError, match="writable disk"):
         vm.fork()
+    with pytest.raises(ConfigError, match="refuse"):
+        vm.fork(disks="share")
 
 
 def test_many_restores_from_several_threads_leave_vms_intact(boot):

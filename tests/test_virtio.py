@@ -11,6 +11,7 @@ import re
 import struct
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import kvmkit
 import pytest
@@ -201,6 +202,44 @@ def test_disk_writes_change_exactly_the_written_sectors(make_vm, run_c_guest, im
     assert path.read_bytes() == expected
     assert vm.mem_read(BUF + 0x8000, 2 * SECTOR) == first + second
     assert stats_tuple(disk) == (4, 2 * SECTOR, 3 * SECTOR, 0)
+
+
+def test_forks_write_their_own_copies_of_a_writable_disk(make_vm, run_c_guest, image):
+    """fork(disks="copy"): each clone writes a copy of the image as it was at the fork; the
+    parent and the other clones do not see its writes, and closing it deletes the copy."""
+    path, contents = image
+    vm = make_vm(memory=MEMORY)
+    disk = vm.add_disk(path)
+    early, parents, clones_own = (random.Random(seed).randbytes(SECTOR) for seed in (4, 5, 6))
+    vm.mem_write(BUF, early)
+    assert run_blk(vm, run_c_guest, disk, [write(10, (BUF, SECTOR))]).answers == [(S_OK, 1)]
+    with pytest.raises(kvmkit.errors.ConfigError, match='disks="copy"'):
+        vm.fork()
+
+    clones = vm.fork(2, disks="copy")
+    copies = [clone.virtio_devices[0].path for clone in clones]
+    assert len({path, *copies}) == 3 and all(copy.startswith(f"{path}.fork") for copy in copies)
+    clones[0].mem_write(BUF, clones_own)
+    assert run_blk(
+        clones[0], run_c_guest, clones[0].virtio_devices[0], [write(20, (BUF, SECTOR))]
+    ).answers == [(S_OK, 1)]
+    vm.mem_write(BUF, parents)
+    assert run_blk(vm, run_c_guest, disk, [write(30, (BUF, SECTOR))]).answers == [(S_OK, 1)]
+
+    def image_with(*sectors):
+        expected = bytearray(contents)
+        for number, data in sectors:
+            expected[number * SECTOR : (number + 1) * SECTOR] = data
+        return bytes(expected)
+
+    assert path.read_bytes() == image_with((10, early), (30, parents))
+    with open(copies[0], "rb") as copy:
+        assert copy.read() == image_with((10, early), (20, clones_own))
+    with open(copies[1], "rb") as copy:
+        assert copy.read() == image_with((10, early))
+    for clone in clones:
+        clone.close()
+    assert not any(Path(copy).exists() for copy in copies), "a closed clone deletes its copy"
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -131,6 +133,9 @@ class VM:
         self._agent: Agent | None = None
         # How to build the same devices again, for snapshots restored elsewhere and forks.
         self._setup: list[dict[str, Any]] = []
+        # Clean-ups of what the VM owns outside itself (a fork's disk copies): on close, or
+        # when the VM is collected.
+        self._cleanups: list[weakref.finalize[Any, Any]] = []
         _live.add(self)
 
     def __enter__(self) -> VM:
@@ -147,6 +152,8 @@ class VM:
         """Stops the VM if it runs and frees it. Further calls raise ``VmStateError``; closing
         again does nothing."""
         self._core.close()
+        for cleanup in self._cleanups:
+            cleanup()
 
     @property
     def closed(self) -> bool:
@@ -658,15 +665,23 @@ class VM:
         *,
         net: NetChoice = "none",
         new_mac: bool = False,
+        disks: Literal["refuse", "copy"] = "refuse",
         prepare: Callable[[VM], object] | None = None,
     ) -> VM | list[VM]:
         """New VMs in this process that start from this VM's current state and share its memory
         copy-on-write; this VM goes on as it was (a running one is paused for the snapshot and
         resumed). ``fork()`` returns one VM, ``fork(n)`` a list of ``n``. Per device: read-only
-        disks are shared; a vsock device gets its own socket, ``<uds_path>.fork<N>``; writable
-        disks cannot be shared and make the fork fail (see the README). Python handlers and
-        devices added with :meth:`add_io_device`/:meth:`add_mmio_device` are not copied:
-        ``prepare(clone)`` adds them, as for :meth:`from_snapshot`.
+        disks are shared; a vsock device gets its own socket, ``<uds_path>.fork<N>``. Python
+        handlers and devices added with :meth:`add_io_device`/:meth:`add_mmio_device` are not
+        copied: ``prepare(clone)`` adds them, as for :meth:`from_snapshot`.
+
+        A writable disk cannot be shared: clones would write over each other and the parent. With
+        ``disks="refuse"`` (the default) it makes the fork fail with
+        :class:`~kvmkit.errors.ConfigError`; with ``disks="copy"`` each clone gets a copy of its
+        own, ``<image>.fork<N>``, taken while this VM is paused for the snapshot, so it holds what
+        the guest had written then: a reflink, which shares the file's blocks copy-on-write,
+        where the file system has them (btrfs, XFS), else a copy of the file's data (its holes
+        stay holes). The clone deletes its copies when it is closed or collected.
 
         Network cards cannot share the parent's tap. Each clone's card is at the same address as
         the parent's, and ``net`` says what is behind it:
@@ -690,31 +705,49 @@ class VM:
         reads the MAC only when its driver probes, and its configuration-change handler looks
         only at the link status and announce bits, so the guest keeps the parent's MAC until
         told, for instance ``clone.exec(f"ip link set dev eth0 address {clone.virtio_devices[i].mac}")``."""
-        for device in self._setup:
-            if device["kind"] == "block" and not device["read_only"]:
-                raise ConfigError(
-                    f"cannot fork a VM with the writable disk {device['path']}: "
-                    "clones would share its writes; add it read_only"
-                )
+        if disks not in ("refuse", "copy"):
+            raise ConfigError(f'disks must be "refuse" or "copy", not {disks!r}')
+        writable = [d["path"] for d in self._setup if d["kind"] == "block" and not d["read_only"]]
+        if writable and disks == "refuse":
+            raise ConfigError(
+                f"cannot fork a VM with the writable disk {writable[0]}: clones would share its "
+                'writes; fork(disks="copy") gives each clone a copy, or add the disk read_only'
+            )
         plan = _net_plan(_net_cards({"devices": self._setup}), net, 1 if count is None else count)
         was_running = self.running and not self.paused
         if was_running:
             self.pause()
+        copies: list[dict[str, str]] = []
         try:
             snapshot = self.snapshot()
+            for _ in plan:
+                number = next(_fork_numbers)
+                copies.append({path: f"{path}.fork{number}" for path in writable})
+                for path, copy in copies[-1].items():
+                    _copy_image(path, copy)
+        except BaseException:
+            _remove_files([copy for clone in copies for copy in clone.values()])
+            raise
         finally:
             if was_running:
                 self.resume()
-        clones = []
+        clones: list[VM] = []
         try:
-            for taps in plan:
+            for taps, disk_copies in zip(plan, copies):
                 devices = _CloneDevices(
-                    lambda device: f"{device['uds_path']}.fork{next(_fork_numbers)}", taps, new_mac
+                    lambda device: f"{device['uds_path']}.fork{next(_fork_numbers)}",
+                    taps,
+                    new_mac,
+                    disk_copies,
                 )
                 clones.append(VM._clone(snapshot, devices, prepare))
+                clones[-1]._cleanups.append(
+                    weakref.finalize(clones[-1], _remove_files, list(disk_copies.values()))
+                )
         except BaseException:
             for clone in clones:
                 clone.close()
+            _remove_files([copy for clone in copies for copy in clone.values()])
             raise
         return clones[0] if count is None else clones
 
@@ -739,7 +772,8 @@ class VM:
     def _add_from_setup(self, device: dict[str, Any], devices: _CloneDevices) -> None:
         kind = device.get("kind")
         if kind == "block":
-            self.add_disk(device["path"], device["read_only"], serial=device["serial"], lock=device["lock"])
+            path = devices.disk_copies.get(device["path"], device["path"])
+            self.add_disk(path, device["read_only"], serial=device["serial"], lock=device["lock"])
         elif kind == "net":
             self._add_net(devices.net_tap(device), None if devices.new_mac else device["mac"])
         elif kind == "vsock":
@@ -758,10 +792,16 @@ class _CloneDevices:
     """How a clone's devices differ from those the snapshot describes."""
 
     def __init__(
-        self, vsock_path: Callable[[dict[str, Any]], str], taps: list[str | None] | None, new_mac: bool
+        self,
+        vsock_path: Callable[[dict[str, Any]], str],
+        taps: list[str | None] | None,
+        new_mac: bool,
+        disk_copies: dict[str, str] | None = None,
     ) -> None:
         self.vsock_path = vsock_path
         """The socket path of a vsock device."""
+        self.disk_copies = disk_copies or {}
+        """The clone's own copy of each writable disk, by the image it copies."""
         self._taps = None if taps is None else iter(taps)
         self.new_mac = new_mac
         """Whether network cards get new MAC addresses."""
@@ -771,6 +811,42 @@ class _CloneDevices:
         with no back end)."""
         saved: str | None = device["tap"]
         return saved if self._taps is None else next(self._taps)
+
+
+# ioctl(dest, FICLONE, source): share all of source's blocks copy-on-write (btrfs, XFS).
+_FICLONE = 0x40049409
+
+
+def _copy_image(source: str, dest: str) -> None:
+    """Copies the disk image ``source`` to ``dest`` (which must not exist): a reflink where the
+    file system has them, else its data, region by region, leaving its holes as holes."""
+    with open(source, "rb") as src, open(dest, "xb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            return
+        except OSError:
+            pass
+        size = os.fstat(src.fileno()).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole from here on
+                break
+            end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            while start < end:
+                copied = os.copy_file_range(src.fileno(), dst.fileno(), end - start, start, start)
+                if copied == 0:  # the file shrank under us
+                    break
+                start += copied
+            offset = end
+        dst.truncate(size)
+
+
+def _remove_files(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _net_cards(setup: dict[str, Any]) -> int:

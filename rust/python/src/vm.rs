@@ -15,8 +15,8 @@ use kvmkit_core::devices::console::ConsoleOutput;
 use kvmkit_core::devices::{BootTimer, SerialPort, VmGenId};
 use kvmkit_core::irq::IrqLine;
 use kvmkit_core::linux::{self, LinuxPlatform};
-use kvmkit_core::machine::{CallOutcome, RestoreTimes, STOP_GRACE};
-use kvmkit_core::vstate::debug::{DebugKind, HwKind, HwSlot};
+use kvmkit_core::machine::{CallOutcome, RestoreTimes, Stepping, STOP_GRACE};
+use kvmkit_core::vstate::debug::{HwKind, HwSlot};
 use kvmkit_core::vstate::exit::{AddressSpace, Exit, ExitReason};
 use kvmkit_core::vstate::memory;
 use kvmkit_core::vstate::vcpu::Vcpu;
@@ -758,16 +758,8 @@ impl Vm {
         timeout: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
         let deadline = timeout.map(seconds).transpose()?.and_then(|t| Instant::now().checked_add(t));
-        self.drive(py, |machine, interrupted| {
-            let mut exit = machine.run_here(vcpu, Some(mask_interrupts), deadline, interrupted)?;
-            for _ in 1..count {
-                if !matches!(&exit.reason, ExitReason::Debug(event) if event.kind == DebugKind::Step) {
-                    break;
-                }
-                exit = machine.run_here(vcpu, Some(mask_interrupts), deadline, interrupted)?;
-            }
-            Ok(exit)
-        })
+        let stepping = Stepping { mask_interrupts, count };
+        self.drive(py, |machine, interrupted| machine.run_here(vcpu, Some(stepping), deadline, interrupted))
     }
 
     /// Calls the 64-bit function at `entry` on vCPU `vcpu` (see `Machine::call`): RAX when it

@@ -132,6 +132,8 @@ struct Job {
     /// Signalled by the vCPU that finishes the run last; `None` for a run on the caller's thread,
     /// which nobody else waits for.
     run_end: Option<Arc<EventFd>>,
+    /// How many times to run the vCPU while each run ends with a single step (1 otherwise).
+    steps: u64,
 }
 
 impl Job {
@@ -139,9 +141,18 @@ impl Job {
     /// the guest (or, given `None`, ends its part of the run without running it), then hands it
     /// back.
     fn serve(self, interrupted: Option<&mut dyn FnMut() -> Option<ExitReason>>) {
-        let Job { mut vcpu, io, control, finished, run_end } = self;
+        let Job { mut vcpu, io, control, finished, run_end, steps } = self;
         let exit = match interrupted {
-            Some(interrupted) => run_guarded(&mut vcpu, &io, &control, interrupted),
+            Some(interrupted) => {
+                let mut exit = run_guarded(&mut vcpu, &io, &control, interrupted);
+                for _ in 1..steps {
+                    if !matches!(&exit, ExitReason::Debug(event) if event.kind == DebugKind::Step) {
+                        break;
+                    }
+                    exit = run_guarded(&mut vcpu, &io, &control, interrupted);
+                }
+                exit
+            }
             None => ExitReason::VmmError("the vCPU thread hook did not run the vCPU".into()),
         };
         control.end_run_if(vcpu.index(), &exit);
@@ -161,9 +172,18 @@ impl Job {
 enum Scope {
     /// Every vCPU, each on its own thread.
     All,
-    /// Only vCPU `index`, on the calling thread, the others staying where they are: for one
-    /// instruction when `step` says so (with interrupts kept out when it holds true).
-    One { index: usize, step: Option<bool> },
+    /// Only vCPU `index`, on the calling thread, the others staying where they are: instruction
+    /// by instruction when `step` says so.
+    One { index: usize, step: Option<Stepping> },
+}
+
+/// A run of single steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stepping {
+    /// Whether KVM keeps interrupts out during each step, when it can.
+    pub mask_interrupts: bool,
+    /// How many instructions to run; the run ends earlier on an exit other than a step's.
+    pub count: u64,
 }
 
 /// How often a waiting or running caller checks its deadline and interrupt callback.
@@ -510,12 +530,11 @@ impl Machine {
     /// waiting for an interrupt) ends with [`ExitReason::Stopped`] once `interrupted` says so, as
     /// a run does.
     pub fn step(&self, index: usize, mask_interrupts: bool, interrupted: &mut dyn FnMut() -> bool) -> Result<Exit> {
-        self.run_here(index, Some(mask_interrupts), None, interrupted)
+        self.run_here(index, Some(Stepping { mask_interrupts, count: 1 }), None, interrupted)
     }
 
     /// Runs only vCPU `index`, on the calling thread, while the others stay stopped, until it
-    /// exits for good: for one instruction when `step` says so (interrupts kept out when it holds
-    /// true). The run ends with [`ExitReason::Timeout`] at `deadline`, and with
+    /// exits for good, or instruction by instruction as `step` says. The run ends with [`ExitReason::Timeout`] at `deadline`, and with
     /// [`ExitReason::Stopped`] when `interrupted` says so; it is asked whenever the vCPU is kicked
     /// out of the guest: by [`stop`](Self::stop), by the deadline, or by a signal to the calling
     /// thread (Ctrl-C's, on a main thread).
@@ -526,7 +545,7 @@ impl Machine {
     pub fn run_here(
         &self,
         index: usize,
-        step: Option<bool>,
+        step: Option<Stepping>,
         deadline: Option<Instant>,
         interrupted: &mut dyn FnMut() -> bool,
     ) -> Result<Exit> {
@@ -678,8 +697,8 @@ impl Machine {
         let base = state.debug;
         for (index, vcpu) in state.vcpus.iter_mut().enumerate() {
             let debug = match scope {
-                Scope::One { index: stepping, step: Some(block_irq) } if stepping == index => {
-                    GuestDebug { single_step: true, block_irq, ..base.without_breakpoints() }
+                Scope::One { index: stepping, step: Some(step) } if stepping == index => {
+                    GuestDebug { single_step: true, block_irq: step.mask_interrupts, ..base.without_breakpoints() }
                 }
                 _ => base,
             };
@@ -696,16 +715,17 @@ impl Machine {
         let mut vcpus = vcpus.into_iter();
         let mut here = None;
         while let Some(vcpu) = vcpus.next() {
-            let job = |vcpu, run_end| Job {
+            let job = |vcpu, run_end, steps| Job {
                 vcpu,
                 io: state.io.clone(),
                 control: control.clone(),
                 finished: finished.clone(),
                 run_end,
+                steps,
             };
-            if let Scope::One { index, .. } = scope {
+            if let Scope::One { index, step } = scope {
                 if index == vcpu.index() as usize {
-                    here = Some(job(vcpu, None));
+                    here = Some(job(vcpu, None, step.map_or(1, |step| step.count.max(1))));
                     run.pending += 1;
                 } else {
                     // Not this run's vCPU: it stays where it is.
@@ -714,7 +734,7 @@ impl Machine {
                 }
                 continue;
             }
-            let job = job(vcpu, Some(self.run_end.clone()));
+            let job = job(vcpu, Some(self.run_end.clone()), 1);
             match Self::hand_over(&mut state, job) {
                 Ok(()) => run.pending += 1,
                 Err((vcpu, e)) => {

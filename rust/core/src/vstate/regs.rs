@@ -93,12 +93,13 @@ impl RegisterFile {
     }
 
     /// Hands KVM a register write it has not taken yet, before state it interacts with is read or
-    /// written by ioctl.
-    pub fn flush(&self) -> Result<()> {
-        if self.synced && self.dirty() {
-            self.set_regs_now(&self.regs()?)?;
+    /// written by ioctl; says whether there was one.
+    pub fn flush(&self) -> Result<bool> {
+        if !(self.synced && self.dirty()) {
+            return Ok(false);
         }
-        Ok(())
+        self.set_regs_now(&self.regs()?)?;
+        Ok(true)
     }
 
     /// Segment, control and descriptor-table registers.

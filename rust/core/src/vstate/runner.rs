@@ -338,7 +338,9 @@ fn finish(vcpu: &mut Vcpu, kicker: &Kicker, io: &dyn IoHandler, served_access: b
     // before it returns EINTR); they are served like any other.
     loop {
         let action = enter_without_guest(vcpu, kicker, |exit, pio_size| match exit {
+            // Done; a single step's trap comes with the completed instruction.
             Err(e) if e.errno() == libc::EINTR => None,
+            Ok(VcpuExit::Debug(_)) => None,
             exit if is_access(&exit) => Some(handle_exit(exit, pio_size, io)),
             Err(e) => Some(ExitAction::Stop(ExitReason::VmmError(format!("{reason}, and KVM_RUN failed: {e}")))),
             Ok(other) => Some(ExitAction::Stop(ExitReason::VmmError(format!(
@@ -385,6 +387,7 @@ fn retract_access(vcpu: &mut Vcpu, kicker: &Kicker, reason: ExitReason) -> ExitR
         // unserved, as the whole instruction is retried.
         while enter_without_guest(vcpu, kicker, |exit, _| match exit {
             Err(e) if e.errno() == libc::EINTR => Ok(false),
+            Ok(VcpuExit::Debug(_)) => Ok(false),
             exit if is_access(&exit) => Ok(true),
             Err(e) => Err(e),
             Ok(_) => Err(errno::Error::new(libc::EIO)),

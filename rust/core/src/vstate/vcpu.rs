@@ -1,4 +1,4 @@
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use kvm_bindings::{
@@ -192,6 +192,8 @@ pub struct Vcpu {
     tracking: Box<StateTracking>,
     /// Its general and special registers.
     registers: RegisterFile,
+    /// Whether a restore wrote the registers since single-stepping was last asked for.
+    regs_replaced: AtomicBool,
 }
 
 /// What a vCPU keeps to save and restore its state quickly.
@@ -246,6 +248,7 @@ impl Vcpu {
                 restore_cache: Mutex::new(RestoreCache::default()),
             }),
             registers,
+            regs_replaced: AtomicBool::new(false),
         };
         let mut entries = supported.as_slice().to_vec();
         cpuid::normalize(&mut entries, &platform);
@@ -439,7 +442,10 @@ impl Vcpu {
     /// Sets single-step, software breakpoints and the debug registers KVM uses for the VMM's
     /// debugging (not the guest's own DR0-DR7); does nothing when they are as last set.
     pub fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<()> {
-        if *debug == *self.guest_debug {
+        // KVM sets the trap flag of a single step only while RIP is where it was when stepping was
+        // asked for: registers written since must reach KVM first, and stepping be asked again.
+        let moved = debug.single_step && (self.registers.flush()? | self.regs_replaced.swap(false, Ordering::Relaxed));
+        if !moved && *debug == *self.guest_debug {
             return Ok(());
         }
         self.fd.set_guest_debug(&debug.to_kvm(self.block_irq)).map_err(Error::kvm("KVM_SET_GUEST_DEBUG"))?;
@@ -512,6 +518,7 @@ impl Vcpu {
         // events: setting the registers drops a pending exception, which the events carry.
         self.set_sregs(&state.sregs)?;
         self.registers.set_regs_now(&state.regs)?;
+        self.regs_replaced.store(true, Ordering::Relaxed);
         self.restore_fpu(&state.fpu)?;
         if let Some(xcrs) = &state.xcrs {
             self.set_xcrs(xcrs)?;
