@@ -503,6 +503,11 @@ impl Machine {
         Ok(())
     }
 
+    /// Whether `int3` exits to the VMM (see [`set_software_breakpoints`](Self::set_software_breakpoints)).
+    pub fn software_breakpoints(&self) -> bool {
+        self.lock().debug.software_breakpoints
+    }
+
     /// Runs the VM until the run ends, every vCPU on its own thread while the caller waits. The run
     /// ends with [`ExitReason::Timeout`] after `timeout`, and with [`ExitReason::Stopped`] as soon
     /// as `interrupted` (asked every few milliseconds) returns true. Either way the caller gets its
