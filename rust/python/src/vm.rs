@@ -709,6 +709,19 @@ impl Vm {
         self.machine()?.remove_hw_slot(slot).py()
     }
 
+    /// Serves gdb on `address` (see `kvmkit_core::gdb`); with `wait`, returns once a client has
+    /// attached.
+    #[pyo3(signature = (address, wait=false, breakpoints="auto"))]
+    fn serve_gdb(
+        &self,
+        py: Python<'_>,
+        address: &str,
+        wait: bool,
+        breakpoints: &str,
+    ) -> PyResult<crate::gdb::GdbServer> {
+        crate::gdb::serve(py, self.machine()?, address, wait, breakpoints)
+    }
+
     /// Asks the run to end; `timeout=True` records it as a timeout. Returns whether it was running.
     #[pyo3(signature = (timeout=false))]
     fn stop(&self, timeout: bool) -> PyResult<bool> {
