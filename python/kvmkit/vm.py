@@ -27,6 +27,7 @@ from kvmkit.errors import (
     check_timeout,
 )
 from kvmkit.exits import Exit, ExitReason
+from kvmkit.gdb import BreakpointMode, GdbServer
 from kvmkit.snapshot import SETUP_VERSION, Snapshot
 from kvmkit.virtio import Disk, Net, Rng, VirtioDevice, Vsock
 
@@ -131,6 +132,7 @@ class VM:
         self._agent: Agent | None = None
         # How to build the same devices again, for snapshots restored elsewhere and forks.
         self._setup: list[dict[str, Any]] = []
+        self._gdb_servers: list[GdbServer] = []
         _live.add(self)
 
     def __enter__(self) -> VM:
@@ -146,6 +148,8 @@ class VM:
     def close(self) -> None:
         """Stops the VM if it runs and frees it. Further calls raise ``VmStateError``; closing
         again does nothing."""
+        for server in self._gdb_servers:
+            server.close()
         self._core.close()
 
     @property
@@ -418,6 +422,23 @@ class VM:
         False to end it with the event. Its exceptions are raised from ``run``/``wait``. None
         removes it."""
         self._debug.callback = callback
+
+    def serve_gdb(
+        self, address: str = "127.0.0.1:1234", wait: bool = False, breakpoints: BreakpointMode = "auto"
+    ) -> GdbServer:
+        """Serves gdb (``target remote HOST:PORT``) on ``address`` (port 0: any free one, see
+        :attr:`GdbServer.port`) from a thread of its own; with ``wait``, returns once a client has
+        attached, with the VM stopped under its control (as QEMU's ``-s -S``). Every vCPU is a gdb
+        thread; gdb gets the registers (segment bases, control registers and EFER too), memory
+        by virtual address, single-step, breakpoints (``breakpoints`` says how ``break`` sets
+        them, see :data:`kvmkit.gdb.BreakpointMode`) and read, write and access watchpoints. While
+        a client is attached it drives the VM: leave running it to gdb until
+        :meth:`GdbServer.wait_detached`. See :class:`~kvmkit.gdb.GdbServer`."""
+        if breakpoints not in ("auto", "hardware", "software"):
+            raise ConfigError(f'breakpoints must be "auto", "hardware" or "software", not {breakpoints!r}')
+        server = GdbServer(self._core.serve_gdb(address, wait, breakpoints))
+        self._gdb_servers.append(server)
+        return server
 
     # Running
 
