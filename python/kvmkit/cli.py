@@ -99,6 +99,9 @@ _RUN_STATUS = {ExitReason.POWEROFF: 0, ExitReason.RESET: 0, ExitReason.STOPPED: 
 def _run(args: argparse.Namespace) -> int:
     from kvmkit.terminal import HELP, InputPump, raw_terminal, stdin_fd
 
+    if args.wait and args.gdb is None:
+        raise ConfigError("--wait needs --gdb")
+
     kernel, initrd, default_cmdline = args.kernel, args.initrd, kvmkit.vm.DEFAULT_CMDLINE
     if kernel is None:
         from kvmkit.images import default_guest
@@ -128,8 +131,6 @@ def _run(args: argparse.Namespace) -> int:
 def _serve_gdb(vm: kvmkit.VM, args: argparse.Namespace) -> GdbServer | None:
     """The gdb server ``--gdb`` asks for, once a client attached if ``--wait`` says so."""
     if args.gdb is None:
-        if args.wait:
-            raise ConfigError("--wait needs --gdb")
         return None
     server = vm.serve_gdb(args.gdb)
     host, port = server.address
