@@ -366,13 +366,19 @@ def test_garbage_and_vanishing_clients_leave_the_vm_usable(gdb_guest, guest_vm):
     server = vm.serve_gdb("127.0.0.1:0")
     tick = gdb_guest.address("tick")
 
-    # Garbage, a bad checksum and unknown or malformed packets, then the client hangs up: the
-    # session ends as a detach, which leaves the VM running (here, to the guest's end).
+    # Noise between packets, a bad checksum, unknown and malformed packets: nothing, a request to
+    # send it again, an empty reply and error replies, and the session goes on.
     client = Rsp(server.port)
-    client.sock.sendall(b"hello\x00\xff$zz#00$g#ff$qKvmkitNonsense#00")
-    client.send("vKvmkitNonsense")
-    client.send("Z9,zz,1")
-    client.send("m,")
+    assert client.ask("?").startswith("T05")
+    client.sock.sendall(b"hello\x00\xff-$g#00")
+    assert client.sock.recv(1) == b"-", "a packet with a bad checksum is asked for again"
+    assert client.ask("vKvmkitNonsense") == ""
+    for bad in ("m,", "mzz,4", "Z9,zz,1", "G00", "Hgzz", "M100,zz:00", "vCont;q"):
+        assert client.ask(bad) == "E01", bad
+    assert client.ask("?").startswith("T05")
+    assert len(bytes.fromhex(client.ask("g"))) == 600
+    # Then it hangs up: the session ends as a detach, which leaves the VM running (here, to the
+    # guest's end).
     client.close()
     settle(server, 1)
     assert vm.wait(HANG_GUARD).reason is ExitReason.HLT

@@ -18,10 +18,11 @@ class GdbServer:
     """A gdb server for one VM, listening on :attr:`address` until :meth:`close` (closing the VM
     closes it too). One client at a time: a client that connects takes the VM over (a run in
     progress ends with ``STOPPED``); the VM then runs only when gdb continues or steps it, and
-    Ctrl-C in gdb stops it. When the client detaches or disconnects, its breakpoints and
-    watchpoints go and the VM is started again in the background (:meth:`VM.wait` collects the
-    end of that run), unless the guest ended for good meanwhile (every vCPU halted) or gdb killed
-    it, which leaves the VM stopped. Python handlers keep serving the guest's I/O throughout."""
+    Ctrl-C in gdb stops it; a malformed packet gets an error reply. When the client detaches or
+    disconnects (even while the VM is stopped), its breakpoints and watchpoints go and the VM is
+    started again in the background (:meth:`VM.wait` collects the end of that run), unless the
+    guest ended for good meanwhile (every vCPU halted) or gdb killed it, which leaves the VM
+    stopped. Python handlers keep serving the guest's I/O throughout."""
 
     def __init__(self, core: _core.GdbServer) -> None:
         self._core = core

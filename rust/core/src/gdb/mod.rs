@@ -4,17 +4,18 @@
 //! The server has a thread of its own, which accepts one client at a time. A client that connects
 //! takes the VM over: a run in progress is stopped (it ends with [`ExitReason::Stopped`] for
 //! whoever waits on it), and from then on the VM runs only when the client continues or steps it,
-//! every vCPU a gdb thread. Ctrl-C in gdb stops it again. When the client detaches, disconnects or
-//! sends garbage the session ends: the client's breakpoints and watchpoints go, and the VM is
-//! started again in the background (as [`Machine::start`] does) unless it ended for good while the
-//! client watched (every vCPU halted, a power-off) or the client asked for a kill.
+//! every vCPU a gdb thread. Ctrl-C in gdb stops it again. A malformed packet gets an error reply.
+//! When the client detaches or disconnects the session ends: the client's breakpoints and
+//! watchpoints go, and the VM is started again in the background (as [`Machine::start`] does)
+//! unless it ended for good while the client watched (every vCPU halted, a power-off) or the
+//! client asked for a kill.
 
 mod regs;
 mod target;
 
 pub use regs::{KvmX86_64, X86Registers};
 
-use std::io;
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -23,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use gdbstub::stub::{DisconnectReason, GdbStub};
+use gdbstub::stub::{DisconnectReason, GdbStub, GdbStubError};
 
 use crate::machine::Machine;
 use crate::vstate::exit::ExitReason;
@@ -228,7 +229,26 @@ fn session(machine: &Arc<Machine>, shared: &Arc<Shared>, stream: TcpStream) {
         let _ = machine.wait(None);
     }
     let mut target = Session::new(machine.clone(), shared.clone());
-    let ended = GdbStub::new(stream).run_blocking::<EventLoop>(&mut target);
+    let ended = loop {
+        let connection = match stream.try_clone() {
+            Ok(connection) => connection,
+            Err(e) => break Err(e.to_string()),
+        };
+        match GdbStub::new(connection).run_blocking::<EventLoop>(&mut target) {
+            Ok(reason) => break Ok(reason),
+            Err(e) => match bad_packet_reply(&e) {
+                // A bad packet while the VM is stopped: answered with an error, and the session
+                // goes on, with the protocol state of a new connection.
+                Some(reply) if !target.is_running() && !shared.closing() => {
+                    log::info!("gdb: a bad packet: {e}");
+                    if let Err(e) = (&stream).write_all(reply) {
+                        break Err(e.to_string());
+                    }
+                }
+                _ => break Err(e.to_string()),
+            },
+        }
+    };
     let resume = match &ended {
         Ok(DisconnectReason::Disconnect) => {
             log::info!("gdb: the client detached");
@@ -249,6 +269,29 @@ fn session(machine: &Arc<Machine>, shared: &Arc<Shared>, stream: TcpStream) {
         if let Err(e) = machine.start() {
             log::warn!("gdb: cannot resume the VM after the session: {e}");
         }
+    }
+}
+
+/// What to answer the packet `error` was about, if the session can go on after it: nothing for
+/// stray bytes between packets or a stray negative acknowledgement, a negative acknowledgement
+/// (asking for it again) for a packet whose checksum is wrong, and an error reply for a malformed
+/// or oversized packet or one that does not fit the target. `gdbstub` shows the kind of its
+/// errors only in their debug form.
+fn bad_packet_reply<T: std::fmt::Debug, C: std::fmt::Debug>(error: &GdbStubError<T, C>) -> Option<&'static [u8]> {
+    if error.is_connection_error() || error.is_target_error() {
+        return None;
+    }
+    let kind = format!("{error:?}");
+    let has = |names: &[&str]| names.iter().any(|name| kind.contains(name));
+    if has(&["UnexpectedHeader", "ClientSentNack"]) {
+        Some(b"")
+    } else if has(&["ChecksumMismatched"]) {
+        Some(b"-")
+    } else if has(&["PacketParse", "PacketUnexpected", "PacketBufferOverflow", "TargetMismatch"]) {
+        // "E01" with its checksum.
+        Some(b"$E01#a6")
+    } else {
+        None
     }
 }
 

@@ -118,6 +118,11 @@ impl Session {
         }
     }
 
+    /// Whether a run the session started is in progress.
+    pub(super) fn is_running(&self) -> bool {
+        self.running
+    }
+
     /// The vCPU behind a thread id (vCPU 0 for one that is not there).
     fn index(&self, tid: Tid) -> usize {
         let index = tid.get() - 1;
