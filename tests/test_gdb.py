@@ -422,6 +422,44 @@ def test_garbage_and_vanishing_clients_leave_the_vm_usable(gdb_guest, guest_vm):
     assert seen.reports == [MARKER] * 3
 
 
+def test_serve_gdb_waits_for_a_client_and_kill_leaves_the_vm_stopped(gdb_guest, guest_vm):
+    vm, seen = guest_vm()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    answers = []
+
+    def client_side():
+        deadline = time.monotonic() + HANG_GUARD
+        while True:
+            try:
+                client = Rsp(port)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        answers.append(client.ask("?"))
+        answers.append(client.ask("g"))
+        client.send("k")
+        time.sleep(0.1)
+        client.close()
+
+    thread = threading.Thread(target=client_side)
+    thread.start()
+    server = vm.serve_gdb(f"127.0.0.1:{port}", wait=True)
+    assert server.sessions == 1, "serve_gdb(wait=True) returns once a client attached"
+    thread.join(HANG_GUARD)
+    assert answers[0].startswith("T05")
+    rip = int.from_bytes(bytes.fromhex(answers[1])[128:136], "little")
+    assert rip == gdb_guest.entry, "stopped before the first instruction"
+    assert server.wait_detached(HANG_GUARD)
+    assert not vm.running, "a killed VM stays stopped"
+    assert seen.reports == []
+    assert vm.run(timeout=HANG_GUARD).reason is ExitReason.HLT
+    assert seen.reports == [MARKER]
+    server.close()
+
+
 def test_cli_run_leaves_the_vm_to_an_attached_client(gdb_guest, guest_vm):
     from kvmkit.cli import _run_under_gdb
 
