@@ -116,8 +116,15 @@ def _run(args: argparse.Namespace) -> int:
             console.log_to(args.console_log)
         console.log_to(sys.stdout)
         server = _serve_gdb(vm, args)
+
+        def quit_() -> None:
+            # With gdb attached, stopping the VM would only stop it under gdb.
+            if server is not None:
+                server.close()
+            vm.stop()
+
         fd = stdin_fd()
-        with raw_terminal(fd), InputPump(fd, console.write, vm.stop):
+        with raw_terminal(fd), InputPump(fd, console.write, quit_):
             if os.isatty(fd):
                 sys.stdout.write(HELP)
                 sys.stdout.flush()
