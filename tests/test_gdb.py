@@ -352,6 +352,30 @@ def test_ctrl_c_interrupts_and_detach_leaves_the_vm_running(gdb_guest, guest_vm)
     server.close()
 
 
+def test_watchpoints_take_debug_registers_and_give_them_back(gdb_guest, guest_vm):
+    vm, _ = guest_vm()
+    server = vm.serve_gdb("127.0.0.1:0")
+    counter, marker = gdb_guest.address("counter"), gdb_guest.address("marker")
+    client = Rsp(server.port)
+    assert client.ask("?").startswith("T05")
+    # An unaligned range takes one register per aligned piece: 1 + 2 + 1 bytes.
+    assert client.ask(f"Z2,{counter + 3:x},4") == "OK"
+    assert client.ask(f"Z4,{marker:x},8") == "OK"
+    assert client.ask(f"Z3,{counter:x},8") != "OK", "all four registers are taken"
+    assert client.ask(f"Z1,{gdb_guest.address('tick'):x},1") != "OK"
+    assert client.ask(f"z2,{counter + 3:x},4") == "OK"
+    assert client.ask(f"Z3,{counter:x},8") == "OK"
+    assert client.ask(f"Z2,{counter:x},40") != "OK", "more pieces than registers"
+    assert client.ask("D") == "OK"
+    client.close()
+    assert server.wait_detached(HANG_GUARD)
+    vm.stop()
+    vm.wait(HANG_GUARD)
+    handles = [vm.add_watchpoint(counter + 8 * i, 8) for i in range(4)]
+    assert len(handles) == 4, "the session gave every register back"
+    server.close()
+
+
 def settle(server, sessions: int) -> None:
     """Waits until the server has had `sessions` clients and none is attached."""
     deadline = time.monotonic() + HANG_GUARD

@@ -28,7 +28,7 @@ use super::regs::{KvmX86_64, X86Registers};
 use super::{BreakpointMode, Shared};
 use crate::arch::x86_64::pagewalk;
 use crate::machine::Machine;
-use crate::vstate::debug::{DebugKind, HwKind, HwSlot};
+use crate::vstate::debug::{DebugKind, HwKind, HwSlot, HW_SLOTS};
 use crate::vstate::exit::{Exit, ExitReason};
 
 /// `int3`.
@@ -48,8 +48,9 @@ enum Resume {
 /// How a breakpoint or watchpoint the client set is carried out.
 #[derive(Debug, Clone, Copy)]
 enum How {
-    /// In debug register `slot`.
-    Slot(usize),
+    /// In the debug registers whose bits are set (a watchpoint on an unaligned range or one
+    /// longer than 8 bytes takes several).
+    Slots(u8),
     /// By an `int3` over the byte at guest-physical `physical`, which held `original`.
     Int3 { physical: u64, original: u8 },
 }
@@ -158,7 +159,7 @@ impl Session {
 
     fn undo(&mut self, point: Point) {
         let result = match point.how {
-            How::Slot(slot) => self.machine.remove_hw_slot(slot),
+            How::Slots(mask) => self.free_slots(mask),
             How::Int3 { physical, original } => self.machine.write_memory(physical, &[original]),
         };
         if let Err(e) = result {
@@ -166,23 +167,42 @@ impl Session {
         }
     }
 
-    fn add_point(&mut self, z: u8, addr: u64, len: u64, slot: HwSlot) -> TargetResult<bool, Self> {
+    fn add_point(&mut self, z: u8, addr: u64, len: u64, slots: &[HwSlot]) -> TargetResult<bool, Self> {
         let how = match (z, self.mode) {
             (0, BreakpointMode::Software) => self.add_int3(addr)?,
-            (0, BreakpointMode::Auto) => match self.machine.add_hw_slot(slot) {
-                Ok(slot) => How::Slot(slot),
+            (0, BreakpointMode::Auto) => match self.take_slots(slots) {
+                Ok(mask) => How::Slots(mask),
                 Err(_) => self.add_int3(addr)?,
             },
-            _ => match self.machine.add_hw_slot(slot) {
-                Ok(slot) => How::Slot(slot),
+            _ => match self.take_slots(slots) {
+                Ok(mask) => How::Slots(mask),
                 Err(e) => {
-                    log::info!("gdb: no debug register for {addr:#x}: {e}");
+                    log::info!("gdb: not enough debug registers for {addr:#x}: {e}");
                     return Ok(false);
                 }
             },
         };
         self.points.push(Point { z, addr, len, how });
         Ok(true)
+    }
+
+    /// Puts `slots` in debug registers, all or none; the mask of the registers taken.
+    fn take_slots(&mut self, slots: &[HwSlot]) -> crate::Result<u8> {
+        let mut mask = 0;
+        for &slot in slots {
+            match self.machine.add_hw_slot(slot) {
+                Ok(index) => mask |= 1 << index,
+                Err(e) => {
+                    let _ = self.free_slots(mask);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(mask)
+    }
+
+    fn free_slots(&mut self, mask: u8) -> crate::Result<()> {
+        (0..HW_SLOTS).filter(|i| mask & 1 << i != 0).try_for_each(|i| self.machine.remove_hw_slot(i))
     }
 
     fn add_int3(&mut self, addr: u64) -> TargetResult<How, Self> {
@@ -228,7 +248,7 @@ impl Session {
                 DebugKind::Step => trap,
                 DebugKind::Hardware(slot) => {
                     let slot = usize::from(slot);
-                    match self.points.iter().find(|p| matches!(p.how, How::Slot(s) if s == slot)) {
+                    match self.points.iter().find(|p| matches!(p.how, How::Slots(mask) if mask & 1 << slot != 0)) {
                         Some(Point { z: 0, .. }) => MultiThreadStopReason::SwBreak(thread),
                         Some(Point { z: 1, .. }) => MultiThreadStopReason::HwBreak(thread),
                         Some(&Point { z, addr, .. }) => {
@@ -420,7 +440,7 @@ impl Breakpoints for Session {
 
 impl SwBreakpoint for Session {
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        self.add_point(0, addr, 1, HwSlot::breakpoint(addr))
+        self.add_point(0, addr, 1, &[HwSlot::breakpoint(addr)])
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
@@ -430,12 +450,29 @@ impl SwBreakpoint for Session {
 
 impl HwBreakpoint for Session {
     fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        self.add_point(1, addr, 1, HwSlot::breakpoint(addr))
+        self.add_point(1, addr, 1, &[HwSlot::breakpoint(addr)])
     }
 
     fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         self.remove_point(1, addr, 1)
     }
+}
+
+/// `[addr, addr + len)` cut into the aligned 1, 2, 4 and 8-byte pieces debug registers watch, if
+/// it takes no more pieces than there are registers.
+fn aligned_pieces(addr: u64, len: u64) -> Option<Vec<(u64, u8)>> {
+    let end = addr.checked_add(len)?;
+    let mut pieces = Vec::new();
+    let mut at = addr;
+    while at < end {
+        let size = [8, 4, 2, 1].into_iter().find(|&size| at % size == 0 && end - at >= size)?;
+        pieces.push((at, size as u8));
+        if pieces.len() > HW_SLOTS {
+            return None;
+        }
+        at += size;
+    }
+    (!pieces.is_empty()).then_some(pieces)
 }
 
 fn z_of(kind: WatchKind) -> u8 {
@@ -450,9 +487,11 @@ impl HwWatchpoint for Session {
     fn add_hw_watchpoint(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
         // x86 has no read-only watchpoints: reads are caught together with writes.
         let access = if kind == WatchKind::Write { HwKind::Write } else { HwKind::ReadWrite };
-        let Ok(len8) = u8::try_from(len) else { return Ok(false) };
-        let Ok(slot) = HwSlot::watchpoint(addr, len8, access) else { return Ok(false) };
-        self.add_point(z_of(kind), addr, len, slot)
+        let Some(pieces) = aligned_pieces(addr, len) else { return Ok(false) };
+        let slots: Option<Vec<HwSlot>> =
+            pieces.into_iter().map(|(at, size)| HwSlot::watchpoint(at, size, access).ok()).collect();
+        let Some(slots) = slots else { return Ok(false) };
+        self.add_point(z_of(kind), addr, len, &slots)
     }
 
     fn remove_hw_watchpoint(&mut self, addr: u64, len: u64, kind: WatchKind) -> TargetResult<bool, Self> {
@@ -530,5 +569,20 @@ impl BlockingEventLoop for EventLoop {
         }
         let exit = target.halt();
         Ok(exit.map(|exit| target.stop_reason(&exit, None)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watched_ranges_are_cut_into_aligned_pieces() {
+        assert_eq!(aligned_pieces(0x1000, 8), Some(vec![(0x1000, 8)]));
+        assert_eq!(aligned_pieces(0x1003, 4), Some(vec![(0x1003, 1), (0x1004, 2), (0x1006, 1)]));
+        assert_eq!(aligned_pieces(0x1000, 16), Some(vec![(0x1000, 8), (0x1008, 8)]));
+        assert_eq!(aligned_pieces(0x1000, 40), None, "more than four registers");
+        assert_eq!(aligned_pieces(0x1000, 0), None);
+        assert_eq!(aligned_pieces(u64::MAX, 2), None);
     }
 }
