@@ -347,9 +347,32 @@ def test_ctrl_c_interrupts_and_detach_leaves_the_vm_running(gdb_guest, guest_vm)
     assert vm.running, "detaching leaves the VM running"
     time.sleep(0.1)
     assert int.from_bytes(vm.mem_read(spins, 8), "little") > counted
-    vm.stop()
-    assert vm.wait(HANG_GUARD).reason is ExitReason.STOPPED
-    server.close()
+
+    # A client that vanishes while the VM runs under it leaves it running too.
+    client = Rsp(server.port)
+    assert client.ask("?").startswith("T05")
+    client.send("c")
+    time.sleep(0.1)
+    client.close()
+    settle(server, 2)
+    assert vm.running
+    counted = int.from_bytes(vm.mem_read(spins, 8), "little")
+    time.sleep(0.1)
+    assert int.from_bytes(vm.mem_read(spins, 8), "little") > counted
+
+    # Closing the VM while a client has it running cuts the client off.
+    client = Rsp(server.port)
+    assert client.ask("?").startswith("T05")
+    client.send("c")
+    time.sleep(0.1)
+    vm.close()
+    assert server.closed
+    client.sock.settimeout(HANG_GUARD)
+    left = b""
+    while chunk := client.sock.recv(100):  # the server hangs up
+        left += chunk
+    assert left.strip(b"+") == b"", "nothing but acknowledgements"
+    client.close()
 
 
 def test_watchpoints_take_debug_registers_and_give_them_back(gdb_guest, guest_vm):
