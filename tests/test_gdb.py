@@ -408,6 +408,29 @@ def settle(server, sessions: int) -> None:
     assert server.wait_detached(HANG_GUARD)
 
 
+def test_ctrl_c_ends_a_step_stuck_in_a_handler(make_vm):
+    vm = make_vm()
+    vm.mem_write(0x1000, bytes.fromhex("e470f4"))  # in al, 0x70; hlt
+    vm.vcpus[0].setup("long", entry=0x1000)
+    vm.hook_io(0x70, read=lambda _port, _size: time.sleep(1.0) or 0x5A)
+    server = vm.serve_gdb("127.0.0.1:0")
+    client = Rsp(server.port)
+    assert client.ask("?").startswith("T05")
+    client.send("vCont;s:1")
+    time.sleep(0.2)
+    client.sock.sendall(b"\x03")
+    assert client.reply().startswith("T02"), "the step ends as an interrupt"
+    # Once the handler has returned, the `in` is complete.
+    time.sleep(1.2)
+    regs = bytes.fromhex(client.ask("g"))
+    assert (regs[0], int.from_bytes(regs[128:136], "little")) == (0x5A, 0x1002)
+    assert client.ask("D") == "OK"
+    client.close()
+    settle(server, 1)
+    assert vm.wait(HANG_GUARD).reason is ExitReason.HLT
+    server.close()
+
+
 def test_garbage_and_vanishing_clients_leave_the_vm_usable(gdb_guest, guest_vm):
     vm, seen = guest_vm()
     server = vm.serve_gdb("127.0.0.1:0")

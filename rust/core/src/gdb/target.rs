@@ -504,14 +504,23 @@ fn readable(conn: &TcpStream, timeout: Duration) -> bool {
     super::wait_readable(conn.as_raw_fd(), timeout)
 }
 
-/// Takes a Ctrl-C (0x03) waiting on the connection, if that is what comes next.
+/// Whether a step should end early: a Ctrl-C (0x03, taken off the connection) came next, or the
+/// client has gone.
 fn take_interrupt(conn: &TcpStream) -> bool {
     let mut byte = [0];
-    if !readable(conn, Duration::ZERO) || !matches!(conn.peek(&mut byte), Ok(1)) || byte[0] != 0x03 {
+    if !readable(conn, Duration::ZERO) {
         return false;
     }
-    let mut reader = conn;
-    matches!(reader.read(&mut byte), Ok(1))
+    match conn.peek(&mut byte) {
+        Ok(1) if byte[0] == 0x03 => {
+            let mut reader = conn;
+            let _ = reader.read(&mut byte);
+            true
+        }
+        Ok(1) => false,
+        // The end of the connection, or a broken one.
+        _ => true,
+    }
 }
 
 /// Runs the target between the client's resume and the stop it is told of.
