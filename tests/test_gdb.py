@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from kvmkit import ExitReason
-from support import C_FLAGS, C_RUNTIME, C_RUNTIME_DIR, C_STACK_TOP, elf_layout, run_build_step
+from support import C_FLAGS, C_RUNTIME, C_RUNTIME_DIR, C_STACK_TOP, GdbRemote, elf_layout, run_build_step
 
 pytestmark = [pytest.mark.kvm]
 
@@ -262,60 +262,12 @@ def test_gdb_software_breakpoints_patch_and_hide_int3(gdb, gdb_guest, guest_vm):
 # --------------------------------------------------------------------------- a raw client
 
 
-class Rsp:
-    """A minimal GDB Remote Serial Protocol client."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD)
-        self.pending = b""
-
-    def send(self, payload: str) -> None:
-        data = payload.encode()
-        self.sock.sendall(b"$" + data + b"#" + b"%02x" % (sum(data) % 256))
-
-    def reply(self) -> str:
-        while True:
-            self.pending = self.pending.lstrip(b"+")
-            start = self.pending.find(b"$")
-            end = self.pending.find(b"#", start + 1) if start >= 0 else -1
-            if start >= 0 and end >= 0 and len(self.pending) >= end + 3:
-                payload = self.pending[start + 1 : end]
-                self.pending = self.pending[end + 3 :]
-                self.sock.sendall(b"+")
-                return self.expand(payload).decode()
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"the server hung up; left: {self.pending!r}")
-            self.pending += chunk
-
-    @staticmethod
-    def expand(payload: bytes) -> bytes:
-        """Undoes run-length encoding: `x*n` is x repeated n - 29 more times."""
-        out = bytearray()
-        i = 0
-        while i < len(payload):
-            if payload[i : i + 1] == b"*" and out:
-                out += out[-1:] * (payload[i + 1] - 29)
-                i += 2
-            else:
-                out.append(payload[i])
-                i += 1
-        return bytes(out)
-
-    def ask(self, payload: str) -> str:
-        self.send(payload)
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_ctrl_c_interrupts_and_detach_leaves_the_vm_running(gdb_guest, guest_vm):
     vm, _ = guest_vm(arg=1)  # spins forever
     spins = gdb_guest.address("spins")
     server = vm.serve_gdb("127.0.0.1:0", breakpoints="hardware")
     vm.start()
-    client = Rsp(server.port)
+    client = GdbRemote(server.port)
     assert client.ask("?").startswith("T05")
     # The client took the VM over: the run Python started ended.
     assert server.attached
@@ -349,7 +301,7 @@ def test_ctrl_c_interrupts_and_detach_leaves_the_vm_running(gdb_guest, guest_vm)
     assert int.from_bytes(vm.mem_read(spins, 8), "little") > counted
 
     # A client that vanishes while the VM runs under it leaves it running too.
-    client = Rsp(server.port)
+    client = GdbRemote(server.port)
     assert client.ask("?").startswith("T05")
     client.send("c")
     time.sleep(0.1)
@@ -361,7 +313,7 @@ def test_ctrl_c_interrupts_and_detach_leaves_the_vm_running(gdb_guest, guest_vm)
     assert int.from_bytes(vm.mem_read(spins, 8), "little") > counted
 
     # Closing the VM while a client has it running cuts the client off.
-    client = Rsp(server.port)
+    client = GdbRemote(server.port)
     assert client.ask("?").startswith("T05")
     client.send("c")
     time.sleep(0.1)
@@ -379,7 +331,7 @@ def test_watchpoints_take_debug_registers_and_give_them_back(gdb_guest, guest_vm
     vm, _ = guest_vm()
     server = vm.serve_gdb("127.0.0.1:0")
     counter, marker = gdb_guest.address("counter"), gdb_guest.address("marker")
-    client = Rsp(server.port)
+    client = GdbRemote(server.port)
     assert client.ask("?").startswith("T05")
     # An unaligned range takes one register per aligned piece: 1 + 2 + 1 bytes.
     assert client.ask(f"Z2,{counter + 3:x},4") == "OK"
@@ -414,7 +366,7 @@ def test_ctrl_c_ends_a_step_stuck_in_a_handler(make_vm):
     vm.vcpus[0].setup("long", entry=0x1000)
     vm.hook_io(0x70, read=lambda _port, _size: time.sleep(1.0) or 0x5A)
     server = vm.serve_gdb("127.0.0.1:0")
-    client = Rsp(server.port)
+    client = GdbRemote(server.port)
     assert client.ask("?").startswith("T05")
     client.send("vCont;s:1")
     time.sleep(0.2)
@@ -438,7 +390,7 @@ def test_garbage_and_vanishing_clients_leave_the_vm_usable(gdb_guest, guest_vm):
 
     # Noise between packets, a bad checksum, unknown and malformed packets: nothing, a request to
     # send it again, an empty reply and error replies, and the session goes on.
-    client = Rsp(server.port)
+    client = GdbRemote(server.port)
     assert client.ask("?").startswith("T05")
     client.sock.sendall(b"hello\x00\xff-$g#00")
     assert client.sock.recv(1) == b"-", "a packet with a bad checksum is asked for again"
@@ -456,7 +408,7 @@ def test_garbage_and_vanishing_clients_leave_the_vm_usable(gdb_guest, guest_vm):
 
     # A client that stops on a breakpoint and vanishes.
     vm.vcpus[0].setup("long", entry=gdb_guest.entry, stack=C_STACK_TOP)
-    client = Rsp(server.port)
+    client = GdbRemote(server.port)
     assert client.ask("?").startswith("T05")
     assert client.ask(f"Z1,{tick:x},1") == "OK"
     client.send("c")
@@ -476,7 +428,7 @@ def test_garbage_and_vanishing_clients_leave_the_vm_usable(gdb_guest, guest_vm):
         handle.remove()
 
     # The server still serves.
-    client = Rsp(server.port)
+    client = GdbRemote(server.port)
     assert client.ask("?").startswith("T05")
     assert client.ask("qfThreadInfo").startswith("m")
     assert client.ask("D") == "OK"
@@ -503,7 +455,7 @@ def test_serve_gdb_waits_for_a_client_and_kill_leaves_the_vm_stopped(gdb_guest, 
         deadline = time.monotonic() + HANG_GUARD
         while True:
             try:
-                client = Rsp(port)
+                client = GdbRemote(port)
                 break
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline
@@ -542,7 +494,7 @@ def test_cli_run_leaves_the_vm_to_an_attached_client(gdb_guest, guest_vm):
         deadline = time.monotonic() + HANG_GUARD
         while not vm.running and time.monotonic() < deadline:
             time.sleep(0.01)
-        client = Rsp(server.port)
+        client = GdbRemote(server.port)
         assert client.ask("?").startswith("T05"), "the client stopped the CLI's run"
         time.sleep(0.2)
         assert runner.is_alive() and not vm.running, "the CLI waits while gdb holds the VM"
