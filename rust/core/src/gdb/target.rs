@@ -79,6 +79,8 @@ pub(super) struct Session {
     running: bool,
     /// Whether the VM ended for good (every vCPU halted, powered off).
     pub(super) exited: bool,
+    /// Whether [`clean_up`](Self::clean_up) ran.
+    cleaned: bool,
 }
 
 /// Why a session ends on the server's side.
@@ -116,6 +118,7 @@ impl Session {
             pending: None,
             running: false,
             exited: false,
+            cleaned: false,
         }
     }
 
@@ -148,6 +151,7 @@ impl Session {
     /// Ends the session's hold on the machine: stops a run in progress and takes away every
     /// breakpoint and watchpoint the client left.
     pub(super) fn clean_up(&mut self) {
+        self.cleaned = true;
         self.halt();
         for point in std::mem::take(&mut self.points) {
             self.undo(point);
@@ -283,6 +287,16 @@ impl Session {
             ExitReason::UnhandledIo { .. } | ExitReason::DeviceError { .. } => signal(Signal::SIGBUS),
             ExitReason::InternalError(_) | ExitReason::FailEntry { .. } => signal(Signal::SIGILL),
             ExitReason::Reset | ExitReason::Crash | ExitReason::VmmError(_) => signal(Signal::SIGABRT),
+        }
+    }
+}
+
+impl Drop for Session {
+    /// A session that did not end normally (a panic in the protocol code) still takes its
+    /// breakpoints away.
+    fn drop(&mut self) {
+        if !self.cleaned {
+            self.clean_up();
         }
     }
 }
