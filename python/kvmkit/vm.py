@@ -427,17 +427,18 @@ class VM:
         self, address: str = "127.0.0.1:1234", wait: bool = False, breakpoints: BreakpointMode = "auto"
     ) -> GdbServer:
         """Serves gdb (``target remote HOST:PORT``) on ``address`` (port 0: any free one, see
-        :attr:`GdbServer.port`) from a thread of its own; with ``wait``, returns once a client has
-        attached, with the VM stopped under its control (as QEMU's ``-s -S``). Every vCPU is a gdb
-        thread; gdb gets the registers (segment bases, control registers and EFER too), memory
-        by virtual address, single-step, breakpoints (``breakpoints`` says how ``break`` sets
-        them, see :data:`kvmkit.gdb.BreakpointMode`) and read, write and access watchpoints. While
-        a client is attached it drives the VM: leave running it to gdb until
-        :meth:`GdbServer.wait_detached`. See :class:`~kvmkit.gdb.GdbServer`."""
+        :attr:`~kvmkit.gdb.GdbServer.port`) from a thread of its own; with ``wait``, returns once
+        a client has attached, with the VM stopped under its control (as QEMU's ``-s -S``). Every
+        vCPU is a gdb thread; gdb gets the registers (segment bases, control registers and EFER
+        too), memory by virtual address, single-step, breakpoints (``breakpoints`` says how
+        ``break`` sets them, see :data:`kvmkit.gdb.BreakpointMode`) and read, write and access
+        watchpoints. While a client is attached it drives the VM: leave running and stepping it
+        to gdb until :meth:`~kvmkit.gdb.GdbServer.wait_detached`. See
+        :class:`~kvmkit.gdb.GdbServer`."""
         if breakpoints not in ("auto", "hardware", "software"):
             raise ConfigError(f'breakpoints must be "auto", "hardware" or "software", not {breakpoints!r}')
         server = GdbServer(self._core.serve_gdb(address, wait, breakpoints))
-        self._gdb_servers.append(server)
+        self._gdb_servers = [*(s for s in self._gdb_servers if not s.closed), server]
         return server
 
     # Running
