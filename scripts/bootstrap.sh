@@ -7,14 +7,15 @@ cd "$(dirname "$0")/.."
 say() { printf '\033[1m[kvmkit]\033[0m %s\n' "$*"; }
 
 # Debian packages: an assembler and objcopy for the test guests, a C compiler for the
-# benchmark baseline and the guest agent, cpio to read initramfs archives back in tests, and
-# venv support for the system Python.
+# benchmark baseline and the guest agent, cpio to read initramfs archives back in tests, gdb for
+# the gdb server's tests, and venv support for the system Python.
 missing=()
 command -v as >/dev/null && command -v objcopy >/dev/null || missing+=(binutils)
 command -v cc >/dev/null || missing+=(gcc)
 # The default guest's agent is linked statically, against glibc's static library.
 printf 'int main(void) { return 0; }\n' | cc -static -x c -o /dev/null - 2>/dev/null || missing+=(libc6-dev)
 command -v cpio >/dev/null || missing+=(cpio)
+command -v gdb >/dev/null || missing+=(gdb)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)

@@ -1,12 +1,13 @@
 """What the test suite and the benchmarks share: the toolchain for freestanding C guests (the
-runtime in tests/guests/c) and network namespaces for tap devices. Importable from both (the
-benchmarks put this directory on ``sys.path``)."""
+runtime in tests/guests/c), network namespaces for tap devices, and a gdb protocol client.
+Importable from both (the benchmarks put this directory on ``sys.path``)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
+import socket
 import struct
 import subprocess
 import threading
@@ -134,3 +135,60 @@ def in_netns(name: str, fn: Callable[[], T]) -> T:
 def ip(netns: str, *args: str) -> str:
     """``ip -n netns ARGS``; its output."""
     return subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True, text=True).stdout
+
+
+# --------------------------------------------------------------------------- gdb
+
+
+class GdbRemote:
+    """A minimal GDB Remote Serial Protocol client, for tests of the gdb server."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.pending = b""
+
+    def __enter__(self) -> GdbRemote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, payload: str) -> None:
+        data = payload.encode()
+        self.sock.sendall(b"$" + data + b"#" + b"%02x" % (sum(data) % 256))
+
+    def reply(self) -> str:
+        while True:
+            self.pending = self.pending.lstrip(b"+")
+            start = self.pending.find(b"$")
+            end = self.pending.find(b"#", start + 1) if start >= 0 else -1
+            if start >= 0 and end >= 0 and len(self.pending) >= end + 3:
+                payload = self.pending[start + 1 : end]
+                self.pending = self.pending[end + 3 :]
+                self.sock.sendall(b"+")
+                return self.expand(payload).decode()
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"the server hung up; left: {self.pending!r}")
+            self.pending += chunk
+
+    @staticmethod
+    def expand(payload: bytes) -> bytes:
+        """Undoes run-length encoding: `x*n` is x repeated n - 29 more times."""
+        out = bytearray()
+        i = 0
+        while i < len(payload):
+            if payload[i : i + 1] == b"*" and out:
+                out += out[-1:] * (payload[i + 1] - 29)
+                i += 2
+            else:
+                out.append(payload[i])
+                i += 1
+        return bytes(out)
+
+    def ask(self, payload: str) -> str:
+        self.send(payload)
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -26,7 +26,7 @@ import pytest
 from kvmkit import ExitReason
 from kvmkit.images import READY_MARKER, GuestImage
 from kvmkit.virtio import Disk, Rng, Vsock
-from support import in_netns, ip, network_namespace
+from support import GdbRemote, in_netns, ip, network_namespace
 
 pytestmark = [pytest.mark.hw_kvm, pytest.mark.watchdog(900)]
 
@@ -255,6 +255,43 @@ def test_kvmkit_run_on_a_terminal_reaches_the_shell_and_quits_with_ctrl_a_x(gues
         child.expect(READY_MARKER)
         child.sendline("echo pty-$((3 * 7))")
         child.expect("pty-21", timeout=SHELL_TIMEOUT)
+        child.send(b"\x01x")
+        child.expect("guest stopped: ", timeout=SHELL_TIMEOUT)
+        child.expect(pexpect.EOF, timeout=SHELL_TIMEOUT)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before
+
+
+def test_kvmkit_run_waits_for_gdb_and_lets_it_attach_again(guest):
+    import pexpect
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "kvmkit", "run", "--cpus", "2", "--gdb", f"127.0.0.1:{port}", "--wait"],
+        timeout=BOOT_TIMEOUT,
+        env=dict(os.environ, TERM="dumb"),
+    )
+    try:
+        child.expect("waiting for gdb", timeout=SHELL_TIMEOUT)
+        # gdb attaches before the first instruction, reads the registers and detaches.
+        with GdbRemote(port, timeout=SHELL_TIMEOUT) as gdb:
+            assert gdb.ask("?").startswith("T05")
+            assert gdb.ask("qfThreadInfo") == "m01,02", "a thread per vCPU"
+            regs = bytes.fromhex(gdb.ask("g"))
+            cr0 = int.from_bytes(regs[-48:-40], "little")  # cr0, cr2, cr3, cr4, cr8, efer end the block
+            assert cr0 & 1, "the kernel is entered in protected or long mode"
+            assert gdb.ask("D") == "OK"
+        child.expect(READY_MARKER)
+        # gdb attaches to the running guest, stops it and detaches; the shell goes on.
+        with GdbRemote(port, timeout=SHELL_TIMEOUT) as gdb:
+            assert gdb.ask("?").startswith("T05")
+            assert gdb.ask("D") == "OK"
+        child.sendline("echo gdb-$((6 * 7))")
+        child.expect("gdb-42", timeout=SHELL_TIMEOUT)
         child.send(b"\x01x")
         child.expect("guest stopped: ", timeout=SHELL_TIMEOUT)
         child.expect(pexpect.EOF, timeout=SHELL_TIMEOUT)

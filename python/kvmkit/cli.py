@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import kvmkit
-from kvmkit.errors import KvmkitError, NestedError
-from kvmkit.exits import ExitReason
+from kvmkit.errors import ConfigError, KvmkitError, NestedError
+from kvmkit.exits import Exit, ExitReason
 
 if TYPE_CHECKING:
+    from kvmkit.gdb import GdbServer
     from kvmkit.nested import HostKvm
 
 # How a Linux guest ends itself on kvmkit's platform: `poweroff` (ACPI S5) or `reboot` (the
@@ -98,6 +99,9 @@ _RUN_STATUS = {ExitReason.POWEROFF: 0, ExitReason.RESET: 0, ExitReason.STOPPED: 
 def _run(args: argparse.Namespace) -> int:
     from kvmkit.terminal import HELP, InputPump, raw_terminal, stdin_fd
 
+    if args.wait and args.gdb is None:
+        raise ConfigError("--wait needs --gdb")
+
     kernel, initrd, default_cmdline = args.kernel, args.initrd, kvmkit.vm.DEFAULT_CMDLINE
     if kernel is None:
         from kvmkit.images import default_guest
@@ -111,16 +115,48 @@ def _run(args: argparse.Namespace) -> int:
         if args.console_log:
             console.log_to(args.console_log)
         console.log_to(sys.stdout)
+        server = _serve_gdb(vm, args)
+
+        def quit_() -> None:
+            # With gdb attached, stopping the VM would only stop it under gdb.
+            if server is not None:
+                server.close()
+            vm.stop()
+
         fd = stdin_fd()
-        with raw_terminal(fd), InputPump(fd, console.write, vm.stop):
+        with raw_terminal(fd), InputPump(fd, console.write, quit_):
             if os.isatty(fd):
                 sys.stdout.write(HELP)
                 sys.stdout.flush()
-            exit_ = vm.run()
+            exit_ = vm.run() if server is None else _run_under_gdb(vm, server)
     print(f"\r\n[kvmkit] guest stopped: {exit_}", file=sys.stderr)
     if vm.boot_time is not None:
         print(f"[kvmkit] boot time (init's boot-timer write): {vm.boot_time * 1e3:.0f} ms", file=sys.stderr)
     return _RUN_STATUS.get(exit_.reason, 1)
+
+
+def _serve_gdb(vm: kvmkit.VM, args: argparse.Namespace) -> GdbServer | None:
+    """The gdb server ``--gdb`` asks for, once a client attached if ``--wait`` says so."""
+    if args.gdb is None:
+        return None
+    server = vm.serve_gdb(args.gdb)
+    host, port = server.address
+    print(f"[kvmkit] gdb: target remote {host}:{port}", file=sys.stderr)
+    if args.wait:
+        print("[kvmkit] waiting for gdb before the first instruction", file=sys.stderr)
+        server.wait_attached()
+    return server
+
+
+def _run_under_gdb(vm: kvmkit.VM, server: GdbServer) -> Exit:
+    """Runs the VM, leaving it to gdb while a client is attached; returns how it ended with no
+    client attached."""
+    exit_ = None if server.attached else vm.run()
+    # A client that attaches stops the run; once it has gone, the VM runs again (or has ended).
+    while exit_ is None or server.attached:
+        server.wait_detached()
+        exit_ = vm.wait()
+    return exit_
 
 
 def _nested(args: argparse.Namespace) -> int:
@@ -259,6 +295,14 @@ def _parser() -> argparse.ArgumentParser:
         help="a virtio vsock device; the host side is the Unix socket SOCKET (CONNECT <port>)",
     )
     run.add_argument("--rng", action="store_true", help="a virtio entropy device")
+    run.add_argument(
+        "--gdb",
+        metavar="HOST:PORT",
+        help="serve gdb there (target remote HOST:PORT); an attached gdb drives the VM",
+    )
+    run.add_argument(
+        "--wait", action="store_true", help="with --gdb: wait for gdb before the first instruction"
+    )
     run.set_defaults(func=_run)
     nested = commands.add_parser(
         "nested",

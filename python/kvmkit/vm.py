@@ -29,6 +29,7 @@ from kvmkit.errors import (
     check_timeout,
 )
 from kvmkit.exits import Exit, ExitReason
+from kvmkit.gdb import BreakpointMode, GdbServer
 from kvmkit.snapshot import SETUP_VERSION, Snapshot
 from kvmkit.virtio import Disk, Net, Rng, VirtioDevice, Vsock
 
@@ -136,6 +137,7 @@ class VM:
         # Clean-ups of what the VM owns outside itself (a fork's disk copies): on close, or
         # when the VM is collected.
         self._cleanups: list[weakref.finalize[Any, Any]] = []
+        self._gdb_servers: list[GdbServer] = []
         _live.add(self)
 
     def __enter__(self) -> VM:
@@ -151,6 +153,8 @@ class VM:
     def close(self) -> None:
         """Stops the VM if it runs and frees it. Further calls raise ``VmStateError``; closing
         again does nothing."""
+        for server in self._gdb_servers:
+            server.close()
         self._core.close()
         for cleanup in self._cleanups:
             cleanup()
@@ -425,6 +429,24 @@ class VM:
         False to end it with the event. Its exceptions are raised from ``run``/``wait``. None
         removes it."""
         self._debug.callback = callback
+
+    def serve_gdb(
+        self, address: str = "127.0.0.1:1234", wait: bool = False, breakpoints: BreakpointMode = "auto"
+    ) -> GdbServer:
+        """Serves gdb (``target remote HOST:PORT``) on ``address`` (port 0: any free one, see
+        :attr:`~kvmkit.gdb.GdbServer.port`) from a thread of its own; with ``wait``, returns once
+        a client has attached, with the VM stopped under its control (as QEMU's ``-s -S``). Every
+        vCPU is a gdb thread; gdb gets the registers (segment bases, control registers and EFER
+        too), memory by virtual address, single-step, breakpoints (``breakpoints`` says how
+        ``break`` sets them, see :data:`kvmkit.gdb.BreakpointMode`) and read, write and access
+        watchpoints. While a client is attached it drives the VM: leave running and stepping it
+        to gdb until :meth:`~kvmkit.gdb.GdbServer.wait_detached`. See
+        :class:`~kvmkit.gdb.GdbServer`."""
+        if breakpoints not in ("auto", "hardware", "software"):
+            raise ConfigError(f'breakpoints must be "auto", "hardware" or "software", not {breakpoints!r}')
+        server = GdbServer(self._core.serve_gdb(address, wait, breakpoints))
+        self._gdb_servers = [*(s for s in self._gdb_servers if not s.closed), server]
+        return server
 
     # Running
 

@@ -12,6 +12,7 @@
 //!   queues are served on an event-loop thread.
 //! - [`linux`]: the PC platform a Linux guest boots on.
 //! - [`machine`]: a VM assembled from a [`MachineConfig`], with its run lifecycle.
+//! - [`gdb`]: a gdb server for a machine.
 //! - [`snapshot`]: how each part of a VM saves and restores its own state.
 //! - [`ratelimit`]: keeps messages the guest can cause from flooding the host's log.
 
@@ -21,6 +22,7 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod error;
+pub mod gdb;
 pub mod io;
 pub mod irq;
 pub mod linux;

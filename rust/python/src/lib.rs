@@ -4,6 +4,7 @@
 mod convert;
 mod devices;
 mod error;
+mod gdb;
 mod handler;
 mod initramfs;
 mod logging;
@@ -35,6 +36,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(ram_regions, m)?)?;
     m.add_class::<vm::Vm>()?;
+    m.add_class::<gdb::GdbServer>()?;
     m.add_class::<devices::Device>()?;
     m.add_class::<devices::NullDevice>()?;
     m.add_class::<devices::Scratchpad>()?;

@@ -759,7 +759,11 @@ impl Vm {
     ) -> PyResult<Py<PyAny>> {
         let deadline = timeout.map(seconds).transpose()?.and_then(|t| Instant::now().checked_add(t));
         let stepping = Stepping { mask_interrupts, count };
-        self.drive(py, |machine, interrupted| machine.run_here(vcpu, Some(stepping), deadline, interrupted))
+        self.drive(py, |machine, interrupted| match (count, deadline) {
+            // One step, on the vCPU's thread: Ctrl-C answers at once even during a slow handler.
+            (1, None) => machine.step(vcpu, mask_interrupts, interrupted),
+            _ => machine.run_here(vcpu, Some(stepping), deadline, interrupted),
+        })
     }
 
     /// Calls the 64-bit function at `entry` on vCPU `vcpu` (see `Machine::call`): RAX when it
@@ -816,6 +820,19 @@ impl Vm {
     /// Frees debug register `slot`.
     fn remove_hw_slot(&self, slot: usize) -> PyResult<()> {
         self.machine()?.remove_hw_slot(slot).py()
+    }
+
+    /// Serves gdb on `address` (see `kvmkit_core::gdb`); with `wait`, returns once a client has
+    /// attached.
+    #[pyo3(signature = (address, wait=false, breakpoints="auto"))]
+    fn serve_gdb(
+        &self,
+        py: Python<'_>,
+        address: &str,
+        wait: bool,
+        breakpoints: &str,
+    ) -> PyResult<crate::gdb::GdbServer> {
+        crate::gdb::serve(py, self.machine()?, address, wait, breakpoints)
     }
 
     /// Asks the run to end; `timeout=True` records it as a timeout. Returns whether it was running.

@@ -172,9 +172,9 @@ impl Job {
 enum Scope {
     /// Every vCPU, each on its own thread.
     All,
-    /// Only vCPU `index`, on the calling thread, the others staying where they are: instruction
-    /// by instruction when `step` says so.
-    One { index: usize, step: Option<Stepping> },
+    /// Only vCPU `index`, the others staying where they are, instruction by instruction when
+    /// `step` says so: on the calling thread when `on_caller`, else on its own.
+    One { index: usize, step: Option<Stepping>, on_caller: bool },
 }
 
 /// A run of single steps.
@@ -529,15 +529,26 @@ impl Machine {
     /// the step, so stepping from one moves on; watchpoints stay. A step that does not end (a HLT
     /// waiting for an interrupt) ends with [`ExitReason::Stopped`] once `interrupted` says so, as
     /// a run does.
+    ///
+    /// The step runs on the vCPU's own thread, so that, as for a run, the caller gets its answer
+    /// within [`STOP_GRACE`] even while a slow device call is under way; [`run_here`](Self::run_here)
+    /// steps faster, on the calling thread.
     pub fn step(&self, index: usize, mask_interrupts: bool, interrupted: &mut dyn FnMut() -> bool) -> Result<Exit> {
-        self.run_here(index, Some(Stepping { mask_interrupts, count: 1 }), None, interrupted)
+        if index >= self.vcpu_count {
+            return Err(Error::NoSuchVcpu { index, count: self.vcpu_count });
+        }
+        let step = Some(Stepping { mask_interrupts, count: 1 });
+        let (control, _) = self.launch(Scope::One { index, step, on_caller: false })?;
+        self.collect(&control, None, interrupted)
     }
 
     /// Runs only vCPU `index`, on the calling thread, while the others stay stopped, until it
-    /// exits for good, or instruction by instruction as `step` says. The run ends with [`ExitReason::Timeout`] at `deadline`, and with
-    /// [`ExitReason::Stopped`] when `interrupted` says so; it is asked whenever the vCPU is kicked
-    /// out of the guest: by [`stop`](Self::stop), by the deadline, or by a signal to the calling
-    /// thread (Ctrl-C's, on a main thread).
+    /// exits for good, or instruction by instruction as `step` says. The run ends with
+    /// [`ExitReason::Timeout`] at `deadline`, and with [`ExitReason::Stopped`] when `interrupted`
+    /// says so; it is asked whenever the vCPU is kicked out of the guest: by
+    /// [`stop`](Self::stop), by the deadline, or by a signal to the calling thread (Ctrl-C's, on a
+    /// main thread). Unlike [`run`](Self::run), it returns only when the vCPU is out of any device
+    /// call.
     ///
     /// No thread is woken, so a short run costs little more than its `KVM_RUN`s; the price is the
     /// one KVM asks when a vCPU runs on another thread than the time before (an RCU grace period),
@@ -553,7 +564,7 @@ impl Machine {
             return Err(Error::NoSuchVcpu { index, count: self.vcpu_count });
         }
         let alarm = deadline.map(Alarm::at).transpose().map_err(Error::Thread)?;
-        let (control, job) = self.launch(Scope::One { index, step })?;
+        let (control, job) = self.launch(Scope::One { index, step, on_caller: true })?;
         let mut ask = || {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 Some(ExitReason::Timeout)
@@ -637,6 +648,11 @@ impl Machine {
         Ok(())
     }
 
+    /// Whether `int3` exits to the VMM (see [`set_software_breakpoints`](Self::set_software_breakpoints)).
+    pub fn software_breakpoints(&self) -> bool {
+        self.lock().debug.software_breakpoints
+    }
+
     /// Runs the VM until the run ends, every vCPU on its own thread while the caller waits. The run
     /// ends with [`ExitReason::Timeout`] after `timeout`, and with [`ExitReason::Stopped`] as soon
     /// as `interrupted` (asked every few milliseconds) returns true. Either way the caller gets its
@@ -697,7 +713,7 @@ impl Machine {
         let base = state.debug;
         for (index, vcpu) in state.vcpus.iter_mut().enumerate() {
             let debug = match scope {
-                Scope::One { index: stepping, step: Some(step) } if stepping == index => {
+                Scope::One { index: stepping, step: Some(step), .. } if stepping == index => {
                     GuestDebug { single_step: true, block_irq: step.mask_interrupts, ..base.without_breakpoints() }
                 }
                 _ => base,
@@ -723,18 +739,24 @@ impl Machine {
                 run_end,
                 steps,
             };
-            if let Scope::One { index, step } = scope {
-                if index == vcpu.index() as usize {
-                    here = Some(job(vcpu, None, step.map_or(1, |step| step.count.max(1))));
-                    run.pending += 1;
-                } else {
+            let job = match scope {
+                Scope::All => job(vcpu, Some(self.run_end.clone()), 1),
+                Scope::One { index, .. } if index != vcpu.index() as usize => {
                     // Not this run's vCPU: it stays where it is.
                     control.finish();
                     run.returned.push((vcpu, ExitReason::Stopped));
+                    continue;
                 }
-                continue;
-            }
-            let job = job(vcpu, Some(self.run_end.clone()), 1);
+                Scope::One { step, on_caller, .. } => {
+                    let steps = step.map_or(1, |step| step.count.max(1));
+                    if on_caller {
+                        here = Some(job(vcpu, None, steps));
+                        run.pending += 1;
+                        continue;
+                    }
+                    job(vcpu, Some(self.run_end.clone()), steps)
+                }
+            };
             match Self::hand_over(&mut state, job) {
                 Ok(()) => run.pending += 1,
                 Err((vcpu, e)) => {
