@@ -8,6 +8,7 @@ use vmm_sys_util::errno;
 use vmm_sys_util::signal::{unblock_signal, SIGRTMIN};
 
 use crate::vstate::exit::{handle_exit, ExitAction, ExitReason, IoHandler};
+use crate::vstate::fault;
 use crate::vstate::vcpu::Vcpu;
 
 /// The signal that gets a thread out of `KVM_RUN`.
@@ -254,6 +255,13 @@ pub fn run_vcpu(
             ExitAction::Stop(reason @ (ExitReason::DeviceError { .. } | ExitReason::UnhandledIo { .. })) => {
                 return retract_access(vcpu, kicker, reason);
             }
+            ExitAction::Stop(ExitReason::GuestFault(_)) => match fault::report_or_stray(vcpu) {
+                report @ ExitReason::GuestFault(_) => {
+                    let reason = finish(vcpu, kicker, io, served_access, report);
+                    return fault::settle(vcpu, io.guest_memory(), reason);
+                }
+                stray => return retract_access(vcpu, kicker, stray),
+            },
             // A device that reset or powered the machine off has still served the access.
             ExitAction::Stop(reason) => return finish(vcpu, kicker, io, served_access, reason),
         }
