@@ -6,9 +6,11 @@
 //! changes to the I/O map need the VM stopped, while memory and `stop` are available at any time.
 
 mod hooks;
+mod raw;
 mod snapshot;
 
 pub use hooks::RestoreHook;
+pub use raw::RawSetup;
 pub use snapshot::RestoreTimes;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
