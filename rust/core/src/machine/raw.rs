@@ -56,36 +56,29 @@ impl Machine {
     /// holding x87, SSE and (where CPUID has it) AVX.
     ///
     /// Without a stack, a vCPU in protected or long mode gets its default one
-    /// ([`layout::default_stack`]) when guest RAM holds it; it starts as if called there: the stack pointer is one return address below
-    /// the 16-byte aligned top (as the SysV ABI has it at function entry), and that return address
-    /// is a `hlt`, so an entry function that returns halts the vCPU. Where RAM does not reach the
-    /// default stack (and in real mode) the stack pointer is left as it is.
+    /// ([`layout::default_stack`]) when it has one and guest RAM holds it. It starts as if called
+    /// there: the stack pointer is one return address below the 16-byte aligned top (as the SysV
+    /// ABI has it at function entry), and that return address is a `hlt`, so an entry function that
+    /// returns halts the vCPU. Otherwise (and in real mode) the stack pointer is left as it is.
     ///
     /// With `exceptions`, the IDT leads the 32 exception vectors to kvmkit's stubs (see
     /// [`exceptions`]), whose report ends the run with [`GuestFault`](crate::ExitReason::GuestFault);
-    /// without, the IDT is empty and an exception shuts the vCPU down (a triple fault). Real mode
-    /// keeps the interrupt vector table as it is.
+    /// without, the IDT is empty and an exception shuts the vCPU down (a triple fault). In long
+    /// mode the first [`IST_VCPUS`](exceptions::IST_VCPUS) vCPUs take exceptions on a stack of
+    /// their own (through a TSS of their own), so that a broken stack is reported too and the
+    /// red zone below the stack pointer is left alone; the others, and protected mode, take them
+    /// on the current stack. Real mode keeps the interrupt vector table as it is.
     pub fn setup_raw(&self, index: usize, setup: &RawSetup) -> Result<()> {
         let RawSetup { mode, entry, stack, exceptions } = *setup;
         let word = match mode {
             CpuMode::Long => 8,
             _ => 4,
         };
-        let default_stack = match stack {
-            Some(_) => None,
-            None if mode == CpuMode::Real => None,
-            None => {
-                let top = layout::default_stack(index).ok_or_else(|| {
-                    Error::InvalidConfig(format!("vCPU {index} has no default stack; give it one with `stack`"))
-                })?;
-                let in_ram = memory::check_range(
-                    self.memory(),
-                    top - layout::DEFAULT_STACK_SIZE,
-                    layout::DEFAULT_STACK_SIZE as usize,
-                )
-                .is_ok();
-                in_ram.then_some(top)
-            }
+        let in_ram = |addr: u64, len: usize| memory::check_range(self.memory(), addr, len).is_ok();
+        let default_stack = match (stack, mode) {
+            (Some(_), _) | (None, CpuMode::Real) => None,
+            (None, _) => layout::default_stack(index)
+                .filter(|top| in_ram(top - layout::DEFAULT_STACK_SIZE, layout::DEFAULT_STACK_SIZE as usize)),
         };
         let rsp = stack.or(default_stack.map(|top| top - word));
         self.enter_mode(index, mode, entry, rsp)?;
@@ -104,8 +97,15 @@ impl Machine {
         if let (Some(rsp), None) = (rsp, stack) {
             write(rsp, &HALT_ADDR.to_le_bytes()[..word as usize])?;
         }
+        // In long mode each of the first vCPUs takes exceptions on a stack of its own, when RAM
+        // holds it.
+        let tss = exceptions::tss(index)
+            .filter(|(addr, bytes)| mode == CpuMode::Long && exceptions && in_ram(*addr, bytes.len()));
+        if let Some((addr, bytes)) = &tss {
+            write(*addr, bytes)?;
+        }
         let idt = if exceptions {
-            let (addr, bytes, limit) = exceptions::idt(mode == CpuMode::Long);
+            let (addr, bytes, limit) = exceptions::idt(mode == CpuMode::Long, tss.is_some());
             write(addr, &bytes)?;
             Some((addr, limit))
         } else {
@@ -116,6 +116,10 @@ impl Machine {
             if let Some((base, limit)) = idt {
                 sregs.idt.base = base;
                 sregs.idt.limit = limit;
+            }
+            if let Some((base, _)) = tss {
+                sregs.tr.base = base;
+                sregs.tr.limit = exceptions::TSS_LIMIT;
             }
             let xcr0 = xcr0_for(&vcpu.cpuid()?);
             if xcr0.is_some() {

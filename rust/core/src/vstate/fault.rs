@@ -1,6 +1,8 @@
 use kvm_bindings::{kvm_regs, kvm_sregs};
 
-use crate::arch::x86_64::exceptions::{Frame, GuestFault, FAULT_PORT, HALT_ADDR, IDT32_ADDR, IDT64_ADDR, TAIL_ADDR};
+use crate::arch::x86_64::exceptions::{
+    Frame, GuestFault, FAULT_PORT, HALT_ADDR, IDT32_ADDR, IDT64_ADDR, IDT64_PLAIN_ADDR, TAIL_ADDR,
+};
 use crate::arch::x86_64::pagewalk::{self, PagingRegs};
 use crate::error::Result;
 use crate::vstate::exit::{AddressSpace, ExitReason, InternalError};
@@ -146,7 +148,9 @@ fn hint(index: u32, reason: &ExitReason, regs: &kvm_regs, sregs: &kvm_sregs) -> 
             "KVM could not read the instruction at {:#x}: is it outside guest memory?",
             linear(sregs, sregs.cs.base, regs.rip)
         )),
-        ExitReason::Shutdown if [IDT32_ADDR, IDT64_ADDR].contains(&sregs.idt.base) && sregs.idt.limit != 0 => {
+        ExitReason::Shutdown
+            if [IDT32_ADDR, IDT64_ADDR, IDT64_PLAIN_ADDR].contains(&sregs.idt.base) && sregs.idt.limit != 0 =>
+        {
             Some(format!(
                 "kvmkit's exception table could not take an exception: the CPU could not push its frame on the \
                  stack at {:#x} (is the stack pointer valid?)",

@@ -13,7 +13,8 @@ use std::fmt;
 
 use super::gdt::{CODE32_SELECTOR, CODE64_SELECTOR};
 
-/// The long-mode IDT: 32 gates of 16 bytes.
+/// The long-mode IDT: 32 gates of 16 bytes, each taking its exception on the vCPU's own exception
+/// stack (IST 1, see [`tss`]).
 pub const IDT64_ADDR: u64 = 0x600;
 /// The protected-mode IDT: 32 gates of 8 bytes.
 pub const IDT32_ADDR: u64 = 0x800;
@@ -28,6 +29,22 @@ pub const TAIL_ADDR: u64 = STUBS_ADDR + VECTORS as u64 * STUB_SIZE;
 pub const HALT_ADDR: u64 = TAIL_ADDR + 2;
 /// First address after the exception table's code.
 pub const EXCEPTIONS_END: u64 = TAIL_ADDR + 16;
+/// The long-mode IDT for the vCPUs that have no exception stack of their own (from the
+/// [`IST_VCPUS`]th on): its gates take exceptions on the current stack.
+pub const IDT64_PLAIN_ADDR: u64 = EXCEPTIONS_END;
+/// The TSS and exception stack of each of the first [`IST_VCPUS`] vCPUs in long mode: a page
+/// after the page tables, [`IST_SLOT_SIZE`] bytes each.
+pub const IST_AREA_ADDR: u64 = 0xf000;
+/// The room of one vCPU's TSS (at its start) and exception stack (growing down from its end).
+pub const IST_SLOT_SIZE: u64 = 0x100;
+/// How many vCPUs have an exception stack.
+pub const IST_VCPUS: usize = 16;
+/// A 64-bit TSS is 104 bytes.
+const TSS_SIZE: u64 = 0x68;
+/// Where IST 1 is in a 64-bit TSS.
+const TSS_IST1: usize = 0x24;
+/// Where the I/O permission bitmap's offset is in a TSS; pointing at the TSS's end means none.
+const TSS_IOMAP_BASE: usize = 0x66;
 /// The port the stubs write to report an exception. Nothing else in the guest should write it;
 /// a device mapped there takes the writes instead (and the stubs then halt).
 pub const FAULT_PORT: u16 = 0xef;
@@ -39,7 +56,11 @@ const _: () = {
     assert!(super::layout::GDT_ADDR + 0x40 <= IDT64_ADDR);
     assert!(IDT64_ADDR + VECTORS as u64 * 16 == IDT32_ADDR);
     assert!(IDT32_ADDR + VECTORS as u64 * 8 == STUBS_ADDR);
-    assert!(EXCEPTIONS_END <= 0x1000);
+    assert!(IDT64_PLAIN_ADDR + VECTORS as u64 * 16 <= 0x1000);
+    assert!(super::layout::PAGE_TABLES_END <= IST_AREA_ADDR);
+    assert!(IST_AREA_ADDR + IST_VCPUS as u64 * IST_SLOT_SIZE <= 0x1_0000);
+    // The exception stack holds the CPU's frame, the error code and the vector.
+    assert!(TSS_SIZE + 0x40 <= IST_SLOT_SIZE);
 };
 
 /// Gate type: a present, DPL 0 interrupt gate (32-bit or, in long mode, 64-bit).
@@ -110,9 +131,14 @@ pub fn code() -> Vec<u8> {
     code
 }
 
-/// A 16-byte long-mode interrupt gate to `offset` through `selector`.
-fn gate64(offset: u64, selector: u16) -> [u8; 16] {
-    let low = (offset & 0xffff) | (u64::from(selector) << 16) | (INTERRUPT_GATE << 40) | ((offset & 0xffff_0000) << 32);
+/// A 16-byte long-mode interrupt gate to `offset` through `selector`, on interrupt stack `ist`
+/// (0 for the current stack).
+fn gate64(offset: u64, selector: u16, ist: u8) -> [u8; 16] {
+    let low = (offset & 0xffff)
+        | (u64::from(selector) << 16)
+        | (u64::from(ist) << 32)
+        | (INTERRUPT_GATE << 40)
+        | ((offset & 0xffff_0000) << 32);
     let high = offset >> 32;
     let mut gate = [0; 16];
     gate[..8].copy_from_slice(&low.to_le_bytes());
@@ -128,18 +154,37 @@ fn gate32(offset: u32, selector: u16) -> [u8; 8] {
     gate.to_le_bytes()
 }
 
-/// The IDT for long mode (`long`) or protected mode, and its limit: one gate per stub.
-pub fn idt(long: bool) -> (u64, Vec<u8>, u16) {
+/// The IDT for long mode (`long`; with `ist` the one whose gates switch to the vCPU's exception
+/// stack) or protected mode, its address and its limit: one gate per stub.
+pub fn idt(long: bool, ist: bool) -> (u64, Vec<u8>, u16) {
     if long {
-        let bytes = (0..VECTORS).flat_map(|v| gate64(stub_addr(v), CODE64_SELECTOR)).collect::<Vec<_>>();
+        let (addr, stack) = if ist { (IDT64_ADDR, 1) } else { (IDT64_PLAIN_ADDR, 0) };
+        let bytes = (0..VECTORS).flat_map(|v| gate64(stub_addr(v), CODE64_SELECTOR, stack)).collect::<Vec<_>>();
         let limit = (bytes.len() - 1) as u16;
-        (IDT64_ADDR, bytes, limit)
+        (addr, bytes, limit)
     } else {
         let bytes = (0..VECTORS).flat_map(|v| gate32(stub_addr(v) as u32, CODE32_SELECTOR)).collect::<Vec<_>>();
         let limit = (bytes.len() - 1) as u16;
         (IDT32_ADDR, bytes, limit)
     }
 }
+
+/// The 64-bit TSS of vCPU `index` and its address, when the vCPU has an exception stack: IST 1
+/// points at the end of its slot, and there is no I/O permission bitmap. The TSS's other stack
+/// pointers are unused, as the guest runs at CPL 0.
+pub fn tss(index: usize) -> Option<(u64, Vec<u8>)> {
+    if index >= IST_VCPUS {
+        return None;
+    }
+    let addr = IST_AREA_ADDR + index as u64 * IST_SLOT_SIZE;
+    let mut bytes = vec![0; TSS_SIZE as usize];
+    bytes[TSS_IST1..TSS_IST1 + 8].copy_from_slice(&(addr + IST_SLOT_SIZE).to_le_bytes());
+    bytes[TSS_IOMAP_BASE..TSS_IOMAP_BASE + 2].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes());
+    Some((addr, bytes))
+}
+
+/// The limit of a 64-bit TSS.
+pub const TSS_LIMIT: u32 = TSS_SIZE as u32 - 1;
 
 /// What the stubs leave on the stack: the vector and error code they pushed (or the CPU did),
 /// then what the CPU pushed.
@@ -250,16 +295,30 @@ mod tests {
 
     #[test]
     fn gates_point_at_the_stubs() {
-        let (addr, bytes, limit) = idt(true);
-        assert_eq!((addr, bytes.len(), limit), (IDT64_ADDR, 512, 511));
-        let gate = u64::from_le_bytes(bytes[14 * 16..14 * 16 + 8].try_into().unwrap());
-        let offset = (gate & 0xffff) | ((gate >> 32) & 0xffff_0000);
-        assert_eq!((offset, (gate >> 16) & 0xffff, (gate >> 40) & 0xff), (stub_addr(14), 0x18, 0x8e));
-        let (addr, bytes, limit) = idt(false);
+        for (ist, table) in [(true, IDT64_ADDR), (false, IDT64_PLAIN_ADDR)] {
+            let (addr, bytes, limit) = idt(true, ist);
+            assert_eq!((addr, bytes.len(), limit), (table, 512, 511));
+            let gate = u64::from_le_bytes(bytes[14 * 16..14 * 16 + 8].try_into().unwrap());
+            let offset = (gate & 0xffff) | ((gate >> 32) & 0xffff_0000);
+            assert_eq!((offset, (gate >> 16) & 0xffff, (gate >> 40) & 0xff), (stub_addr(14), 0x18, 0x8e));
+            assert_eq!((gate >> 32) & 0x7, u64::from(ist));
+        }
+        let (addr, bytes, limit) = idt(false, true);
         assert_eq!((addr, bytes.len(), limit), (IDT32_ADDR, 256, 255));
         let gate = u64::from_le_bytes(bytes[6 * 8..6 * 8 + 8].try_into().unwrap());
         let offset = (gate & 0xffff) | ((gate >> 32) & 0xffff_0000);
         assert_eq!((offset, (gate >> 16) & 0xffff), (stub_addr(6), 0x08));
+    }
+
+    #[test]
+    fn each_vcpu_has_its_exception_stack() {
+        let (first, tss0) = tss(0).unwrap();
+        let (second, _) = tss(1).unwrap();
+        assert_eq!((first, second - first, tss0.len()), (IST_AREA_ADDR, IST_SLOT_SIZE, 0x68));
+        let ist1 = u64::from_le_bytes(tss0[0x24..0x2c].try_into().unwrap());
+        assert_eq!(ist1, IST_AREA_ADDR + IST_SLOT_SIZE);
+        assert_eq!(ist1 % 16, 0);
+        assert_eq!(tss(IST_VCPUS), None);
     }
 
     #[test]
