@@ -180,8 +180,9 @@ class Vcpu:
         ``stack`` sets the stack pointer. Without it the vCPU gets its default stack, whose top
         is ``kvmkit.DEFAULT_STACK - index * kvmkit.DEFAULT_STACK_SIZE``, entered as if called:
         the stack pointer is one return address (4 or 8 bytes) below the top, and that return
-        address halts the vCPU. A VM whose RAM does not reach it keeps the stack pointer as it
-        was. Other general registers are kept, so set arguments before or after.
+        address halts the vCPU. A VM whose RAM does not reach it, real mode, and vCPUs from the
+        28th on keep the stack pointer as it was. Other general registers are kept, so set
+        arguments before or after.
 
         ``exceptions`` (protected and long mode) points the IDT at kvmkit's exception table, so
         that a guest exception ends the run with ``ExitReason.GUEST_FAULT``; with False the IDT
