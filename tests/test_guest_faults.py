@@ -143,12 +143,46 @@ def test_a_stray_write_to_the_exception_port_is_unhandled_io(fault):
     assert (exit.details["space"], exit.details["address"]) == ("pio", kvmkit.EXCEPTION_PORT)
 
 
-def test_a_fault_on_an_unusable_stack_shuts_down(fault):
-    """The CPU cannot push the exception's frame: a double fault, then a triple fault."""
-    vm, exit, _code = fault("long", UD, rsp=UNMAPPED)
+def test_long_mode_takes_exceptions_on_a_stack_of_its_own(fault, make_vm):
+    """A broken stack is reported, and the red zone below the stack pointer is left alone."""
+    vm, exit, code = fault("long", UD, rsp=UNMAPPED)
+    assert exit.reason is ExitReason.GUEST_FAULT, exit
+    assert (exit.details["name"], exit.rip, vm.vcpus[0].regs.rsp) == ("#UD", at(code, b"\x0f\x0b"), UNMAPPED)
 
-    assert exit.reason is ExitReason.SHUTDOWN, exit
-    if vm.vcpus[0].sregs.cr0 & 1:  # the state survives a triple fault (Intel; AMD resets it)
+    # A push to the broken stack is a page fault at the address pushed to.
+    vm, exit, code = fault("long", CALL_AWAY, rsp=UNMAPPED, rsi=LOAD_ADDR)
+    assert exit.reason is ExitReason.GUEST_FAULT, exit
+    assert (exit.details["name"], exit.details["cr2"]) == ("#PF", UNMAPPED - 8)
+    assert exit.rip == at(code, b"\xff\xd6")
+
+    # Each vCPU has its own (in a TSS of its own).
+    cpus = make_vm(cpus=2).vcpus
+    for cpu in cpus:
+        cpu.setup("long", entry=LOAD_ADDR)
+    assert len({cpu.sregs.tr.base for cpu in cpus}) == 2
+
+
+def test_red_zone_survives_a_fault(make_vm, assemble):
+    vm = make_vm()
+    code = assemble("faults", 64)
+    vm.mem_write(LOAD_ADDR, code)
+    cpu = vm.vcpus[0]
+    cpu.setup("long", entry=LOAD_ADDR)
+    red_zone = bytes(range(128))
+    below = cpu.regs.rsp - len(red_zone)
+    vm.mem_write(below, red_zone)
+
+    assert vm.run(timeout=10).reason is ExitReason.GUEST_FAULT
+    assert vm.mem_read(below, len(red_zone)) == red_zone
+
+
+def test_protected_mode_faults_on_a_stack_outside_ram_are_not_reported(fault):
+    """Protected mode takes exceptions on the current stack: where there is no RAM to push the
+    frame to, the fault becomes a triple fault, or KVM gives up on the push."""
+    vm, exit, _code = fault("protected", UD, rsp=0xC000_0000)
+
+    assert exit.reason in (ExitReason.SHUTDOWN, ExitReason.INTERNAL_ERROR), exit
+    if exit.reason is ExitReason.SHUTDOWN and vm.vcpus[0].sregs.cr0 & 1:  # AMD resets the vCPU
         assert "is the stack pointer valid?" in exit.message
 
 
@@ -175,7 +209,7 @@ def test_setup_points_the_idt_at_the_table(make_vm, mode):
 
 
 def test_a_fault_on_one_vcpu_leaves_the_other_alone(make_vm, assemble):
-    """Each vCPU takes its exceptions on its own default stack; the faulting one ends the run."""
+    """Each vCPU takes its exceptions on its own exception stack; the faulting one ends the run."""
     vm = make_vm(cpus=2)
     code = assemble("faults", 64)
     vm.mem_write(LOAD_ADDR, code)
