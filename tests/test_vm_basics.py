@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import kvmkit
 import pytest
 from kvmkit import CpuidEdit
 from kvmkit.errors import GuestMemoryError
@@ -185,13 +186,16 @@ def test_setup_modes(make_vm, mode):
         assert 0x9000 <= sregs.cr3 & ~0xFFF <= 0xE000
 
 
-def test_setup_without_stack_keeps_rsp(make_vm):
+def test_setup_without_stack_gives_the_default_stack(make_vm):
+    """Protected and long mode get the default stack (tests/test_compiled_code.py has more); real
+    mode keeps its stack pointer."""
     cpu = make_vm().vcpus[0]
     cpu.reg_write("rsp", 0x7000)
 
-    cpu.setup("protected", entry=LOAD_ADDR)
-
+    cpu.setup("real", entry=LOAD_ADDR)
     assert cpu.regs.rsp == 0x7000
+    cpu.setup("protected", entry=LOAD_ADDR)
+    assert cpu.regs.rsp == kvmkit.DEFAULT_STACK - 4
 
 
 # --------------------------------------------------------------------------- registers

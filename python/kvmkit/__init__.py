@@ -13,7 +13,7 @@ Rust devices, and run it at KVM speed::
 """
 
 from kvmkit import agent, debug, devices, errors, snapshot, virtio
-from kvmkit._core import VcpuContext, __version__
+from kvmkit._core import DEFAULT_STACK, DEFAULT_STACK_SIZE, EXCEPTION_PORT, VcpuContext, __version__
 from kvmkit.agent import ExecResult
 from kvmkit.console import Console
 from kvmkit.cpu import CpuidEdit, CpuidEntry, CpuMode, DescriptorTable, Fpu, Regs, Segment, SRegs, Vcpu
@@ -22,6 +22,9 @@ from kvmkit.snapshot import Snapshot
 from kvmkit.vm import VM, parse_size
 
 __all__ = [
+    "DEFAULT_STACK",
+    "DEFAULT_STACK_SIZE",
+    "EXCEPTION_PORT",
     "VM",
     "Console",
     "CpuMode",

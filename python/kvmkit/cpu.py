@@ -216,16 +216,27 @@ class Vcpu:
     def __repr__(self) -> str:
         return f"<Vcpu {self.index}>"
 
-    def setup(self, mode: CpuMode, entry: int, stack: int | None = None) -> None:
+    def setup(self, mode: CpuMode, entry: int, stack: int | None = None, *, exceptions: bool = True) -> None:
         """Puts the vCPU in ``mode`` at ``entry`` so raw code can run there.
 
         ``real``: CS:IP reaches ``entry`` (below 1 MiB); data segments have base 0.
         ``protected``: 32-bit flat segments, paging off; GDT at 0x500.
         ``long``: 64-bit with the first 4 GiB identity mapped (2 MiB pages, tables at
-        0x9000-0xefff); GDT at 0x500. ``stack`` sets the stack pointer; other general
-        registers are kept, so set arguments before or after.
+        0x9000-0xefff); GDT at 0x500. Protected and long mode turn on SSE, and XSAVE and AVX
+        where the vCPU's CPUID has them, as compiled code expects.
+
+        ``stack`` sets the stack pointer. Without it the vCPU gets its default stack, whose top
+        is ``kvmkit.DEFAULT_STACK - index * kvmkit.DEFAULT_STACK_SIZE``, entered as if called:
+        the stack pointer is one return address (4 or 8 bytes) below the top, and that return
+        address halts the vCPU. A VM whose RAM does not reach it, real mode, and vCPUs from the
+        28th on keep the stack pointer as it was. Other general registers are kept, so set
+        arguments before or after.
+
+        ``exceptions`` (protected and long mode) points the IDT at kvmkit's exception table, so
+        that a guest exception ends the run with ``ExitReason.GUEST_FAULT``; with False the IDT
+        is left empty and an exception shuts the vCPU down (``SHUTDOWN``).
         """
-        self._core.enter_mode(self.index, mode, entry, stack)
+        self._core.enter_mode(self.index, mode, entry, stack, exceptions)
 
     @property
     def regs(self) -> Regs:
@@ -325,6 +336,11 @@ class Vcpu:
     def set_msrs(self, values: dict[int, int]) -> None:
         """Sets several MSRs at once."""
         self._core.set_msrs(self.index, list(values.items()))
+
+    @property
+    def xcrs(self) -> dict[int, int]:
+        """The extended control registers by index (XCR0, the XSAVE feature mask, is 0)."""
+        return dict(self._core.get_xcrs(self.index))
 
     @property
     def cpuid(self) -> list[CpuidEntry]:

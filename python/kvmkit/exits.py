@@ -34,6 +34,13 @@ class ExitReason(enum.Enum):
     (``"step"``, ``"breakpoint"``, ``"watchpoint"``), ``rip`` (the linear address of the next
     instruction), ``vcpu``, ``dr6``, and for a hit the handle (``breakpoint`` or
     ``watchpoint``), its ``address`` and, for a watchpoint, its ``access``."""
+    GUEST_FAULT = "guest_fault"
+    """A guest exception (vectors 0-31) reached kvmkit's exception table (``vcpu.setup(...,
+    exceptions=True)``, the default); ``details`` has ``vector``, ``name`` (``"#PF"``),
+    ``error_code`` (None for vectors without one), ``rip`` (the faulting instruction, or for a
+    trap such as ``#BP`` the next one) and ``cr2`` (the faulting address of a ``#PF``, else
+    None). The vCPU is put back at the exception: its registers are as they were then, and
+    running again retries the instruction."""
     STOPPED = "stopped"
     """``stop()`` was called, Ctrl-C was pressed, or (per vCPU) another vCPU ended the run."""
     TIMEOUT = "timeout"
@@ -56,6 +63,8 @@ class Exit:
     handler was still busy."""
     details: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    rip: int | None = None
+    """RIP of the vCPU that ended the run, read when the run ended (None when no vCPU did)."""
 
     @classmethod
     def _from_core(cls, raw: dict[str, Any]) -> Exit:
@@ -65,6 +74,7 @@ class Exit:
             vcpu_reasons=[ExitReason(r) for r in raw["vcpu_reasons"]],
             details=raw["details"],
             message=raw["message"],
+            rip=raw.get("rip"),
         )
 
     def __str__(self) -> str:

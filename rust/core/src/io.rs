@@ -3,10 +3,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::arch::x86_64::exceptions::FAULT_PORT;
 use crate::bus::{Bus, BusDevice, BusError, BusRange};
 use crate::config::UnhandledIo;
 use crate::ratelimit::guest_log;
 use crate::vstate::exit::{AddressSpace, IoError, IoHandler};
+use crate::vstate::memory::GuestMemory;
 
 /// Ports are 16 bits wide.
 const PIO_SPACE_END: u64 = 0x1_0000;
@@ -34,12 +36,21 @@ pub struct IoSpaces {
     mmio: Bus,
     unhandled: UnhandledIo,
     stats: Arc<IoStats>,
+    /// Guest memory, where kvmkit's exception stubs leave what they report.
+    memory: Option<Arc<GuestMemory>>,
 }
 
 impl IoSpaces {
     /// Empty buses with the given policy.
     pub fn new(unhandled: UnhandledIo) -> Self {
         Self { unhandled, ..Self::default() }
+    }
+
+    /// Gives the run loop access to guest memory, to read the guest exceptions kvmkit's
+    /// exception stubs report through [`FAULT_PORT`].
+    pub fn with_memory(mut self, memory: Arc<GuestMemory>) -> Self {
+        self.memory = Some(memory);
+        self
     }
 
     /// The statistics, shared with every clone.
@@ -99,6 +110,9 @@ impl IoSpaces {
         if self.bus(space).write(addr, data).map_err(IoError::Device)? {
             return Ok(());
         }
+        if space == AddressSpace::Pio && addr == u64::from(FAULT_PORT) && self.memory.is_some() {
+            return Err(IoError::FaultReport);
+        }
         self.unhandled(space, addr, data.len(), true)
     }
 
@@ -139,6 +153,10 @@ impl IoHandler for IoSpaces {
     fn mmio_write(&self, addr: u64, data: &[u8]) -> Result<(), IoError> {
         self.stats.mmio_exits.fetch_add(1, Ordering::Relaxed);
         self.write(AddressSpace::Mmio, addr, data)
+    }
+
+    fn guest_memory(&self) -> Option<&GuestMemory> {
+        self.memory.as_deref()
     }
 }
 

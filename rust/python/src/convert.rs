@@ -211,6 +211,14 @@ fn reason_details<'py>(py: Python<'py>, reason: &ExitReason) -> PyResult<Bound<'
             details.set_item("message", message)?;
         }
         ExitReason::VmmError(message) => details.set_item("message", message)?,
+        ExitReason::GuestFault(fault) => {
+            let (mnemonic, _) = kvmkit_core::arch::x86_64::exceptions::vector_name(fault.vector);
+            details.set_item("vector", fault.vector)?;
+            details.set_item("name", mnemonic)?;
+            details.set_item("error_code", fault.error_code)?;
+            details.set_item("rip", fault.rip)?;
+            details.set_item("cr2", fault.cr2)?;
+        }
         ExitReason::Debug(event) => {
             details.set_item("kind", event.kind_name())?;
             details.set_item("rip", event.pc)?;
@@ -231,13 +239,14 @@ fn space_name(space: kvmkit_core::vstate::exit::AddressSpace) -> &'static str {
     }
 }
 
-/// An exit as `{"reason", "vcpu", "vcpu_reasons", "details", "message"}`.
+/// An exit as `{"reason", "vcpu", "vcpu_reasons", "details", "rip", "message"}`.
 pub fn exit_to_dict<'py>(py: Python<'py>, exit: &Exit) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("reason", exit.reason.name())?;
     dict.set_item("vcpu", exit.vcpu)?;
     dict.set_item("vcpu_reasons", exit.vcpu_reasons.iter().map(ExitReason::name).collect::<Vec<_>>())?;
     dict.set_item("details", reason_details(py, &exit.reason)?)?;
-    dict.set_item("message", exit.reason.to_string())?;
+    dict.set_item("rip", exit.rip)?;
+    dict.set_item("message", exit.message())?;
     Ok(dict)
 }

@@ -35,6 +35,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(ram_regions, m)?)?;
+    m.add("DEFAULT_STACK", kvmkit_core::arch::x86_64::layout::DEFAULT_STACK)?;
+    m.add("DEFAULT_STACK_SIZE", kvmkit_core::arch::x86_64::layout::DEFAULT_STACK_SIZE)?;
+    m.add("EXCEPTION_PORT", kvmkit_core::arch::x86_64::exceptions::FAULT_PORT)?;
     m.add_class::<vm::Vm>()?;
     m.add_class::<gdb::GdbServer>()?;
     m.add_class::<devices::Device>()?;

@@ -538,12 +538,27 @@ impl Vm {
         self.with_vcpu(vcpu, |v| v.set_cpuid(&entries))
     }
 
-    #[pyo3(signature = (vcpu, mode, entry, stack=None))]
-    fn enter_mode(&self, vcpu: usize, mode: &str, entry: Unsigned<u64>, stack: Option<Unsigned<u64>>) -> PyResult<()> {
+    /// The extended control registers (XCR0, ...) as `(index, value)` pairs.
+    fn get_xcrs(&self, vcpu: usize) -> PyResult<Vec<(u32, u64)>> {
+        let xcrs = self.with_vcpu(vcpu, Vcpu::xcrs)?;
+        let count = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+        Ok(xcrs.xcrs[..count].iter().map(|x| (x.xcr, x.value)).collect())
+    }
+
+    #[pyo3(signature = (vcpu, mode, entry, stack=None, exceptions=true))]
+    fn enter_mode(
+        &self,
+        vcpu: usize,
+        mode: &str,
+        entry: Unsigned<u64>,
+        stack: Option<Unsigned<u64>>,
+        exceptions: bool,
+    ) -> PyResult<()> {
         let entry = entry.0;
         let stack = stack.map(|Unsigned(stack)| stack);
         let mode: CpuMode = mode.parse().map_err(kvmkit_core::Error::from).py()?;
-        self.machine()?.enter_mode(vcpu, mode, entry, stack).py()
+        let setup = kvmkit_core::machine::RawSetup { mode, entry, stack, exceptions };
+        self.machine()?.setup_raw(vcpu, &setup).py()
     }
 
     #[pyo3(signature = (space, base, size, read=None, write=None))]

@@ -284,6 +284,15 @@ impl Session {
             }
             ExitReason::Stopped | ExitReason::Timeout | ExitReason::Paused => signal(Signal::SIGINT),
             ExitReason::Shutdown => signal(Signal::SIGSEGV),
+            // A guest exception, as a Unix kernel would signal it: divide errors and x87/SIMD
+            // faults as SIGFPE, invalid opcodes as SIGILL, breakpoints and debug traps as
+            // SIGTRAP, the rest (page and protection faults above all) as SIGSEGV.
+            ExitReason::GuestFault(fault) => match fault.vector {
+                0 | 16 | 19 => signal(Signal::SIGFPE),
+                6 => signal(Signal::SIGILL),
+                1 | 3 => trap,
+                _ => signal(Signal::SIGSEGV),
+            },
             ExitReason::UnhandledIo { .. } | ExitReason::DeviceError { .. } => signal(Signal::SIGBUS),
             ExitReason::InternalError(_) | ExitReason::FailEntry { .. } => signal(Signal::SIGILL),
             ExitReason::Reset | ExitReason::Crash | ExitReason::VmmError(_) => signal(Signal::SIGABRT),

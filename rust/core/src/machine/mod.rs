@@ -7,10 +7,12 @@
 
 mod call;
 mod hooks;
+mod raw;
 mod snapshot;
 
 pub use call::{CallOutcome, CALL_ARGS_MAX};
 pub use hooks::RestoreHook;
+pub use raw::RawSetup;
 pub use snapshot::RestoreTimes;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -230,7 +232,7 @@ impl Machine {
             .collect::<Result<Vec<_>>>()?;
         let state = State {
             vcpus,
-            io: IoSpaces::new(config.unhandled_io),
+            io: IoSpaces::new(config.unhandled_io).with_memory(vm.memory().clone()),
             run: None,
             last_exit: None,
             thread_hook: None,
@@ -685,7 +687,7 @@ impl Machine {
             if let Some(give_up) = give_up {
                 if Instant::now() >= give_up {
                     let (vcpu, reason) = control.cause().unwrap_or((None, ExitReason::Stopped));
-                    return Ok(Exit { reason, vcpu, vcpu_reasons: Vec::new() });
+                    return Ok(Exit { reason, vcpu, vcpu_reasons: Vec::new(), rip: None, hint: None });
                 }
                 continue;
             }
@@ -890,7 +892,9 @@ impl ActiveRun {
         finished.sort_by_key(|(vcpu, _)| vcpu.index());
         let (vcpus, vcpu_reasons): (Vec<_>, Vec<_>) = finished.into_iter().unzip();
         let (vcpu, reason) = self.control.cause().unwrap_or((None, ExitReason::Hlt));
-        (vcpus, Exit { reason, vcpu, vcpu_reasons })
+        let ender = vcpu.and_then(|index| vcpus.get(index as usize));
+        let (rip, hint) = ender.map_or((None, None), |ender| crate::vstate::fault::run_end_notes(ender, &reason));
+        (vcpus, Exit { reason, vcpu, vcpu_reasons, rip, hint })
     }
 }
 

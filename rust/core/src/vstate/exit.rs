@@ -3,8 +3,10 @@ use std::fmt;
 use kvm_ioctls::VcpuExit;
 use vmm_sys_util::errno;
 
+use crate::arch::x86_64::exceptions::GuestFault;
 use crate::bus::DeviceError;
 use crate::vstate::debug::DebugEvent;
+use crate::vstate::memory::GuestMemory;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -105,6 +107,9 @@ pub enum ExitReason {
     },
     /// A single step finished or a breakpoint or watchpoint was hit.
     Debug(DebugEvent),
+    /// A guest exception reached kvmkit's exception table; the vCPU is back at the instruction
+    /// it happened at.
+    GuestFault(GuestFault),
     /// `stop()` was called, or another vCPU ended the run.
     Stopped,
     /// The run's time limit passed.
@@ -136,6 +141,7 @@ impl ExitReason {
             Self::UnhandledIo { .. } => "unhandled_io",
             Self::DeviceError { .. } => "handler_error",
             Self::Debug(_) => "debug",
+            Self::GuestFault(_) => "guest_fault",
             Self::Stopped => "stopped",
             Self::Timeout => "timeout",
             Self::Paused => "paused",
@@ -158,6 +164,7 @@ impl fmt::Display for ExitReason {
             Self::DeviceError { space, addr, message } => write!(f, "device at {space} {addr:#x} failed: {message}"),
             Self::VmmError(message) => f.write_str(message),
             Self::Debug(event) => write!(f, "debug event ({}) at {:#x}", event.kind_name(), event.pc),
+            Self::GuestFault(fault) => fault.fmt(f),
             other => f.write_str(other.name()),
         }
     }
@@ -173,6 +180,21 @@ pub struct Exit {
     pub vcpu: Option<u32>,
     /// Each vCPU's own exit, by index.
     pub vcpu_reasons: Vec<ExitReason>,
+    /// RIP of the vCPU that ended the run, read when the run ended.
+    pub rip: Option<u64>,
+    /// A hint at what went wrong, for the common mistakes (a vCPU that was never set up, code
+    /// run outside guest memory).
+    pub hint: Option<String>,
+}
+
+impl Exit {
+    /// The reason in words, with the hint if there is one.
+    pub fn message(&self) -> String {
+        match &self.hint {
+            Some(hint) => format!("{}; {hint}", self.reason),
+            None => self.reason.to_string(),
+        }
+    }
 }
 
 /// Why an access was not served.
@@ -182,6 +204,10 @@ pub enum IoError {
     Unhandled,
     /// The device failed.
     Device(DeviceError),
+    /// kvmkit's exception stubs reported a guest exception (a write to
+    /// [`FAULT_PORT`](crate::arch::x86_64::exceptions::FAULT_PORT) that no device took); the run
+    /// loop reads it from the vCPU.
+    FaultReport,
 }
 
 /// Serves the port I/O and MMIO exits of a vCPU.
@@ -194,6 +220,10 @@ pub trait IoHandler {
     fn mmio_read(&self, addr: u64, data: &mut [u8]) -> Result<(), IoError>;
     /// An MMIO write.
     fn mmio_write(&self, addr: u64, data: &[u8]) -> Result<(), IoError>;
+    /// Guest memory, for reading what kvmkit's exception stubs leave on the guest's stack.
+    fn guest_memory(&self) -> Option<&GuestMemory> {
+        None
+    }
 }
 
 /// What the run loop does after an exit.
@@ -224,6 +254,7 @@ pub fn handle_exit(exit: Result<VcpuExit<'_>, errno::Error>, pio_size: usize, io
         }
         Err(IoError::Device(DeviceError::Reset)) => ExitAction::Stop(ExitReason::Reset),
         Err(IoError::Device(DeviceError::PowerOff)) => ExitAction::Stop(ExitReason::PowerOff),
+        Err(IoError::FaultReport) => ExitAction::Stop(ExitReason::GuestFault(GuestFault::default())),
     };
     // KVM reports sizes of 1, 2 and 4 bytes; anything else is served as one access.
     let element = |len: usize| if pio_size > 0 && len % pio_size == 0 { pio_size } else { len.max(1) };

@@ -4,6 +4,9 @@
 pub mod debug;
 /// What a vCPU exit means for the run, as a pure function of the exit.
 pub mod exit;
+/// Guest exceptions reported by kvmkit's exception table, and the notes an exit carries about
+/// the vCPU that ended the run.
+pub mod fault;
 /// The `/dev/kvm` system handle and the capabilities kvmkit needs.
 pub mod kvm;
 /// Guest RAM: regions, validation, bounds-checked access.

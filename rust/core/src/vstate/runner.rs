@@ -8,8 +8,8 @@ use vmm_sys_util::errno;
 use vmm_sys_util::signal::{unblock_signal, SIGRTMIN};
 
 use crate::vstate::exit::{handle_exit, ExitAction, ExitReason, IoHandler};
-use crate::vstate::regs;
 use crate::vstate::vcpu::Vcpu;
+use crate::vstate::{fault, regs};
 
 /// The signal that gets a thread out of `KVM_RUN`.
 fn kick_signal() -> libc::c_int {
@@ -318,6 +318,13 @@ pub fn run_vcpu(
             ExitAction::Stop(reason @ (ExitReason::DeviceError { .. } | ExitReason::UnhandledIo { .. })) => {
                 return retract_access(vcpu, kicker, reason);
             }
+            ExitAction::Stop(ExitReason::GuestFault(_)) => match fault::report_or_stray(vcpu) {
+                report @ ExitReason::GuestFault(_) => {
+                    let reason = finish(vcpu, kicker, io, served_access, report);
+                    return fault::settle(vcpu, io.guest_memory(), reason);
+                }
+                stray => return retract_access(vcpu, kicker, stray),
+            },
             // A device that reset or powered the machine off has still served the access.
             ExitAction::Stop(reason) => return finish(vcpu, kicker, io, served_access, reason),
         }

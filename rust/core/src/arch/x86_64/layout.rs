@@ -19,6 +19,23 @@ pub const IDENTITY_MAPPED_GIB: u64 = 4;
 /// First address after the page tables.
 pub const PAGE_TABLES_END: u64 = PD_ADDR + IDENTITY_MAPPED_GIB * 0x1000;
 
+/// The top of the default stack of raw guests' vCPU 0 (the first push writes below it), in
+/// the free RAM between the page tables and 1 MiB; see [`default_stack`].
+pub const DEFAULT_STACK: u64 = 0x8_0000;
+/// The room each vCPU's default stack has: vCPU `n`'s starts `n` times this below
+/// [`DEFAULT_STACK`].
+pub const DEFAULT_STACK_SIZE: u64 = 0x4000;
+
+/// The top of vCPU `index`'s default stack, or None when it would reach down into the page
+/// tables (from the 28th vCPU on).
+pub fn default_stack(index: usize) -> Option<u64> {
+    let below = (index as u64).checked_add(1)?.checked_mul(DEFAULT_STACK_SIZE)?;
+    DEFAULT_STACK
+        .checked_sub(below)
+        .filter(|bottom| *bottom >= PAGE_TABLES_END)
+        .map(|bottom| bottom + DEFAULT_STACK_SIZE)
+}
+
 /// Where the PVH `hvm_start_info` goes.
 pub const PVH_INFO_ADDR: u64 = 0x6000;
 /// Where the PVH module list (the initrd) goes.
@@ -101,6 +118,15 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_stacks_stay_above_the_page_tables() {
+        assert_eq!(default_stack(0), Some(DEFAULT_STACK));
+        assert_eq!(default_stack(1), Some(DEFAULT_STACK - DEFAULT_STACK_SIZE));
+        assert!(default_stack(27).is_some_and(|top| top - DEFAULT_STACK_SIZE >= PAGE_TABLES_END));
+        assert_eq!(default_stack(28), None);
+        assert_eq!(default_stack(usize::MAX), None);
+    }
 
     #[test]
     fn ram_skips_the_mmio_gap() {

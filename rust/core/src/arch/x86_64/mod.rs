@@ -4,6 +4,8 @@
 pub mod acpi;
 /// CPUID normalization per vCPU and caller edits.
 pub mod cpuid;
+/// The default exception table of raw guests: IDTs and stubs that report exceptions to the VMM.
+pub mod exceptions;
 /// Global descriptor table entries and the segments they describe.
 pub mod gdt;
 /// Local APIC set-up Linux expects from firmware.

@@ -9,8 +9,16 @@ use super::layout::{GDT_ADDR, IDT_ADDR, PML4_ADDR};
 use super::paging;
 
 const CR0_PE: u64 = 1;
+/// Monitor coprocessor: with TS, `wait` traps too; set for SSE.
+const CR0_MP: u64 = 1 << 1;
+/// Emulation: x87 and SSE instructions raise #NM/#UD; cleared for compiled code.
+const CR0_EM: u64 = 1 << 2;
 const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
+/// The OS saves SSE state with FXSAVE: SSE instructions no longer raise #UD.
+const CR4_OSFXSR: u64 = 1 << 9;
+/// The OS handles SIMD floating-point exceptions (#XM) rather than getting #UD.
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 /// Bit 1 of RFLAGS is reserved and reads as one.
@@ -98,6 +106,10 @@ impl CpuMode {
                 sregs.idt.base = IDT_ADDR;
                 sregs.idt.limit = 0;
                 regs.rip = entry;
+                // What compiled code expects: x87 and SSE usable (XSAVE and AVX need CPUID, and
+                // are turned on by the machine).
+                sregs.cr0 = (sregs.cr0 | CR0_MP) & !CR0_EM;
+                sregs.cr4 |= CR4_OSFXSR | CR4_OSXMMEXCPT;
                 if self == Self::Long {
                     sregs.cr3 = PML4_ADDR;
                     sregs.cr4 |= CR4_PAE;
@@ -200,6 +212,16 @@ mod tests {
         assert!(tables.iter().any(|(addr, _)| *addr == PML4_ADDR));
         assert!(tables.iter().any(|(addr, bytes)| *addr == GDT_ADDR && bytes.len() == 40));
         assert!(CpuMode::Real.tables().is_empty());
+    }
+
+    #[test]
+    fn protected_and_long_mode_turn_on_sse() {
+        for mode in [CpuMode::Protected, CpuMode::Long] {
+            let mut sregs = kvm_sregs { cr0: CR0_EM, ..Default::default() };
+            mode.enter(0x1000, None, &mut sregs, &mut kvm_regs::default()).unwrap();
+            assert_eq!(sregs.cr0 & (CR0_MP | CR0_EM), CR0_MP, "{mode}");
+            assert_eq!(sregs.cr4 & (CR4_OSFXSR | CR4_OSXMMEXCPT), CR4_OSFXSR | CR4_OSXMMEXCPT, "{mode}");
+        }
     }
 
     #[test]
