@@ -104,12 +104,18 @@ def main() -> int:
         loop = guests["step_loop"]
         c_rates, kit_rates, py_rates = [], [], []
         for _ in range(rounds):
-            c_rates.append(1e9 / c_baseline(baseline, workdir, "step", "step_loop", str(steps))["ns_per_step"])
+            c_rates.append(
+                1e9 / c_baseline(baseline, workdir, "step", "step_loop", str(steps))["ns_per_step"]
+            )
             kit_rates.append(kvmkit_steps(loop, steps))
             py_rates.append(python_steps(loop, max(steps // 10, 100)))
-        row = result_row("single-step, run(count=N)", "steps/s", c_rates, kit_rates, 0.9, lower_is_better=False)
+        row = result_row(
+            "single-step, run(count=N)", "steps/s", c_rates, kit_rates, 0.9, lower_is_better=False
+        )
         rows.append(row)
-        step_row = result_row("single-step, cpu.step()", "steps/s", c_rates, py_rates, None, lower_is_better=False)
+        step_row = result_row(
+            "single-step, cpu.step()", "steps/s", c_rates, py_rates, None, lower_is_better=False
+        )
         rows.append(step_row)
         print(f"  steps/s: C {row['c']:.0f}, run(count) {row['kvmkit']:.0f}, step() {step_row['kvmkit']:.0f}")
         c_ns, hit_ns = [], []
@@ -119,7 +125,8 @@ def main() -> int:
         rows.append(
             result_row("breakpoint -> Python callback", "ns/hit", c_ns, hit_ns, None, lower_is_better=True)
         )
-        print(f"  breakpoint: C exit {statistics.median(c_ns):.0f} ns, kvmkit hit {statistics.median(hit_ns):.0f} ns")
+        c_exit, kit_hit = statistics.median(c_ns), statistics.median(hit_ns)
+        print(f"  breakpoint: C exit {c_exit:.0f} ns, kvmkit hit {kit_hit:.0f} ns")
     print(f"{'case':32} {'unit':8} {'C floor':>10} {'kvmkit':>10} {'ratio':>8}  goal")
     for r in rows:
         goal = "" if r["goal"] is None else f"{r['goal']} {'met' if r['met'] else 'MISSED'}"

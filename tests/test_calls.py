@@ -64,6 +64,22 @@ def test_calls_pass_system_v_arguments_and_return_rax(cpu_vm):
 
 
 @pytest.mark.standard_kvm
+def test_call_many_calls_once_per_argument_list(cpu_vm):
+    cpu = cpu_vm.vcpus[0]
+    assert cpu.call_many(entry("lea"), [(i, i) for i in range(300)]) == [3 * i for i in range(300)]
+    assert cpu.call_many(entry("lea"), []) == []
+    counted = cpu.call_many(entry("count"), [(COUNTER,)] * 3)
+    assert counted == [1, 2, 3]
+    # The first call that does not return ends the batch, with the values before it.
+    # mov rax, rdi; test rdi, rdi; jz +1; ret; hlt
+    cpu_vm.mem_write(CODE + 0x90, bytes.fromhex("4889f8 4885ff 7401 c3 f4"))
+    with pytest.raises(CallError) as failed:
+        cpu.call_many(CODE + 0x90, [(1,), (2,), (0,), (3,)])
+    assert failed.value.exit.reason is ExitReason.HLT
+    assert failed.value.results == [1, 2]
+
+
+@pytest.mark.standard_kvm
 def test_a_call_runs_on_the_calling_thread_with_handlers(cpu_vm):
     seen = []
     cpu_vm.hook_io(0x80, write=lambda port, data: seen.append(data[0]))

@@ -209,6 +209,14 @@ class Vm:
         stack: int | None = None,
         timeout: float | None = None,
     ) -> int | dict[str, Any]: ...
+    def call_many(
+        self,
+        vcpu: int,
+        entry: int,
+        arg_lists: Sequence[Sequence[int]],
+        stack: int | None = None,
+        timeout: float | None = None,
+    ) -> tuple[list[int], dict[str, Any] | None]: ...
     # kind: "execute" (a breakpoint), "write" or "readwrite"; returns the debug register used.
     def add_hw_slot(self, kind: str, addr: int, len: int) -> int: ...
     def remove_hw_slot(self, slot: int) -> None: ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -309,6 +309,28 @@ class Vcpu:
         if isinstance(result, int):
             return result
         raise self._call_error(entry, result, timeout)
+
+    def call_many(
+        self,
+        entry: int,
+        arg_lists: Iterable[Sequence[int]],
+        stack: int | None = None,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """:meth:`call` once per argument list, in one call from Python, so that Python's own cost
+        is paid once for the batch: the list of RAX values. ``timeout`` is for the whole batch. A
+        call that does not return raises :class:`~kvmkit.errors.CallError` (its ``results`` hold
+        the values of the calls before it)."""
+        if timeout is not None:
+            check_timeout(timeout)
+        results, ended = self._core.call_many(
+            self.index, entry, [list(args) for args in arg_lists], stack, timeout
+        )
+        if ended is None:
+            return results
+        error = self._call_error(entry, ended, timeout)
+        error.results = results
+        raise error
 
     def _call_error(self, entry: int, raw: dict[str, Any], timeout: float | None) -> CallError:
         from kvmkit.exits import Exit, ExitReason

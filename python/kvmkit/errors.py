@@ -71,6 +71,8 @@ class CallError(KvmkitError):
     def __init__(self, message: str, exit: Exit) -> None:
         super().__init__(message)
         self.exit = exit
+        self.results: list[int] = []
+        """For ``Vcpu.call_many``: the values of the calls that returned before this one."""
 
 
 class CallTimeout(CallError, TimeoutError):

@@ -149,6 +149,32 @@ impl Vm {
         self.report(py, &exit.py()?)
     }
 
+    /// Runs calls (`go`) without the GIL, letting Ctrl-C through as [`drive`](Self::drive) does,
+    /// with the deadline `timeout` gives.
+    fn calling<R: Send>(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+        go: impl Send + FnOnce(&Machine, Option<Instant>, &mut dyn FnMut() -> bool) -> kvmkit_core::Result<R>,
+    ) -> PyResult<R> {
+        let deadline = timeout.map(seconds).transpose()?.and_then(|t| Instant::now().checked_add(t));
+        self.handler_errors.take(py);
+        let machine = self.machine()?;
+        let mut signal = None;
+        let mut interrupted = || {
+            signal = Python::attach(|py| py.check_signals().err());
+            signal.is_some()
+        };
+        // The handle goes inside the detached closure, which saves a second release of the GIL:
+        // the VM holds another, so this one is never the last while the calls run.
+        let outcome = py.detach(move || go(&machine, deadline, &mut interrupted));
+        if let Some(signal) = signal {
+            self.handler_errors.take(py);
+            return Err(signal);
+        }
+        outcome.py()
+    }
+
     /// The exit as a dict, or the exception a handler raised during the run.
     fn report(&self, py: Python<'_>, exit: &Exit) -> PyResult<Py<PyAny>> {
         if let Some(error) = self.handler_errors.take(py) {
@@ -190,9 +216,15 @@ fn register(name: &str) -> PyResult<Register> {
 }
 
 /// An int for a 64-bit register: from -2**63 up to 2**64 - 1, negative ones in two's complement.
+/// (Two plain conversions: a 128-bit one goes through Python calls under the stable ABI.)
 fn register_value(what: &str, value: &Bound<'_, PyAny>) -> PyResult<u64> {
-    let fits = value.extract::<i128>().ok().filter(|v| (-(1i128 << 63)..(1i128 << 64)).contains(v));
-    fits.map(|v| v as u64).ok_or_else(|| config_error(format!("{what} must be an int that fits 64 bits, not {value}")))
+    let fits = value.extract::<u64>().or_else(|_| value.extract::<i64>().map(|v| v as u64));
+    fits.map_err(|_| config_error(format!("{what} must be an int that fits 64 bits, not {value}")))
+}
+
+/// The register values of a call's arguments.
+fn register_values(args: &[Bound<'_, PyAny>]) -> PyResult<Vec<u64>> {
+    args.iter().map(|arg| register_value("an argument", arg)).collect()
 }
 
 /// A timeout in seconds; one longer than a `Duration` holds (infinity included) is the longest.
@@ -793,26 +825,43 @@ impl Vm {
         stack: Option<Unsigned<u64>>,
         timeout: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
-        let args = args.iter().map(|arg| register_value("an argument", arg)).collect::<PyResult<Vec<u64>>>()?;
-        let deadline = timeout.map(seconds).transpose()?.and_then(|t| Instant::now().checked_add(t));
-        let stack = stack.map(|Unsigned(stack)| stack);
-        self.handler_errors.take(py);
-        let machine = self.machine()?;
-        let mut signal = None;
-        let mut interrupted = || {
-            signal = Python::attach(|py| py.check_signals().err());
-            signal.is_some()
-        };
-        let outcome = py.detach(|| machine.call(vcpu, entry.0, &args, stack, deadline, &mut interrupted));
-        release(py, Some(machine));
-        if let Some(signal) = signal {
-            self.handler_errors.take(py);
-            return Err(signal);
-        }
-        match outcome.py()? {
+        let args = register_values(&args)?;
+        let outcome = self.calling(py, timeout, move |machine, deadline, interrupted| {
+            machine.call(vcpu, entry.0, &args, stack.map(|s| s.0), deadline, interrupted)
+        })?;
+        match outcome {
             CallOutcome::Returned(rax) => Ok(rax.into_pyobject(py)?.into_any().unbind()),
             CallOutcome::Ended(exit) => self.report(py, &exit),
         }
+    }
+
+    /// `call` once per argument list, all within one entry from Python: the RAX of each call that
+    /// returned, and the exit of the first that did not, as a dict (None when all returned).
+    /// `timeout` is for the whole batch.
+    #[pyo3(signature = (vcpu, entry, arg_lists, stack=None, timeout=None))]
+    fn call_many(
+        &self,
+        py: Python<'_>,
+        vcpu: usize,
+        entry: Unsigned<u64>,
+        arg_lists: Vec<Vec<Bound<'_, PyAny>>>,
+        stack: Option<Unsigned<u64>>,
+        timeout: Option<f64>,
+    ) -> PyResult<(Vec<u64>, Option<Py<PyAny>>)> {
+        let arg_lists = arg_lists.iter().map(|args| register_values(args)).collect::<PyResult<Vec<_>>>()?;
+        let stack = stack.map(|Unsigned(stack)| stack);
+        let (results, ended) = self.calling(py, timeout, move |machine, deadline, interrupted| {
+            let mut results = Vec::with_capacity(arg_lists.len());
+            for args in &arg_lists {
+                match machine.call(vcpu, entry.0, args, stack, deadline, interrupted)? {
+                    CallOutcome::Returned(rax) => results.push(rax),
+                    CallOutcome::Ended(exit) => return Ok((results, Some(exit))),
+                }
+            }
+            Ok((results, None))
+        })?;
+        let ended = ended.map(|exit| self.report(py, &exit)).transpose()?;
+        Ok((results, ended))
     }
 
     /// Takes a debug register for a breakpoint (`kind` "execute") or a watchpoint ("write",
