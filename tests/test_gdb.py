@@ -517,6 +517,109 @@ def test_cli_wait_needs_gdb(capsys):
     assert "--wait needs --gdb" in capsys.readouterr().err
 
 
+# mov eax, 0; 1: inc eax; cmp eax, 10; jne 1b; hlt
+COUNT_LOOP = bytes.fromhex("b800000000 ffc0 83f80a 75f9 f4")
+
+
+def rip_and_rax(client: GdbRemote) -> tuple[int, int]:
+    regs = bytes.fromhex(client.ask("g"))
+    return le(regs[128:136]), le(regs[0:8])
+
+
+@pytest.mark.standard_kvm
+def test_reverse_steps_and_continues_replay_the_recorded_run(make_vm):
+    vm = make_vm()
+    vm.mem_write(0x1000, COUNT_LOOP)
+    vm.vcpus[0].setup("long", entry=0x1000)
+    server = vm.serve_gdb("127.0.0.1:0", reverse=True)
+    with GdbRemote(server.port) as client:
+        assert client.ask("?").startswith("T05")
+        forward = []
+        for _ in range(3):
+            assert client.ask("vCont;s:1").startswith("T05")
+            forward.append(rip_and_rax(client))
+        assert forward == [(0x1005, 0), (0x1007, 1), (0x100A, 1)]
+        backward = []
+        for _ in range(3):
+            assert client.ask("bs").startswith("T05")
+            backward.append(rip_and_rax(client))
+        assert backward == [(0x1007, 1), (0x1005, 0), (0x1000, 0)]
+        assert "replaylog:begin" in client.ask("bs"), "nothing recorded before the start"
+
+        # A breakpoint, checked against RIP after each recorded step.
+        assert client.ask("Z0,1007,1") == "OK"
+        hits = []
+        for _ in range(3):
+            assert "swbreak" in client.ask("vCont;c")
+            hits.append(rip_and_rax(client))
+        assert hits == [(0x1007, 1), (0x1007, 2), (0x1007, 3)]
+        for expected in [(0x1007, 2), (0x1007, 1)]:
+            assert "swbreak" in client.ask("bc")
+            assert rip_and_rax(client) == expected
+        assert "replaylog:begin" in client.ask("bc")
+        assert rip_and_rax(client) == (0x1000, 0)
+
+        # Forward again over the same path, then a change from gdb starts a new recording.
+        assert "swbreak" in client.ask("vCont;c") and rip_and_rax(client) == (0x1007, 1)
+        regs = bytearray(bytes.fromhex(client.ask("g")))
+        regs[0:8] = (7).to_bytes(8, "little")
+        assert client.ask("G" + regs.hex()) == "OK"
+        assert "replaylog:begin" in client.ask("bs")
+        assert client.ask("vCont;s:1").startswith("T05") and rip_and_rax(client) == (0x100A, 7)
+        assert "replaylog:begin" not in client.ask("bs") and rip_and_rax(client) == (0x1007, 7)
+        # Detaching leaves the guest running freely to its end.
+        assert client.ask("D") == "OK"
+    settle(server, 1)
+    assert vm.wait(HANG_GUARD).reason is ExitReason.HLT
+    assert vm.vcpus[0].reg_read("eax") == 10
+
+
+def test_reverse_execution_needs_one_vcpu(make_vm):
+    vm = make_vm(cpus=2)
+    for cpu in vm.vcpus:
+        vm.mem_write(0x1000, COUNT_LOOP)
+        cpu.setup("long", entry=0x1000)
+    server = vm.serve_gdb("127.0.0.1:0", reverse=True)
+    with GdbRemote(server.port) as client:
+        assert client.ask("?").startswith("T05")
+        assert client.ask("bs") == "", "not offered: two vCPUs do not interleave the same way twice"
+        assert client.ask("D") == "OK"
+    server.close()
+
+
+@pytest.mark.standard_kvm
+def test_gdb_reverse_commands_go_back_through_the_guest(gdb, gdb_guest, guest_vm):
+    vm, seen = guest_vm()
+    server = vm.serve_gdb("127.0.0.1:0", reverse=True)
+    out = run_gdb(
+        gdb,
+        gdb_guest,
+        server.port,
+        "break tick",
+        "continue",
+        "continue",
+        "continue",
+        "p $rdi",
+        "p counter",
+        "reverse-continue",
+        "p $rdi",
+        "p counter",
+        "reverse-stepi",
+        "p/x $pc",
+        "delete",
+        "detach",
+    )
+    everything = out["all"]
+    assert "= 3" in out["p $rdi"] and "= 3" in out["p counter"], everything
+    assert "Breakpoint 1, " in out["reverse-continue"], everything
+    assert "= 2" in out["p $rdi#2"] and "= 1" in out["p counter#2"], "back at tick(2), before it added"
+    assert int(out["p/x $pc"].split("=")[1], 16) != gdb_guest.address("tick"), everything
+    # Detached, the guest runs on from there to its end, adding each tick once.
+    settle(server, 1)
+    assert vm.wait(HANG_GUARD).reason is ExitReason.HLT
+    assert seen.exit_codes == [10] and seen.reports == [MARKER]
+
+
 def test_serve_gdb_arguments(make_vm):
     from kvmkit.errors import ConfigError
 

@@ -431,7 +431,12 @@ class VM:
         self._debug.callback = callback
 
     def serve_gdb(
-        self, address: str = "127.0.0.1:1234", wait: bool = False, breakpoints: BreakpointMode = "auto"
+        self,
+        address: str = "127.0.0.1:1234",
+        wait: bool = False,
+        breakpoints: BreakpointMode = "auto",
+        *,
+        reverse: bool = False,
     ) -> GdbServer:
         """Serves gdb (``target remote HOST:PORT``) on ``address`` (port 0: any free one, see
         :attr:`~kvmkit.gdb.GdbServer.port`) from a thread of its own; with ``wait``, returns once
@@ -441,10 +446,19 @@ class VM:
         ``break`` sets them, see :data:`kvmkit.gdb.BreakpointMode`) and read, write and access
         watchpoints. While a client is attached it drives the VM: leave running and stepping it
         to gdb until :meth:`~kvmkit.gdb.GdbServer.wait_detached`. See
-        :class:`~kvmkit.gdb.GdbServer`."""
+        :class:`~kvmkit.gdb.GdbServer`.
+
+        ``reverse=True`` (a VM of one vCPU) lets gdb go back: ``reverse-stepi`` and
+        ``reverse-continue`` (and the ``reverse-*`` commands built on them). A session then runs
+        the guest one single step at a time, continues included, and counts the instructions
+        from where it first ran it; going back restores that state in place and runs forward
+        again to the instruction wanted, so it needs a guest that runs the same way twice (no
+        interrupts or clock; Python handlers are called again and must answer the same).
+        Breakpoints are then checked against RIP after each step (no ``int3``, no debug
+        register); a change of registers or memory from gdb starts the recording afresh."""
         if breakpoints not in ("auto", "hardware", "software"):
             raise ConfigError(f'breakpoints must be "auto", "hardware" or "software", not {breakpoints!r}')
-        server = GdbServer(self._core.serve_gdb(address, wait, breakpoints))
+        server = GdbServer(self._core.serve_gdb(address, wait, breakpoints, reverse))
         self._gdb_servers = [*(s for s in self._gdb_servers if not s.closed), server]
         return server
 

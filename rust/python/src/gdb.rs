@@ -25,9 +25,10 @@ pub fn serve(
     address: &str,
     wait: bool,
     breakpoints: &str,
+    reverse: bool,
 ) -> PyResult<GdbServer> {
     let mode: BreakpointMode = breakpoints.parse().py()?;
-    let server = py.detach(|| CoreServer::start(machine, address, mode)).map_err(|e| {
+    let server = py.detach(|| CoreServer::start(machine, address, mode, reverse)).map_err(|e| {
         if e.kind() == std::io::ErrorKind::InvalidInput {
             config_error(format!("cannot serve gdb on {address:?}: {e}"))
         } else {

@@ -887,16 +887,17 @@ impl Vm {
     }
 
     /// Serves gdb on `address` (see `kvmkit_core::gdb`); with `wait`, returns once a client has
-    /// attached.
-    #[pyo3(signature = (address, wait=false, breakpoints="auto"))]
+    /// attached; with `reverse`, sessions record for reverse execution.
+    #[pyo3(signature = (address, wait=false, breakpoints="auto", reverse=false))]
     fn serve_gdb(
         &self,
         py: Python<'_>,
         address: &str,
         wait: bool,
         breakpoints: &str,
+        reverse: bool,
     ) -> PyResult<crate::gdb::GdbServer> {
-        crate::gdb::serve(py, self.machine()?, address, wait, breakpoints)
+        crate::gdb::serve(py, self.machine()?, address, wait, breakpoints, reverse)
     }
 
     /// Asks the run to end; `timeout=True` records it as a timeout. Returns whether it was running.

@@ -11,6 +11,7 @@
 //! client asked for a kill.
 
 mod regs;
+mod replay;
 mod target;
 
 pub use regs::{KvmX86_64, X86Registers};
@@ -62,6 +63,8 @@ impl std::str::FromStr for BreakpointMode {
 /// What the server thread shares with its handle.
 struct Shared {
     mode: BreakpointMode,
+    /// Whether sessions record for reverse execution.
+    reverse: bool,
     closing: AtomicBool,
     status: Mutex<Status>,
     changed: Condvar,
@@ -126,14 +129,17 @@ const ACCEPT_POLL: Duration = Duration::from_millis(50);
 
 impl GdbServer {
     /// Listens on `address` (`"host:port"`, port 0 for any free one) and serves gdb clients there
-    /// on a thread of its own.
-    pub fn start(machine: Arc<Machine>, address: &str, mode: BreakpointMode) -> io::Result<Self> {
+    /// on a thread of its own. With `reverse`, a session on a VM of one vCPU records what it runs
+    /// (single-stepping every instruction, continues included), so that gdb can go back
+    /// (`reverse-stepi`, `reverse-continue`).
+    pub fn start(machine: Arc<Machine>, address: &str, mode: BreakpointMode, reverse: bool) -> io::Result<Self> {
         let addresses: Vec<SocketAddr> = address.to_socket_addrs()?.collect();
         let listener = TcpListener::bind(&addresses[..])?;
         listener.set_nonblocking(true)?;
         let address = listener.local_addr()?;
         let shared = Arc::new(Shared {
             mode,
+            reverse,
             closing: AtomicBool::new(false),
             status: Mutex::new(Status::default()),
             changed: Condvar::new(),

@@ -16,6 +16,9 @@ use gdbstub::target::ext::base::multithread::{
     MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSchedulerLocking,
     MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
 };
+use gdbstub::target::ext::base::reverse_exec::{
+    ReplayLogPosition, ReverseCont, ReverseContOps, ReverseStep, ReverseStepOps,
+};
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{
     Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps, SwBreakpoint,
@@ -25,6 +28,7 @@ use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOp
 use gdbstub::target::{Target, TargetError, TargetResult};
 
 use super::regs::{KvmX86_64, X86Registers};
+use super::replay::{self, Journal};
 use super::{BreakpointMode, Shared};
 use crate::arch::x86_64::pagewalk;
 use crate::machine::Machine;
@@ -43,6 +47,10 @@ enum Resume {
     Continue,
     /// Run one instruction of this vCPU, the others staying where they are.
     Step(usize),
+    /// Go back one instruction (reverse execution).
+    ReverseStep,
+    /// Go back to the last breakpoint or watchpoint hit, or to where recording began.
+    ReverseContinue,
 }
 
 /// How a breakpoint or watchpoint the client set is carried out.
@@ -53,6 +61,9 @@ enum How {
     Slots(u8),
     /// By an `int3` over the byte at guest-physical `physical`, which held `original`.
     Int3 { physical: u64, original: u8 },
+    /// By comparing RIP after each single step, as a recording session runs: memory and debug
+    /// registers stay untouched, so restoring a recorded state cannot bring back stale `int3`s.
+    Compared,
 }
 
 /// A breakpoint or watchpoint the client set, as its Z packet gave it.
@@ -81,6 +92,11 @@ pub(super) struct Session {
     pub(super) exited: bool,
     /// Whether [`clean_up`](Self::clean_up) ran.
     cleaned: bool,
+    /// Whether the session records for reverse execution (asked for, and one vCPU).
+    reverse: bool,
+    /// What the recording holds; `None` until the first instruction runs, and again after the
+    /// client changes registers or memory.
+    journal: Option<Journal>,
 }
 
 /// Why a session ends on the server's side.
@@ -108,6 +124,7 @@ fn tid(index: usize) -> Tid {
 impl Session {
     pub(super) fn new(machine: Arc<Machine>, shared: Arc<Shared>) -> Self {
         let mode = shared.mode;
+        let reverse = shared.reverse && machine.vcpu_count() == 1;
         Self {
             machine,
             shared,
@@ -119,6 +136,8 @@ impl Session {
             running: false,
             exited: false,
             cleaned: false,
+            reverse,
+            journal: None,
         }
     }
 
@@ -165,6 +184,7 @@ impl Session {
         let result = match point.how {
             How::Slots(mask) => self.free_slots(mask),
             How::Int3 { physical, original } => self.machine.write_memory(physical, &[original]),
+            How::Compared => Ok(()),
         };
         if let Err(e) = result {
             log::warn!("gdb: cannot remove the breakpoint at {:#x}: {e}", point.addr);
@@ -173,6 +193,7 @@ impl Session {
 
     fn add_point(&mut self, z: u8, addr: u64, len: u64, slots: &[HwSlot]) -> TargetResult<bool, Self> {
         let how = match (z, self.mode) {
+            (0 | 1, _) if self.reverse => How::Compared,
             (0, BreakpointMode::Software) => self.add_int3(addr)?,
             (0, BreakpointMode::Auto) => match self.take_slots(slots) {
                 Ok(mask) => How::Slots(mask),
@@ -339,6 +360,8 @@ impl MultiThreadBase for Session {
             v.set_regs(&r)?;
             v.set_fpu(&f)
         });
+        // A recording cannot replay past a change the guest did not make.
+        self.journal = None;
         written.map_err(|_| TargetError::NonFatal)
     }
 
@@ -367,6 +390,7 @@ impl MultiThreadBase for Session {
 
     fn write_addrs(&mut self, start: u64, data: &[u8], tid: Tid) -> TargetResult<(), Self> {
         let index = self.index(tid);
+        self.journal = None;
         self.machine.write_virtual(index, start, data).map_err(|_| TargetError::Errno(14))?;
         // Bytes written under an int3 become its original; the int3 stays.
         let mut rewrite = Vec::new();
@@ -396,6 +420,124 @@ impl MultiThreadBase for Session {
 
     fn support_thread_extra_info(&mut self) -> Option<ThreadExtraInfoOps<'_, Self>> {
         Some(self)
+    }
+}
+
+impl ReverseStep<Tid> for Session {
+    fn reverse_step(&mut self, _tid: Tid) -> Result<(), Self::Error> {
+        self.pending = Some(Resume::ReverseStep);
+        Ok(())
+    }
+}
+
+impl ReverseCont<Tid> for Session {
+    fn reverse_cont(&mut self) -> Result<(), Self::Error> {
+        self.pending = Some(Resume::ReverseContinue);
+        Ok(())
+    }
+}
+
+type Stop = MultiThreadStopReason<u64>;
+
+/// Recording and reverse execution (see [`replay`](super::replay)).
+impl Session {
+    /// Runs one instruction, recording it.
+    fn recorded_step(&mut self, interrupted: &mut dyn FnMut() -> bool) -> crate::Result<Exit> {
+        if self.journal.is_none() {
+            self.journal = Some(Journal::start(&self.machine)?);
+        }
+        let exit = replay::step(&self.machine, interrupted)?;
+        match &mut self.journal {
+            Some(journal) if replay::ran_instruction(&exit) => journal.record(),
+            // Nothing ran.
+            _ if exit.reason == ExitReason::Stopped => {}
+            _ => self.journal = None,
+        }
+        Ok(exit)
+    }
+
+    /// Runs until a breakpoint, a watchpoint or another stop, one recorded step at a time;
+    /// Ctrl-C (looked for every few hundred steps) stops it.
+    fn recorded_continue(&mut self, conn: &TcpStream) -> crate::Result<Stop> {
+        let cs_base = self.code_base()?;
+        for count in 0u64.. {
+            if count % 256 == 255 && (self.shared.closing() || take_interrupt(conn)) {
+                return Ok(MultiThreadStopReason::SignalWithThread { tid: tid(0), signal: Signal::SIGINT });
+            }
+            let exit = self.recorded_step(&mut || false)?;
+            if !matches!(&exit.reason, ExitReason::Debug(event) if event.kind == DebugKind::Step) {
+                return Ok(self.stop_reason(&exit, None));
+            }
+            if let Some(stop) = self.breakpoint_at(self.machine.regs(0)?.rip.wrapping_add(cs_base)) {
+                return Ok(stop);
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Goes back one instruction, or says the recording begins here.
+    fn reverse_step_now(&mut self) -> crate::Result<Stop> {
+        let Some(journal) = self.journal.as_mut().filter(|journal| journal.steps() > 0) else {
+            return Ok(MultiThreadStopReason::ReplayLog { tid: Some(tid(0)), pos: ReplayLogPosition::Begin });
+        };
+        let target = journal.steps() - 1;
+        journal.replay(&self.machine, target, |_, _| {})?;
+        Ok(MultiThreadStopReason::SignalWithThread { tid: tid(0), signal: Signal::SIGTRAP })
+    }
+
+    /// Goes back to the last breakpoint or watchpoint hit before here, or to where the recording
+    /// begins: one replay to find it, a second to stop there.
+    fn reverse_continue_now(&mut self) -> crate::Result<Stop> {
+        let begin = MultiThreadStopReason::ReplayLog { tid: Some(tid(0)), pos: ReplayLogPosition::Begin };
+        let Some(mut journal) = self.journal.take().filter(|journal| journal.steps() > 0) else {
+            return Ok(begin);
+        };
+        let (cs_base, here) = (self.code_base()?, journal.steps());
+        let mut last = None;
+        let found = journal.replay(&self.machine, here - 1, |at, exit| {
+            let rip = self.machine.regs(0).map(|regs| regs.rip.wrapping_add(cs_base));
+            if let Some(stop) = self.watch_hit(exit).or_else(|| rip.ok().and_then(|rip| self.breakpoint_at(rip))) {
+                last = Some((at, stop));
+            }
+        });
+        let outcome = found.and_then(|()| match last {
+            Some((at, stop)) => {
+                if at != here - 1 {
+                    journal.replay(&self.machine, at, |_, _| {})?;
+                }
+                Ok(stop)
+            }
+            None => journal.replay(&self.machine, 0, |_, _| {}).map(|()| begin),
+        });
+        self.journal = Some(journal);
+        outcome
+    }
+
+    /// The breakpoint the client set at `rip`, as its stop.
+    fn breakpoint_at(&self, rip: u64) -> Option<Stop> {
+        let point = self.points.iter().find(|point| point.z <= 1 && point.addr == rip)?;
+        Some(if point.z == 0 { MultiThreadStopReason::SwBreak(tid(0)) } else { MultiThreadStopReason::HwBreak(tid(0)) })
+    }
+
+    /// The watchpoint a step's exit reports, as its stop.
+    fn watch_hit(&self, exit: &Exit) -> Option<Stop> {
+        let ExitReason::Debug(event) = &exit.reason else { return None };
+        let DebugKind::Hardware(slot) = event.kind else { return None };
+        let point =
+            self.points.iter().find(|p| p.z >= 2 && matches!(p.how, How::Slots(mask) if mask & 1 << slot != 0))?;
+        let kind = match point.z {
+            2 => WatchKind::Write,
+            3 => WatchKind::Read,
+            _ => WatchKind::ReadWrite,
+        };
+        Some(MultiThreadStopReason::Watch { tid: tid(0), kind, addr: point.addr })
+    }
+
+    /// The base of vCPU 0's code segment, which turns RIP into the linear address breakpoints
+    /// are set at (none in 64-bit code).
+    fn code_base(&self) -> crate::Result<u64> {
+        let sregs = self.machine.sregs(0)?;
+        Ok(if sregs.cs.l != 0 { 0 } else { sregs.cs.base })
     }
 }
 
@@ -429,6 +571,22 @@ impl MultiThreadResume for Session {
 
     fn support_scheduler_locking(&mut self) -> Option<MultiThreadSchedulerLockingOps<'_, Self>> {
         Some(self)
+    }
+
+    fn support_reverse_step(&mut self) -> Option<ReverseStepOps<'_, Tid, Self>> {
+        if self.reverse {
+            Some(self)
+        } else {
+            None
+        }
+    }
+
+    fn support_reverse_cont(&mut self) -> Option<ReverseContOps<'_, Tid, Self>> {
+        if self.reverse {
+            Some(self)
+        } else {
+            None
+        }
     }
 }
 
@@ -559,7 +717,22 @@ impl BlockingEventLoop for EventLoop {
 
     fn wait_for_stop_reason(target: &mut Session, conn: &mut TcpStream) -> WaitResult {
         let shared = target.shared.clone();
+        let shared_for_steps = shared.clone();
+        let recorded = |target: &mut Session, conn: &TcpStream, resume| {
+            let mut interrupted = || shared_for_steps.closing() || take_interrupt(conn);
+            let stop = match resume {
+                Resume::Step(_) => {
+                    target.recorded_step(&mut interrupted).map(|exit| target.stop_reason(&exit, Some(0)))
+                }
+                Resume::Continue => target.recorded_continue(conn),
+                Resume::ReverseStep => target.reverse_step_now(),
+                Resume::ReverseContinue => target.reverse_continue_now(),
+            };
+            stop.map(Event::TargetStopped).map_err(|e| WaitForStopReasonError::Target(SessionError::Machine(e)))
+        };
         match target.pending.take() {
+            Some(resume @ (Resume::ReverseStep | Resume::ReverseContinue)) => return recorded(target, conn, resume),
+            Some(resume) if target.reverse => return recorded(target, conn, resume),
             Some(Resume::Step(index)) => {
                 let mut interrupted = || shared.closing() || take_interrupt(conn);
                 let exit = target

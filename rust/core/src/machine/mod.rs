@@ -361,8 +361,7 @@ impl Machine {
     }
 
     /// General-purpose registers, RIP and RFLAGS of vCPU `index`: while the VM is stopped, or,
-    /// while it runs, from the handler of an access of that vCPU (see
-    /// [`with_registers`](Self::with_registers)).
+    /// while it runs, from the handler of an access of that vCPU, on the thread that runs it.
     pub fn regs(&self, index: usize) -> Result<kvm_regs> {
         self.with_registers(index, RegisterFile::regs)
     }

@@ -1,5 +1,5 @@
 //! A vCPU's registers reached through its descriptor and its `kvm_run` mapping rather than through
-//! the [`Vcpu`](super::vcpu::Vcpu) value, so that the handler of an exit, which runs while the run
+//! the [`Vcpu`](crate::vstate::vcpu::Vcpu) value, so that the handler of an exit, which runs while the run
 //! loop holds the vCPU, can read and change the registers of the vCPU whose access it serves.
 //!
 //! Where KVM has `KVM_CAP_SYNC_REGS`, the general registers live in `kvm_run` between runs: KVM
@@ -30,7 +30,7 @@ mod ioctls {
 use ioctls::{KVM_GET_REGS, KVM_GET_SREGS, KVM_SET_REGS, KVM_SET_SREGS};
 
 /// One vCPU's register file: its descriptor and `kvm_run` mapping. A plain copyable handle; the
-/// [`Vcpu`](super::vcpu::Vcpu) it comes from must outlive every copy.
+/// [`Vcpu`](crate::vstate::vcpu::Vcpu) it comes from must outlive every copy.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RegisterFile {
     fd: RawFd,
