@@ -72,7 +72,7 @@ impl Machine {
             ));
         }
         self.plant_trampoline()?;
-        self.with_registers(index, |file| {
+        self.with_registers(index, true, |file| {
             let mut regs = file.regs()?;
             let stack = stack.unwrap_or(regs.rsp);
             if stack < 16 {
@@ -94,7 +94,7 @@ impl Machine {
         if exit.reason != ExitReason::Hlt {
             return Ok(CallOutcome::Ended(exit));
         }
-        let regs = self.with_registers(index, |file| file.regs())?;
+        let regs = self.regs(index)?;
         match regs.rip {
             RETURNED_RIP => Ok(CallOutcome::Returned(regs.rax)),
             rip if rip == WRONG_MODE_HLT + 1 => Err(Error::InvalidConfig(format!(

@@ -363,24 +363,24 @@ impl Machine {
     /// General-purpose registers, RIP and RFLAGS of vCPU `index`: while the VM is stopped, or,
     /// while it runs, from the handler of an access of that vCPU, on the thread that runs it.
     pub fn regs(&self, index: usize) -> Result<kvm_regs> {
-        self.with_registers(index, RegisterFile::regs)
+        self.with_registers(index, false, RegisterFile::regs)
     }
 
     /// Sets the general registers of vCPU `index`, as for [`regs`](Self::regs). During an access,
     /// KVM completes the access after taking them: an `in` still writes its register, and a new
     /// RIP cancels the rest of the instruction.
     pub fn set_regs(&self, index: usize, regs: &kvm_regs) -> Result<()> {
-        self.with_registers(index, |file| file.set_regs(regs))
+        self.with_registers(index, true, |file| file.set_regs(regs))
     }
 
     /// Segment, control and descriptor-table registers of vCPU `index`, as for [`regs`](Self::regs).
     pub fn sregs(&self, index: usize) -> Result<kvm_sregs> {
-        self.with_registers(index, RegisterFile::sregs)
+        self.with_registers(index, false, RegisterFile::sregs)
     }
 
     /// Sets the special registers of vCPU `index`, as for [`regs`](Self::regs).
     pub fn set_sregs(&self, index: usize, sregs: &kvm_sregs) -> Result<()> {
-        self.with_registers(index, |file| file.set_sregs(sregs))
+        self.with_registers(index, true, |file| file.set_sregs(sregs))
     }
 
     /// The vCPU the calling thread runs for this machine, if any: in a handler, the vCPU whose
@@ -392,10 +392,16 @@ impl Machine {
 
     /// Runs `f` on the registers of vCPU `index`: while the VM is stopped, or, while it runs, from
     /// the handler of an access of that vCPU, on the thread that runs it (as Unicorn's hooks can).
-    fn with_registers<R>(&self, index: usize, f: impl FnOnce(&RegisterFile) -> Result<R>) -> Result<R> {
+    /// `writes` says whether `f` may change them.
+    fn with_registers<R>(&self, index: usize, writes: bool, f: impl FnOnce(&RegisterFile) -> Result<R>) -> Result<R> {
         let in_handler = self.lock().run.as_ref().is_some_and(|run| run.control.is_current_thread());
         if !in_handler {
-            return self.with_vcpu(index, |vcpu| f(&vcpu.register_file()));
+            return self.with_vcpu(index, |vcpu| {
+                if writes {
+                    vcpu.note_registers_written();
+                }
+                f(&vcpu.register_file())
+            });
         }
         match regs::serving(index as u32) {
             Some(file) => f(&file),

@@ -192,8 +192,8 @@ pub struct Vcpu {
     tracking: Box<StateTracking>,
     /// Its general and special registers.
     registers: RegisterFile,
-    /// Whether a restore wrote the registers since single-stepping was last asked for.
-    regs_replaced: AtomicBool,
+    /// Whether the registers were written since single-stepping was last asked for.
+    regs_written: AtomicBool,
 }
 
 /// What a vCPU keeps to save and restore its state quickly.
@@ -248,7 +248,7 @@ impl Vcpu {
                 restore_cache: Mutex::new(RestoreCache::default()),
             }),
             registers,
-            regs_replaced: AtomicBool::new(false),
+            regs_written: AtomicBool::new(false),
         };
         let mut entries = supported.as_slice().to_vec();
         cpuid::normalize(&mut entries, &platform);
@@ -301,7 +301,14 @@ impl Vcpu {
     /// Sets general-purpose registers, RIP and RFLAGS; where KVM synchronizes them, it takes them
     /// at the next entry.
     pub fn set_regs(&self, regs: &kvm_regs) -> Result<()> {
+        self.note_registers_written();
         self.registers.set_regs(regs)
+    }
+
+    /// Records that the registers were written, here or through the register file: a single step
+    /// asks KVM for stepping again afterwards (see [`set_guest_debug`](Self::set_guest_debug)).
+    pub(crate) fn note_registers_written(&self) {
+        self.regs_written.store(true, Ordering::Relaxed);
     }
 
     /// Segment, control and descriptor-table registers.
@@ -311,6 +318,7 @@ impl Vcpu {
 
     /// Sets segment, control and descriptor-table registers.
     pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<()> {
+        self.note_registers_written();
         self.registers.set_sregs(sregs)
     }
 
@@ -444,7 +452,7 @@ impl Vcpu {
     pub fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<()> {
         // KVM sets the trap flag of a single step only while RIP is where it was when stepping was
         // asked for: registers written since must reach KVM first, and stepping be asked again.
-        let moved = debug.single_step && (self.registers.flush()? | self.regs_replaced.swap(false, Ordering::Relaxed));
+        let moved = debug.single_step && (self.registers.flush()? | self.regs_written.swap(false, Ordering::Relaxed));
         if !moved && *debug == *self.guest_debug {
             return Ok(());
         }
@@ -518,7 +526,7 @@ impl Vcpu {
         // events: setting the registers drops a pending exception, which the events carry.
         self.set_sregs(&state.sregs)?;
         self.registers.set_regs_now(&state.regs)?;
-        self.regs_replaced.store(true, Ordering::Relaxed);
+        self.note_registers_written();
         self.restore_fpu(&state.fpu)?;
         if let Some(xcrs) = &state.xcrs {
             self.set_xcrs(xcrs)?;
