@@ -125,33 +125,22 @@ impl Vm {
         set(&machine, &value).py()
     }
 
-    /// Runs `go` (a run or a step) without the GIL, letting Ctrl-C through: `go` asks its
-    /// `interrupted` callback every few milliseconds, which checks for signals. Returns the exit,
-    /// or the exception of the signal or of a handler.
+    /// Runs `go` (a run or a step) without the GIL, letting Ctrl-C through (see
+    /// [`without_gil`](Self::without_gil)). Returns the exit, or the exception of the signal or of
+    /// a handler.
     fn drive(
         &self,
         py: Python<'_>,
         go: impl Send + FnOnce(&Machine, &mut dyn FnMut() -> bool) -> kvmkit_core::Result<Exit>,
     ) -> PyResult<Py<PyAny>> {
-        self.handler_errors.take(py);
-        let machine = self.machine()?;
-        let mut signal = None;
-        let mut interrupted = || {
-            signal = Python::attach(|py| py.check_signals().err());
-            signal.is_some()
-        };
-        let exit = py.detach(|| go(&machine, &mut interrupted));
-        release(py, Some(machine));
-        if let Some(signal) = signal {
-            self.handler_errors.take(py);
-            return Err(signal);
-        }
-        self.report(py, &exit.py()?)
+        let exit = self.without_gil(py, None, |machine, _, interrupted| go(machine, interrupted))?;
+        self.report(py, &exit)
     }
 
-    /// Runs calls (`go`) without the GIL, letting Ctrl-C through as [`drive`](Self::drive) does,
-    /// with the deadline `timeout` gives.
-    fn calling<R: Send>(
+    /// Runs `go` (runs, steps or calls) without the GIL, with the deadline `timeout` gives, letting
+    /// Ctrl-C through: `go` asks its `interrupted` callback whenever the vCPUs are kicked out of
+    /// the guest or every few milliseconds, which checks for signals; a signal's exception wins.
+    fn without_gil<R: Send>(
         &self,
         py: Python<'_>,
         timeout: Option<f64>,
@@ -826,7 +815,7 @@ impl Vm {
         timeout: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
         let args = register_values(&args)?;
-        let outcome = self.calling(py, timeout, move |machine, deadline, interrupted| {
+        let outcome = self.without_gil(py, timeout, move |machine, deadline, interrupted| {
             machine.call(vcpu, entry.0, &args, stack.map(|s| s.0), deadline, interrupted)
         })?;
         match outcome {
@@ -850,7 +839,7 @@ impl Vm {
     ) -> PyResult<(Vec<u64>, Option<Py<PyAny>>)> {
         let arg_lists = arg_lists.iter().map(|args| register_values(args)).collect::<PyResult<Vec<_>>>()?;
         let stack = stack.map(|Unsigned(stack)| stack);
-        let (results, ended) = self.calling(py, timeout, move |machine, deadline, interrupted| {
+        let (results, ended) = self.without_gil(py, timeout, move |machine, deadline, interrupted| {
             let mut results = Vec::with_capacity(arg_lists.len());
             for args in &arg_lists {
                 match machine.call(vcpu, entry.0, args, stack, deadline, interrupted)? {
