@@ -70,6 +70,16 @@ def test_call_many_calls_once_per_argument_list(cpu_vm):
     assert cpu.call_many(entry("lea"), []) == []
     counted = cpu.call_many(entry("count"), [(COUNTER,)] * 3)
     assert counted == [1, 2, 3]
+    # Any iterable of iterables; each call's I/O is served within the batch's one run.
+    generated = cpu.call_many(entry("lea"), (range(i, i + 2) for i in range(4)))
+    assert generated == [i + 2 * (i + 1) for i in range(4)]
+    seen = []
+    cpu_vm.hook_io(0x80, write=lambda port, data: seen.append(data[0]))
+    cpu_vm.hook_io(0x81, read=lambda port, size: 0x5A)
+    assert [rax & 0xFF for rax in cpu.call_many(entry("io"), [(7,), (8,)])] == [0x5A, 0x5A]
+    assert seen == [7, 8]
+    with pytest.raises(ConfigError, match="an argument must be an int"):
+        cpu.call_many(entry("lea"), [(1, 2), (1, "two")])
     # The first call that does not return ends the batch, with the values before it.
     # mov rax, rdi; test rdi, rdi; jz +1; ret; hlt
     cpu_vm.mem_write(CODE + 0x90, bytes.fromhex("4889f8 4885ff 7401 c3 f4"))

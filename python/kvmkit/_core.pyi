@@ -1,7 +1,7 @@
 # Type stubs of the native module kvmkit._core, kept by hand and checked against it by
 # mypy.stubtest (tests/test_stubs.py).
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, final
 
 from typing_extensions import disjoint_base
@@ -213,7 +213,7 @@ class Vm:
         self,
         vcpu: int,
         entry: int,
-        arg_lists: Sequence[Sequence[int]],
+        arg_lists: Iterable[Iterable[int]],
         stack: int | None = None,
         timeout: float | None = None,
     ) -> tuple[list[int], dict[str, Any] | None]: ...

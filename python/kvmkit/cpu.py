@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -313,19 +313,18 @@ class Vcpu:
     def call_many(
         self,
         entry: int,
-        arg_lists: Iterable[Sequence[int]],
+        arg_lists: Iterable[Iterable[int]],
         stack: int | None = None,
         timeout: float | None = None,
     ) -> list[int]:
-        """:meth:`call` once per argument list, in one call from Python, so that Python's own cost
-        is paid once for the batch: the list of RAX values. ``timeout`` is for the whole batch. A
+        """:meth:`call` once per argument list, in one call from Python and one run (each return
+        sets up the next call without leaving it), so that Python's own cost and the run's start
+        are paid once for the batch: the list of RAX values. ``timeout`` is for the whole batch. A
         call that does not return raises :class:`~kvmkit.errors.CallError` (its ``results`` hold
         the values of the calls before it)."""
         if timeout is not None:
             check_timeout(timeout)
-        results, ended = self._core.call_many(
-            self.index, entry, [list(args) for args in arg_lists], stack, timeout
-        )
+        results, ended = self._core.call_many(self.index, entry, arg_lists, stack, timeout)
         if ended is None:
             return results
         error = self._call_error(entry, ended, timeout)

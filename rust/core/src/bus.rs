@@ -122,11 +122,18 @@ pub enum BusError {
     NotMapped(u64),
 }
 
-/// Address ranges mapped to devices. Cloning shares the devices.
-#[derive(Clone, Default)]
+/// Address ranges mapped to devices. Cloning shares the map itself (each vCPU of a run holds a
+/// clone, so a run's start copies nothing); a change to a shared map makes a new one.
+#[derive(Clone)]
 pub struct Bus {
     /// Sorted by base; the ranges do not overlap.
-    devices: Vec<(BusRange, Arc<dyn BusDevice>)>,
+    devices: Arc<[(BusRange, Arc<dyn BusDevice>)]>,
+}
+
+impl Default for Bus {
+    fn default() -> Self {
+        Self { devices: Arc::new([]) }
+    }
 }
 
 impl Bus {
@@ -146,7 +153,7 @@ impl Bus {
         if let Some((existing, _)) = at.checked_sub(1).map(|i| &self.devices[i]).filter(|(r, _)| r.overlaps(&range)) {
             return Err(BusError::Overlap { new: range, existing: *existing });
         }
-        self.devices.insert(at, (range, device));
+        self.change(|devices| devices.insert(at, (range, device)));
         Ok(())
     }
 
@@ -154,7 +161,15 @@ impl Bus {
     pub fn remove(&mut self, base: u64) -> Result<Arc<dyn BusDevice>, BusError> {
         let index =
             self.devices.binary_search_by_key(&base, |(range, _)| range.base).map_err(|_| BusError::NotMapped(base))?;
-        Ok(self.devices.remove(index).1)
+        Ok(self.change(|devices| devices.remove(index).1))
+    }
+
+    /// Applies `f` to a copy of the map, which then replaces it.
+    fn change<R>(&mut self, f: impl FnOnce(&mut Vec<(BusRange, Arc<dyn BusDevice>)>) -> R) -> R {
+        let mut devices = self.devices.to_vec();
+        let result = f(&mut devices);
+        self.devices = devices.into();
+        result
     }
 
     /// The ranges mapped, in address order.

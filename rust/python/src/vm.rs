@@ -824,33 +824,29 @@ impl Vm {
         }
     }
 
-    /// `call` once per argument list, all within one entry from Python: the RAX of each call that
-    /// returned, and the exit of the first that did not, as a dict (None when all returned).
-    /// `timeout` is for the whole batch.
+    /// `call` once per argument list (any iterable of iterables of integers), all in one run:
+    /// the RAX of each call that returned, and the exit of the first that did not, as a dict
+    /// (None when all returned). `timeout` is for the whole batch.
     #[pyo3(signature = (vcpu, entry, arg_lists, stack=None, timeout=None))]
     fn call_many(
         &self,
         py: Python<'_>,
         vcpu: usize,
         entry: Unsigned<u64>,
-        arg_lists: Vec<Vec<Bound<'_, PyAny>>>,
+        arg_lists: &Bound<'_, PyAny>,
         stack: Option<Unsigned<u64>>,
         timeout: Option<f64>,
     ) -> PyResult<(Vec<u64>, Option<Py<PyAny>>)> {
-        let arg_lists = arg_lists.iter().map(|args| register_values(args)).collect::<PyResult<Vec<_>>>()?;
+        let arg_lists = arg_lists
+            .try_iter()?
+            .map(|args| args?.try_iter()?.map(|arg| register_value("an argument", &arg?)).collect())
+            .collect::<PyResult<Vec<Vec<u64>>>>()?;
         let stack = stack.map(|Unsigned(stack)| stack);
-        let (results, ended) = self.without_gil(py, timeout, move |machine, deadline, interrupted| {
-            let mut results = Vec::with_capacity(arg_lists.len());
-            for args in &arg_lists {
-                match machine.call(vcpu, entry.0, args, stack, deadline, interrupted)? {
-                    CallOutcome::Returned(rax) => results.push(rax),
-                    CallOutcome::Ended(exit) => return Ok((results, Some(exit))),
-                }
-            }
-            Ok((results, None))
+        let results = self.without_gil(py, timeout, move |machine, deadline, interrupted| {
+            machine.call_many(vcpu, entry.0, &arg_lists, stack, deadline, interrupted)
         })?;
-        let ended = ended.map(|exit| self.report(py, &exit)).transpose()?;
-        Ok((results, ended))
+        let ended = results.ended.map(|exit| self.report(py, &exit)).transpose()?;
+        Ok((results.returned, ended))
     }
 
     /// Takes a debug register for a breakpoint (`kind` "execute") or a watchpoint ("write",

@@ -6,6 +6,8 @@ use std::time::Instant;
 use crate::arch::x86_64::layout::CALL_TRAMPOLINE_ADDR;
 use crate::error::{Error, Result};
 use crate::vstate::exit::{Exit, ExitReason};
+use crate::vstate::regs::RegisterFile;
+use crate::vstate::vcpu::Vcpu;
 
 use super::Machine;
 
@@ -38,6 +40,15 @@ pub enum CallOutcome {
     Ended(Exit),
 }
 
+/// What a batch of calls did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallResults {
+    /// The RAX of each call that returned, in order.
+    pub returned: Vec<u64>,
+    /// How the run ended when a call did not return (the batch stops there).
+    pub ended: Option<Exit>,
+}
+
 impl Machine {
     /// Calls the 64-bit function at `entry` on vCPU `index` with up to six integer arguments in
     /// the System V registers (RDI, RSI, RDX, RCX, R8, R9), and runs it on the calling thread until
@@ -58,7 +69,27 @@ impl Machine {
         deadline: Option<Instant>,
         interrupted: &mut dyn FnMut() -> bool,
     ) -> Result<CallOutcome> {
-        if args.len() > CALL_ARGS_MAX {
+        let results = self.call_many(index, entry, &[args], stack, deadline, interrupted)?;
+        Ok(match (results.ended, results.returned.first()) {
+            (Some(exit), _) => CallOutcome::Ended(exit),
+            (None, Some(&rax)) => CallOutcome::Returned(rax),
+            (None, None) => unreachable!("a batch of one call that did not end returned"),
+        })
+    }
+
+    /// [`call`](Self::call) once per argument list, one after the other in a single run (each
+    /// call's return sets up the next without leaving the run), until one does not return.
+    /// `deadline` is for the whole batch.
+    pub fn call_many(
+        &self,
+        index: usize,
+        entry: u64,
+        arg_lists: &[impl AsRef<[u64]>],
+        stack: Option<u64>,
+        deadline: Option<Instant>,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<CallResults> {
+        if let Some(args) = arg_lists.iter().map(AsRef::as_ref).find(|args| args.len() > CALL_ARGS_MAX) {
             return Err(Error::InvalidConfig(format!(
                 "a call passes at most {CALL_ARGS_MAX} arguments in registers, not {}",
                 args.len()
@@ -71,37 +102,36 @@ impl Machine {
                     .into(),
             ));
         }
+        let Some((first, rest)) = arg_lists.split_first() else { return Ok(CallResults::default()) };
         self.plant_trampoline()?;
-        self.with_registers(index, true, |file| {
-            let mut regs = file.regs()?;
-            let stack = stack.unwrap_or(regs.rsp);
-            if stack < 16 {
-                return Err(Error::InvalidConfig(format!(
-                    "vCPU {index} has no stack for the call (RSP is {stack:#x}): pass one, or set RSP"
-                )));
+        let frame = |file: &RegisterFile, args: &[u64]| prepare_call(file, index, entry, args, stack);
+        self.with_registers(index, true, |file| frame(file, first.as_ref()))?;
+        let mut returned = Vec::with_capacity(arg_lists.len());
+        let mut rest = rest.iter();
+        let mut failed = None;
+        let mut next_call = |vcpu: &mut Vcpu, exit: &ExitReason| {
+            let file = vcpu.register_file();
+            match file.regs() {
+                Ok(regs) if *exit == ExitReason::Hlt && regs.rip == RETURNED_RIP => returned.push(regs.rax),
+                _ => return false,
             }
-            regs.rsp = stack & !0xf;
-            regs.rip = CALL_TRAMPOLINE_ADDR;
-            regs.r11 = entry;
-            regs.rbx = WRONG_MODE_HLT;
-            let registers = [&mut regs.rdi, &mut regs.rsi, &mut regs.rdx, &mut regs.rcx, &mut regs.r8, &mut regs.r9];
-            for (register, value) in registers.into_iter().zip(args) {
-                *register = *value;
-            }
-            file.set_regs(&regs)
-        })?;
-        let exit = self.run_here(index, None, deadline, interrupted)?;
-        if exit.reason != ExitReason::Hlt {
-            return Ok(CallOutcome::Ended(exit));
+            let Some(args) = rest.next() else { return false };
+            vcpu.note_registers_written();
+            frame(&file, args.as_ref()).map_err(|e| failed = Some(e)).is_ok()
+        };
+        let exit = self.run_here_with(index, None, deadline, interrupted, Some(&mut next_call))?;
+        if let Some(error) = failed {
+            return Err(error);
         }
-        let regs = self.regs(index)?;
-        match regs.rip {
-            RETURNED_RIP => Ok(CallOutcome::Returned(regs.rax)),
-            rip if rip == WRONG_MODE_HLT + 1 => Err(Error::InvalidConfig(format!(
+        if returned.len() == arg_lists.len() {
+            return Ok(CallResults { returned, ended: None });
+        }
+        if exit.reason == ExitReason::Hlt && self.regs(index)?.rip == WRONG_MODE_HLT + 1 {
+            return Err(Error::InvalidConfig(format!(
                 "call() runs 64-bit code, and vCPU {index} is not in 64-bit mode: set it up with enter_mode(Long)"
-            ))),
-            _ => Ok(CallOutcome::Ended(exit)),
+            )));
         }
+        Ok(CallResults { returned, ended: Some(exit) })
     }
 
     /// Writes the trampoline into guest memory unless it is there already (a write would make its
@@ -118,6 +148,27 @@ impl Machine {
         }
         Ok(())
     }
+}
+
+/// Sets vCPU `index`'s registers for a call of `entry` with `args`: the arguments, the stack
+/// (`stack` or the current RSP, aligned), and RIP at the trampoline with R11 and RBX for it.
+fn prepare_call(file: &RegisterFile, index: usize, entry: u64, args: &[u64], stack: Option<u64>) -> Result<()> {
+    let mut regs = file.regs()?;
+    let stack = stack.unwrap_or(regs.rsp);
+    if stack < 16 {
+        return Err(Error::InvalidConfig(format!(
+            "vCPU {index} has no stack for the call (RSP is {stack:#x}): pass one, or set RSP"
+        )));
+    }
+    regs.rsp = stack & !0xf;
+    regs.rip = CALL_TRAMPOLINE_ADDR;
+    regs.r11 = entry;
+    regs.rbx = WRONG_MODE_HLT;
+    let registers = [&mut regs.rdi, &mut regs.rsi, &mut regs.rdx, &mut regs.rcx, &mut regs.r8, &mut regs.r9];
+    for (register, value) in registers.into_iter().zip(args) {
+        *register = *value;
+    }
+    file.set_regs(&regs)
 }
 
 #[cfg(test)]
@@ -163,6 +214,33 @@ mod tests {
             let regs = machine.regs(0).unwrap();
             assert_eq!((regs.rsp, regs.rdi, regs.rsi), (STACK, i, 3), "the stack is balanced again");
         }
+    }
+
+    #[test]
+    fn a_batch_runs_its_calls_in_one_run_until_one_does_not_return() {
+        let Some(_kvm) = kvm() else { return };
+        let machine = machine(false);
+        machine.enter_mode(0, CpuMode::Long, CODE, Some(STACK)).unwrap();
+        let arg_lists: Vec<[u64; 2]> = (0..50).map(|i| [i, i + 1]).collect();
+        let results = machine.call_many(0, CODE, &arg_lists, None, None, &mut || false).unwrap();
+        assert_eq!(results.returned, (0..50).map(|i| i + 2 * (i + 1)).collect::<Vec<_>>());
+        assert_eq!(results.ended, None);
+        assert_eq!(machine.regs(0).unwrap().rsp, STACK, "every call left the stack balanced");
+
+        // A call that does not return ends the batch: the results so far and its exit.
+        let stop_at = |entry| machine.call_many(0, entry, &[[1, 2], [3, 4]], None, None, &mut || false);
+        let ended = stop_at(CODE + 0x10).unwrap();
+        assert_eq!((ended.returned.len(), ended.ended.map(|exit| exit.reason)), (0, Some(ExitReason::Hlt)));
+        let deadline = Instant::now() + std::time::Duration::from_millis(50);
+        let timed_out =
+            machine.call_many(0, CODE + 0x20, &[[0u64; 0]; 3], None, Some(deadline), &mut || false).unwrap();
+        assert_eq!(timed_out.ended.map(|exit| exit.reason), Some(ExitReason::Timeout));
+        assert_eq!(
+            machine.call_many(0, CODE, &[[0u64; 0]; 0], None, None, &mut || false).unwrap(),
+            CallResults::default()
+        );
+        let error = machine.call_many(0, CODE, &[vec![1], vec![0; 7]], None, None, &mut || false).unwrap_err();
+        assert!(error.to_string().contains("at most 6 arguments"), "{error}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod hooks;
 mod raw;
 mod snapshot;
 
-pub use call::{CallOutcome, CALL_ARGS_MAX};
+pub use call::{CallOutcome, CallResults, CALL_ARGS_MAX};
 pub use hooks::RestoreHook;
 pub use raw::RawSetup;
 pub use snapshot::RestoreTimes;
@@ -138,19 +138,29 @@ struct Job {
     steps: u64,
 }
 
+/// Asked after each time a vCPU exits for good whether it runs again, in the same run (the next
+/// single step, the next call of a batch); it may change the vCPU's registers first.
+pub(crate) type RunAgain<'a> = &'a mut dyn FnMut(&mut Vcpu, &ExitReason) -> bool;
+
 impl Job {
-    /// Runs the vCPU until it exits for good, asking `interrupted` whenever it is kicked out of
-    /// the guest (or, given `None`, ends its part of the run without running it), then hands it
-    /// back.
+    /// Runs the vCPU until it exits for good (`steps` times while each run ends with a single
+    /// step), asking `interrupted` whenever it is kicked out of the guest (or, given `None`, ends
+    /// its part of the run without running it), then hands it back.
     fn serve(self, interrupted: Option<&mut dyn FnMut() -> Option<ExitReason>>) {
-        let Job { mut vcpu, io, control, finished, run_end, steps } = self;
+        let mut left = self.steps;
+        self.serve_with(interrupted, &mut |_, exit| {
+            left -= 1;
+            left > 0 && matches!(exit, ExitReason::Debug(event) if event.kind == DebugKind::Step)
+        });
+    }
+
+    /// [`serve`](Self::serve), running the vCPU again while `again` says so.
+    fn serve_with(self, interrupted: Option<&mut dyn FnMut() -> Option<ExitReason>>, again: RunAgain<'_>) {
+        let Job { mut vcpu, io, control, finished, run_end, steps: _ } = self;
         let exit = match interrupted {
             Some(interrupted) => {
                 let mut exit = run_guarded(&mut vcpu, &io, &control, interrupted);
-                for _ in 1..steps {
-                    if !matches!(&exit, ExitReason::Debug(event) if event.kind == DebugKind::Step) {
-                        break;
-                    }
+                while again(&mut vcpu, &exit) {
                     exit = run_guarded(&mut vcpu, &io, &control, interrupted);
                 }
                 exit
@@ -567,6 +577,19 @@ impl Machine {
         deadline: Option<Instant>,
         interrupted: &mut dyn FnMut() -> bool,
     ) -> Result<Exit> {
+        self.run_here_with(index, step, deadline, interrupted, None)
+    }
+
+    /// [`run_here`](Self::run_here), where `again`, when given, decides after each exit whether
+    /// the vCPU goes on within the same run (instead of `step`'s count).
+    pub(crate) fn run_here_with(
+        &self,
+        index: usize,
+        step: Option<Stepping>,
+        deadline: Option<Instant>,
+        interrupted: &mut dyn FnMut() -> bool,
+        again: Option<RunAgain<'_>>,
+    ) -> Result<Exit> {
         if index >= self.vcpu_count {
             return Err(Error::NoSuchVcpu { index, count: self.vcpu_count });
         }
@@ -579,8 +602,10 @@ impl Machine {
                 interrupted().then_some(ExitReason::Stopped)
             }
         };
-        if let Some(job) = job {
-            job.serve(Some(&mut ask));
+        match (job, again) {
+            (Some(job), Some(again)) => job.serve_with(Some(&mut ask), again),
+            (Some(job), None) => job.serve(Some(&mut ask)),
+            (None, _) => {}
         }
         drop(alarm);
         self.collect(&control, None, &mut || false)
