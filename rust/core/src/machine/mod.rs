@@ -107,11 +107,14 @@ pub struct VirtioSlot {
     pub counters: Arc<DeviceCounters>,
 }
 
+/// Where the vCPUs of a run are handed back as they finish, with why each stopped.
+type Handback = Arc<Mutex<Vec<(Vcpu, ExitReason)>>>;
+
 struct ActiveRun {
     control: Arc<RunControl>,
-    /// Where the vCPU threads hand their vCPU back at the end of the run.
-    finished: mpsc::Receiver<(Vcpu, ExitReason)>,
-    /// How many vCPUs are still to come through `finished`.
+    /// Where the vCPUs that run are handed back, each before its thread counts it finished.
+    finished: Handback,
+    /// How many vCPUs are to come through `finished`.
     pending: usize,
     /// vCPUs given back without running (their thread could not be started).
     returned: Vec<(Vcpu, ExitReason)>,
@@ -130,7 +133,7 @@ struct Job {
     vcpu: Vcpu,
     io: IoSpaces,
     control: Arc<RunControl>,
-    finished: mpsc::Sender<(Vcpu, ExitReason)>,
+    finished: Handback,
     /// Signalled by the vCPU that finishes the run last; `None` for a run on the caller's thread,
     /// which nobody else waits for.
     run_end: Option<Arc<EventFd>>,
@@ -170,7 +173,7 @@ impl Job {
         control.end_run_if(vcpu.index(), &exit);
         drop(io);
         // Handed back before being counted, so whoever sees the run finished finds it.
-        let _ = finished.send((vcpu, exit));
+        finished.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push((vcpu, exit));
         control.finish();
         // The last vCPU to finish sees the run over (two at once may both signal).
         if let Some(run_end) = run_end.filter(|_| control.wait(Some(Duration::ZERO))) {
@@ -758,8 +761,9 @@ impl Machine {
         }
         let mut vcpus = std::mem::take(&mut state.vcpus);
         let control = Arc::new(RunControl::new(vcpus.iter_mut().map(Kicker::new).collect()));
-        let (finished, receive) = mpsc::channel();
-        let mut run = ActiveRun { control: control.clone(), finished: receive, pending: 0, returned: Vec::new() };
+        let finished = Handback::default();
+        let mut run =
+            ActiveRun { control: control.clone(), finished: finished.clone(), pending: 0, returned: Vec::new() };
         let mut vcpus = vcpus.into_iter();
         let mut here = None;
         while let Some(vcpu) = vcpus.next() {
@@ -799,7 +803,6 @@ impl Machine {
                     }
                     control.request_stop(None, ExitReason::VmmError(format!("cannot start a vCPU thread: {e}")));
                     control.wait(None);
-                    drop(finished);
                     state.run = Some(run);
                     Self::join(&mut state);
                     return Err(Error::Thread(e));
@@ -908,17 +911,16 @@ impl Machine {
 }
 
 impl ActiveRun {
-    /// Takes the vCPUs back once their threads are done with them (they must have finished the
-    /// run or be about to): the vCPUs and how the run ended.
+    /// Takes the vCPUs back once every one of them has finished the run (see
+    /// [`RunControl::wait`]): the vCPUs and how the run ended.
     fn join(self) -> (Vec<Vcpu>, Exit) {
-        let mut finished = self.returned;
-        for _ in 0..self.pending {
-            match self.finished.recv() {
-                Ok(finished_vcpu) => finished.push(finished_vcpu),
-                // Unreachable: the thread body catches panics and always hands the vCPU back.
-                Err(_) => log::error!("a vCPU was lost with its thread"),
-            }
+        let mut handed = std::mem::take(&mut *self.finished.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        if handed.len() < self.pending {
+            // Unreachable: the thread body catches panics and always hands the vCPU back.
+            log::error!("{} vCPU(s) were lost with their thread", self.pending - handed.len());
         }
+        let mut finished = self.returned;
+        finished.append(&mut handed);
         finished.sort_by_key(|(vcpu, _)| vcpu.index());
         let (vcpus, vcpu_reasons): (Vec<_>, Vec<_>) = finished.into_iter().unzip();
         let (vcpu, reason) = self.control.cause().unwrap_or((None, ExitReason::Hlt));
