@@ -41,7 +41,7 @@ use crate::vstate::exit::{AddressSpace, Exit, ExitReason};
 use crate::vstate::kvm::Kvm;
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::regs::{self, RegisterFile};
-use crate::vstate::runner::{install_kick_handler, run_vcpu, Alarm, Kicker, RunControl};
+use crate::vstate::runner::{install_kick_handler, run_vcpu, Alarm, Kicker, RunAgain, RunControl};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{new_eventfd, Vm};
 
@@ -141,10 +141,6 @@ struct Job {
     steps: u64,
 }
 
-/// Asked after each time a vCPU exits for good whether it runs again, in the same run (the next
-/// single step, the next call of a batch); it may change the vCPU's registers first.
-pub(crate) type RunAgain<'a> = &'a mut dyn FnMut(&mut Vcpu, &ExitReason) -> bool;
-
 impl Job {
     /// Runs the vCPU until it exits for good (`steps` times while each run ends with a single
     /// step), asking `interrupted` whenever it is kicked out of the guest (or, given `None`, ends
@@ -157,17 +153,11 @@ impl Job {
         });
     }
 
-    /// [`serve`](Self::serve), running the vCPU again while `again` says so.
+    /// [`serve`](Self::serve), running the vCPU on while `again` says so.
     fn serve_with(self, interrupted: Option<&mut dyn FnMut() -> Option<ExitReason>>, again: RunAgain<'_>) {
         let Job { mut vcpu, io, control, finished, run_end, steps: _ } = self;
         let exit = match interrupted {
-            Some(interrupted) => {
-                let mut exit = run_guarded(&mut vcpu, &io, &control, interrupted);
-                while again(&mut vcpu, &exit) {
-                    exit = run_guarded(&mut vcpu, &io, &control, interrupted);
-                }
-                exit
-            }
+            Some(interrupted) => run_guarded(&mut vcpu, &io, &control, interrupted, again),
             None => ExitReason::VmmError("the vCPU thread hook did not run the vCPU".into()),
         };
         control.end_run_if(vcpu.index(), &exit);
@@ -215,9 +205,10 @@ fn run_guarded(
     io: &IoSpaces,
     control: &RunControl,
     interrupted: &mut dyn FnMut() -> Option<ExitReason>,
+    again: RunAgain<'_>,
 ) -> ExitReason {
     let index = vcpu.index();
-    catch_unwind(AssertUnwindSafe(|| run_vcpu(vcpu, io, control, interrupted)))
+    catch_unwind(AssertUnwindSafe(|| run_vcpu(vcpu, io, control, interrupted, again)))
         .unwrap_or_else(|panic| ExitReason::VmmError(format!("vCPU {index} panicked: {}", panic_message(&panic))))
 }
 

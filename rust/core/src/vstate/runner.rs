@@ -278,14 +278,20 @@ impl RunControl {
     }
 }
 
-/// Runs `vcpu` on the calling thread until it exits for good, serving its I/O through `io`, and
-/// returns why it stopped. `interrupted` is asked after every interrupted `KVM_RUN` whether the
-/// whole run should end (a deadline, a pending signal); its answer becomes the run's reason.
+/// Asked when a vCPU exits for good whether it goes on in the same run instead (the next single
+/// step, the next call of a batch); it may change the vCPU's registers first.
+pub type RunAgain<'a> = &'a mut dyn FnMut(&mut Vcpu, &ExitReason) -> bool;
+
+/// Runs `vcpu` on the calling thread until it exits for good and `again` does not take it on,
+/// serving its I/O through `io`, and returns why it stopped. `interrupted` is asked after every
+/// interrupted `KVM_RUN` whether the whole run should end (a deadline, a pending signal); its
+/// answer becomes the run's reason.
 pub fn run_vcpu(
     vcpu: &mut Vcpu,
     io: &dyn IoHandler,
     control: &RunControl,
     interrupted: &mut dyn FnMut() -> Option<ExitReason>,
+    again: RunAgain<'_>,
 ) -> ExitReason {
     let kicker = &control.kickers[vcpu.index() as usize];
     let _bound = match kicker.bind_current_thread() {
@@ -325,6 +331,8 @@ pub fn run_vcpu(
                 }
                 stray => return retract_access(vcpu, kicker, stray),
             },
+            // The next KVM_RUN completes an access served last, so going on needs nothing more.
+            ExitAction::Stop(reason) if again(vcpu, &reason) => {}
             // A device that reset or powered the machine off has still served the access.
             ExitAction::Stop(reason) => return finish(vcpu, kicker, io, served_access, reason),
         }

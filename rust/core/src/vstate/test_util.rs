@@ -127,7 +127,7 @@ impl Guest {
     pub fn run(&mut self) -> (ExitReason, Vec<u32>) {
         let control = RunControl::new(vec![Kicker::new(&mut self.vcpu)]);
         let io = TestIo { control: &control, reports: RefCell::default() };
-        let reason = run_vcpu(&mut self.vcpu, &io, &control, &mut || None);
+        let reason = run_vcpu(&mut self.vcpu, &io, &control, &mut || None, &mut |_, _| false);
         (reason, io.reports.into_inner())
     }
 }
