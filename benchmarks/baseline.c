@@ -152,28 +152,34 @@ static void vm_destroy(struct vm *vm)
         die("munmap guest memory");
 }
 
-// Flat 4 GiB segments; no GDT in guest memory is needed because KVM loads the
-// hidden descriptor caches straight from kvm_sregs.
+// Flat 4 GiB segments, 64-bit code with `long_mode`; no GDT in guest memory is needed because
+// KVM loads the hidden descriptor caches straight from kvm_sregs.
+static void set_flat_segments(struct kvm_sregs *sregs, int long_mode)
+{
+    struct kvm_segment data = {
+        .base = 0, .limit = 0xffffffff, .selector = 0x10,
+        .type = 3, .present = 1, .dpl = 0, .db = 1, .s = 1, .l = 0, .g = 1,
+    };
+    struct kvm_segment code = data;
+    code.selector = 0x08;
+    code.type = 11;
+    code.db = !long_mode;
+    code.l = long_mode;
+
+    sregs->cs = code;
+    sregs->ds = sregs->es = sregs->fs = sregs->gs = sregs->ss = data;
+    // VMX entry checks require TR to be a usable busy 32-bit TSS.
+    sregs->tr = (struct kvm_segment){
+        .base = 0, .limit = 0x67, .selector = 0x18,
+        .type = 11, .present = 1, .s = 0,
+    };
+}
+
 static void set_protected_mode(int vcpufd)
 {
     struct kvm_sregs sregs;
     IOCTL(vcpufd, KVM_GET_SREGS, &sregs);
-
-    struct kvm_segment code = {
-        .base = 0, .limit = 0xffffffff, .selector = 0x08,
-        .type = 11, .present = 1, .dpl = 0, .db = 1, .s = 1, .l = 0, .g = 1,
-    };
-    struct kvm_segment data = code;
-    data.selector = 0x10;
-    data.type = 3;
-
-    sregs.cs = code;
-    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
-    // VMX entry checks require TR to be a usable busy 32-bit TSS.
-    sregs.tr = (struct kvm_segment){
-        .base = 0, .limit = 0x67, .selector = 0x18,
-        .type = 11, .present = 1, .s = 0,
-    };
+    set_flat_segments(&sregs, 0);
     sregs.cr0 |= 1; // PE
 
     IOCTL(vcpufd, KVM_SET_SREGS, &sregs);
@@ -229,21 +235,60 @@ _Noreturn static void bad_exit(const struct kvm_run *run)
     exit(1);
 }
 
+// What a bench that runs a guest starts from: the guest's image and /dev/kvm.
+struct bench {
+    int kvm;
+    size_t run_size;
+    const uint8_t *guest;
+    size_t guest_len;
+};
+
+static void bench_open(struct bench *b, const char *guest_path)
+{
+    static uint8_t guest[MEM_SIZE - GUEST_LOAD];
+    b->guest = guest;
+    b->guest_len = load_guest(guest_path, guest, sizeof(guest));
+    b->kvm = open_kvm(&b->run_size);
+}
+
+// A VM of MEM_SIZE with the bench's guest loaded and its one vCPU made.
+static void bench_vm(const struct bench *b, struct vm *vm, int irqchip)
+{
+    vm_create(vm, b->kvm, b->run_size, MEM_SIZE, irqchip, b->guest, b->guest_len);
+}
+
+// bench_vm in protected mode, the registers set for the guest at GUEST_LOAD.
+static void bench_protected_vm(const struct bench *b, struct vm *vm, uint64_t rcx, uint64_t rdx,
+                               uint64_t rbx)
+{
+    bench_vm(b, vm, 0);
+    set_protected_mode(vm->vcpufd);
+    set_regs(vm->vcpufd, rcx, rdx, rbx);
+}
+
+static int bench_close(struct bench *b, struct vm *vm)
+{
+    vm_destroy(vm);
+    close(b->kvm);
+    return 0;
+}
+
+// Nanoseconds each of the `count` runs since `start` took.
+static double ns_per(double start, uint64_t count)
+{
+    return (now() - start) / (double)count * 1e9;
+}
+
 // Single-vCPU exit loop for "pio" and "mmio": returns after the guest's HLT.
 static int bench_exits(int is_mmio, const char *guest_path, uint64_t iters, uint64_t target)
 {
-    static uint8_t guest[MEM_SIZE - GUEST_LOAD];
-    size_t guest_len = load_guest(guest_path, guest, sizeof(guest));
-    size_t run_size;
-    int kvm = open_kvm(&run_size);
-
+    struct bench b;
+    bench_open(&b, guest_path);
     struct vm vm;
-    vm_create(&vm, kvm, run_size, MEM_SIZE, 0, guest, guest_len);
-    set_protected_mode(vm.vcpufd);
     if (is_mmio)
-        set_regs(vm.vcpufd, iters, 0, target);
+        bench_protected_vm(&b, &vm, iters, 0, target);
     else
-        set_regs(vm.vcpufd, iters, target, 0);
+        bench_protected_vm(&b, &vm, iters, target, 0);
 
     struct kvm_run *run = vm.run;
     uint64_t exits = 0;
@@ -277,23 +322,18 @@ static int bench_exits(int is_mmio, const char *guest_path, uint64_t iters, uint
     printf("{\"test\":\"%s\",\"exits\":%llu,\"seconds\":%.6f,\"ns_per_exit\":%.1f}\n",
            is_mmio ? "mmio" : "pio", (unsigned long long)exits, secs,
            secs * 1e9 / (double)exits);
-
-    vm_destroy(&vm);
-    close(kvm);
-    return 0;
+    return bench_close(&b, &vm);
 }
 
 static int bench_churn(const char *guest_path, uint64_t count)
 {
-    static uint8_t guest[MEM_SIZE - GUEST_LOAD];
-    size_t guest_len = load_guest(guest_path, guest, sizeof(guest));
-    size_t run_size;
-    int kvm = open_kvm(&run_size);
+    struct bench b;
+    bench_open(&b, guest_path);
 
     double t0 = now();
     for (uint64_t i = 0; i < count; i++) {
         struct vm vm;
-        vm_create(&vm, kvm, run_size, MEM_SIZE, 0, guest, guest_len);
+        bench_vm(&b, &vm, 0);
         set_real_mode(vm.vcpufd);
         set_regs(vm.vcpufd, 0, 0, 0);
 
@@ -317,7 +357,7 @@ static int bench_churn(const char *guest_path, uint64_t count)
 
     printf("{\"test\":\"churn\",\"vms\":%llu,\"seconds\":%.6f,\"vms_per_second\":%.1f}\n",
            (unsigned long long)count, secs, (double)count / secs);
-    close(kvm);
+    close(b.kvm);
     return 0;
 }
 
@@ -603,13 +643,10 @@ static void print_array(const char *name, const double *values, uint64_t count)
 static int bench_reset(const char *guest_path, uint64_t resets, uint64_t pages, uint64_t port,
                        int irqchip)
 {
-    static uint8_t guest[MEM_SIZE - GUEST_LOAD];
-    size_t guest_len = load_guest(guest_path, guest, sizeof(guest));
-    size_t run_size;
-    int kvm = open_kvm(&run_size);
-
+    struct bench b;
+    bench_open(&b, guest_path);
     struct vm vm;
-    vm_create(&vm, kvm, run_size, MEM_SIZE, irqchip, guest, guest_len);
+    bench_vm(&b, &vm, irqchip);
     set_protected_mode(vm.vcpufd);
     struct kvm_regs regs = {
         .rip = GUEST_LOAD, .rflags = 2, .rbx = DIRTY_BASE, .rsi = pages, .rdx = port,
@@ -620,7 +657,7 @@ static int bench_reset(const char *guest_path, uint64_t resets, uint64_t pages, 
 
     // The snapshot: state saved, memory copied, and the guest's writes logged from now on.
     struct saved_state saved = { 0 };
-    save_state(kvm, &vm, &caps, irqchip, &saved);
+    save_state(b.kvm, &vm, &caps, irqchip, &saved);
     set_memory_slot(&vm, KVM_MEM_LOG_DIRTY_PAGES);
     uint64_t *bitmap = calloc(MEM_SIZE / PAGE_SIZE / 64, sizeof(uint64_t));
     double *total = calloc(resets, sizeof(double));
@@ -666,9 +703,7 @@ static int bench_reset(const char *guest_path, uint64_t resets, uint64_t pages, 
     print_array("vm_us", phase[1], resets);
     print_array("vcpus_us", phase[2], resets);
     printf("}\n");
-    vm_destroy(&vm);
-    close(kvm);
-    return 0;
+    return bench_close(&b, &vm);
 }
 
 // --- VM creation: the least a VMM does to make a VM of one vCPU, for forks to be compared with.
@@ -709,7 +744,7 @@ _Noreturn static void usage(const char *argv0)
 }
 
 // Long mode with the first GiB identity mapped by 2 MiB pages, tables at 0x9000 (as kvmkit's
-// setup("long") does); segments straight from kvm_sregs, so no GDT is needed.
+// setup("long") does).
 static void set_long_mode(const struct vm *vm)
 {
     uint64_t *pml4 = (uint64_t *)(vm->mem + 0x9000), *pdpt = pml4 + 512, *pd = pdpt + 512;
@@ -719,20 +754,7 @@ static void set_long_mode(const struct vm *vm)
         pd[i] = (i << 21) | 0x83;
     struct kvm_sregs sregs;
     IOCTL(vm->vcpufd, KVM_GET_SREGS, &sregs);
-    struct kvm_segment code = {
-        .base = 0, .limit = 0xffffffff, .selector = 0x08,
-        .type = 11, .present = 1, .dpl = 0, .db = 0, .s = 1, .l = 1, .g = 1,
-    };
-    struct kvm_segment data = code;
-    data.selector = 0x10;
-    data.type = 3;
-    data.l = 0;
-    data.db = 1;
-    sregs.cs = code;
-    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data;
-    sregs.tr = (struct kvm_segment){
-        .base = 0, .limit = 0x67, .selector = 0x18, .type = 11, .present = 1, .s = 0,
-    };
+    set_flat_segments(&sregs, 1);
     sregs.cr3 = 0x9000;
     sregs.cr4 = 0x20 | 0x200 | 0x400; // PAE, OSFXSR, OSXMMEXCPT
     sregs.cr0 = 0x80000001 | 0x2;     // PG, PE, MP
@@ -748,16 +770,14 @@ static void set_long_mode(const struct vm *vm)
 #define CALL_DATA       0x100000UL
 static int bench_call(const char *guest_path, uint64_t iters, uint64_t length)
 {
-    static uint8_t guest[MEM_SIZE - GUEST_LOAD];
-    size_t guest_len = load_guest(guest_path, guest, sizeof(guest));
-    size_t run_size;
-    int kvm = open_kvm(&run_size);
-    if (!(IOCTL(kvm, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS) & KVM_SYNC_X86_REGS)) {
+    struct bench b;
+    bench_open(&b, guest_path);
+    if (!(IOCTL(b.kvm, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS) & KVM_SYNC_X86_REGS)) {
         fprintf(stderr, "this KVM lacks KVM_CAP_SYNC_REGS\n");
         return 1;
     }
     struct vm vm;
-    vm_create(&vm, kvm, run_size, MEM_SIZE, 0, guest, guest_len);
+    bench_vm(&b, &vm, 0);
     set_long_mode(&vm);
     static const uint8_t trampoline[] = { 0x41, 0xff, 0xd3, 0xf4 }; // call *%r11; hlt
     memcpy(vm.mem + CALL_TRAMPOLINE, trampoline, sizeof(trampoline));
@@ -784,25 +804,18 @@ static int bench_call(const char *guest_path, uint64_t iters, uint64_t length)
             bad_exit(vm.run);
         rax = regs->rax;
     }
-    double elapsed = now() - start;
-    printf("{\"ns_per_call\": %.1f, \"rax\": %llu}\n", elapsed / (double)iters * 1e9, (unsigned long long)rax);
-    vm_destroy(&vm);
-    close(kvm);
-    return 0;
+    printf("{\"ns_per_call\": %.1f, \"rax\": %llu}\n", ns_per(start, iters), (unsigned long long)rax);
+    return bench_close(&b, &vm);
 }
 
 // Single-step: `steps` KVM_RUNs of the step loop with KVM_GUESTDBG_SINGLESTEP (and BLOCKIRQ where
 // KVM has it, as kvmkit's steps do), each ending in KVM_EXIT_DEBUG. Prints ns per step.
 static int bench_step(const char *guest_path, uint64_t steps)
 {
-    static uint8_t guest[MEM_SIZE - GUEST_LOAD];
-    size_t guest_len = load_guest(guest_path, guest, sizeof(guest));
-    size_t run_size;
-    int kvm = open_kvm(&run_size);
+    struct bench b;
+    bench_open(&b, guest_path);
     struct vm vm;
-    vm_create(&vm, kvm, run_size, MEM_SIZE, 0, guest, guest_len);
-    set_protected_mode(vm.vcpufd);
-    set_regs(vm.vcpufd, 0, 0, 0);
+    bench_protected_vm(&b, &vm, 0, 0, 0);
     struct kvm_guest_debug debug = { .control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP };
 #if defined(KVM_CAP_SET_GUEST_DEBUG2) && defined(KVM_GUESTDBG_BLOCKIRQ)
     int flags = ioctl(vm.vmfd, KVM_CHECK_EXTENSION, KVM_CAP_SET_GUEST_DEBUG2);
@@ -818,11 +831,8 @@ static int bench_step(const char *guest_path, uint64_t steps)
         if (vm.run->exit_reason != KVM_EXIT_DEBUG)
             bad_exit(vm.run);
     }
-    double elapsed = now() - start;
-    printf("{\"ns_per_step\": %.1f}\n", elapsed / (double)steps * 1e9);
-    vm_destroy(&vm);
-    close(kvm);
-    return 0;
+    printf("{\"ns_per_step\": %.1f}\n", ns_per(start, steps));
+    return bench_close(&b, &vm);
 }
 
 int main(int argc, char **argv)

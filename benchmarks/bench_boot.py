@@ -52,7 +52,6 @@ from kvmkit.demo import EMULATOR_SAFE_CMDLINE
 from kvmkit.images import READY_MARKER, default_guest
 from report import write_report
 
-HERE = Path(__file__).resolve().parent
 MEMORY = "256M"
 FIRECRACKER_OVERHEAD_MIB = 5.0
 #: The goal: kvmkit's VMM memory overhead at most this share of the QEMU process's.
@@ -356,19 +355,14 @@ def run_here(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = placement.command_line(__doc__, "boot.json")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per vCPU count")
     parser.add_argument(
         "--cpus", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2], help="vCPU counts, e.g. 1,2"
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds each boot may take")
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "boot.json")
-    placement.add_argument(parser)
     args = parser.parse_args()
-    status = placement.relaunch(args, __file__, args.json.parent, cpus=max(args.cpus), linux=True)
-    return run_here(args) if status is None else status
+    return placement.run(args, __file__, run_here, cpus=max(args.cpus), linux=True)
 
 
 if __name__ == "__main__":

@@ -463,17 +463,12 @@ def run_here(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = placement.command_line(__doc__, "linux_virtio.json")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (each boots both VMMs)")
     parser.add_argument("--quick", action="store_true", help="a smaller image and shorter streams")
-    placement.add_argument(parser)
     parser.add_argument("--logs", type=Path, help="a folder for each VM's console output")
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "linux_virtio.json")
     args = parser.parse_args()
-    status = placement.relaunch(args, __file__, args.json.parent, linux=True)
-    return run_here(args) if status is None else status
+    return placement.run(args, __file__, run_here, linux=True)
 
 
 if __name__ == "__main__":

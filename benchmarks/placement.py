@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from kvmkit import nested
@@ -15,15 +16,21 @@ from kvmkit.images import default_guest
 NESTED_MEMORY = "2G"
 
 
-def parser(doc: str | None, results: str, quick: str) -> argparse.ArgumentParser:
-    """The command line every alternating-rounds benchmark shares: ``doc`` as its help, ``--quick``
-    (``quick`` says what it cuts), ``--rounds``, ``--json`` (default ``benchmarks/results/<results>``)
-    and ``--where``."""
+def command_line(doc: str | None, results: str) -> argparse.ArgumentParser:
+    """The command line every benchmark that can run nested shares: ``doc`` as its help, ``--json``
+    (default ``benchmarks/results/<results>``) and ``--where``."""
     parsed = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parsed.add_argument("--quick", action="store_true", help=f"{quick} (a smoke run)")
-    parsed.add_argument("--rounds", type=int, help="alternating rounds per case")
     parsed.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / results)
     add_argument(parsed)
+    return parsed
+
+
+def parser(doc: str | None, results: str, quick: str) -> argparse.ArgumentParser:
+    """The command line every alternating-rounds benchmark shares: ``command_line``'s, ``--quick``
+    (``quick`` says what it cuts) and ``--rounds``."""
+    parsed = command_line(doc, results)
+    parsed.add_argument("--quick", action="store_true", help=f"{quick} (a smoke run)")
+    parsed.add_argument("--rounds", type=int, help="alternating rounds per case")
     return parsed
 
 
@@ -63,3 +70,17 @@ def relaunch(
     )
     argv = [sys.executable, str(Path(script).resolve()), *sys.argv[1:], "--where", "here"]
     return nested.run(argv, writable=[results.resolve()], cpus=cpus, memory=NESTED_MEMORY)
+
+
+def run(
+    args: argparse.Namespace,
+    script: str,
+    here: Callable[[argparse.Namespace], int],
+    cpus: int = 2,
+    *,
+    linux: bool = False,
+) -> int:
+    """Runs the benchmark ``script``: ``here(args)`` on this machine, or ``relaunch``'s run in the
+    nested machine; its exit status."""
+    status = relaunch(args, script, args.json.parent, cpus, linux=linux)
+    return here(args) if status is None else status

@@ -140,17 +140,34 @@ def run_gdb(gdb: str, guest: GdbGuest, port: int, *commands: str) -> dict[str, s
     return sections
 
 
+@pytest.fixture
+def debug_with_gdb(gdb, gdb_guest):
+    """debug_with_gdb(vm, *commands, **serve) -> (server, output): the VM served to gdb (`serve`:
+    serve_gdb's keyword arguments), and run_gdb's output for the commands."""
+
+    def _debug(vm, *commands: str, **serve):
+        server = vm.serve_gdb("127.0.0.1:0", **serve)
+        return server, run_gdb(gdb, gdb_guest, server.port, *commands)
+
+    return _debug
+
+
+def assert_ran_to_end(out: dict[str, str], last: str, server, seen: Reports, marker: int) -> None:
+    """After gdb's command `last` the guest ran to its end and gdb detached: one run of the guest,
+    which reported `marker`."""
+    assert "exited normally" in out[last], out["all"]
+    assert server.wait_detached(HANG_GUARD)
+    assert (seen.reports, seen.exit_codes) == ([marker], [10])
+
+
 def hex_words(text: str) -> list[int]:
     return [int(word, 16) for word in re.findall(r"\b0x[0-9a-f]{16}\b", text)]
 
 
-def test_gdb_breaks_steps_reads_and_writes(gdb, gdb_guest, guest_vm):
+def test_gdb_breaks_steps_reads_and_writes(gdb_guest, guest_vm, debug_with_gdb):
     vm, seen = guest_vm(cpus=2)
-    server = vm.serve_gdb("127.0.0.1:0")
-    out = run_gdb(
-        gdb,
-        gdb_guest,
-        server.port,
+    server, out = debug_with_gdb(
+        vm,
         "break tick",
         "continue",
         "info registers",
@@ -196,10 +213,7 @@ def test_gdb_breaks_steps_reads_and_writes(gdb, gdb_guest, guest_vm):
     assert "= 0x0" in out["p/x counter"]
 
     # The variable gdb changed is what the guest reports; the run ends with every vCPU halted.
-    assert "exited normally" in out["continue#2"], everything
-    assert server.wait_detached(HANG_GUARD)
-    assert seen.reports == [0x5678]
-    assert seen.exit_codes == [10]
+    assert_ran_to_end(out, "continue#2", server, seen, 0x5678)
     assert vm.mem_read(gdb_guest.address("marker"), 8) == (0x5678).to_bytes(8, "little")
     assert vm.wait(HANG_GUARD).reason is ExitReason.HLT
     assert not server.attached and server.sessions == 1
@@ -207,13 +221,10 @@ def test_gdb_breaks_steps_reads_and_writes(gdb, gdb_guest, guest_vm):
 
 
 @pytest.mark.hw_debug
-def test_gdb_watchpoint_reports_old_and_new_values(gdb, gdb_guest, guest_vm):
+def test_gdb_watchpoint_reports_old_and_new_values(guest_vm, debug_with_gdb):
     vm, seen = guest_vm(cpus=1)
-    server = vm.serve_gdb("127.0.0.1:0")
-    out = run_gdb(
-        gdb,
-        gdb_guest,
-        server.port,
+    server, out = debug_with_gdb(
+        vm,
         "break tick",
         "continue",
         "watch counter",
@@ -225,22 +236,16 @@ def test_gdb_watchpoint_reports_old_and_new_values(gdb, gdb_guest, guest_vm):
     hit = out["continue#2"]
     assert "atchpoint 2: counter" in hit, out["all"]
     assert "Old value = 0" in hit and "New value = 1" in hit, hit
-    assert "exited normally" in out["continue#3"], out["all"]
-    assert server.wait_detached(HANG_GUARD)
-    assert seen.reports == [0x4321]
-    assert seen.exit_codes == [10]
+    assert_ran_to_end(out, "continue#3", server, seen, 0x4321)
 
 
 @pytest.mark.hw_debug
-def test_gdb_software_breakpoints_patch_and_hide_int3(gdb, gdb_guest, guest_vm):
+def test_gdb_software_breakpoints_patch_and_hide_int3(gdb_guest, guest_vm, debug_with_gdb):
     vm, seen = guest_vm(cpus=1)
-    server = vm.serve_gdb("127.0.0.1:0", breakpoints="software")
     tick = gdb_guest.address("tick")
     original = bytes(vm.mem_view(tick, 1))
-    out = run_gdb(
-        gdb,
-        gdb_guest,
-        server.port,
+    server, out = debug_with_gdb(
+        vm,
         "break tick",
         "continue",
         "x/1bx tick",
@@ -248,15 +253,14 @@ def test_gdb_software_breakpoints_patch_and_hide_int3(gdb, gdb_guest, guest_vm):
         "p/x counter",
         "delete",
         "continue",
+        breakpoints="software",
     )
     assert "Breakpoint 1, " in out["continue"] and "step=step@entry=1" in out["continue"], out["all"]
     assert f"0x{original[0]:02x}" in out["x/1bx tick"], "gdb reads the original byte"
     assert "step=step@entry=2" in out["continue#2"], out["all"]
     assert "= 0x1" in out["p/x counter"]
-    assert "exited normally" in out["continue#3"], out["all"]
-    assert server.wait_detached(HANG_GUARD)
+    assert_ran_to_end(out, "continue#3", server, seen, MARKER)
     assert bytes(vm.mem_view(tick, 1)) == original, "no int3 left behind"
-    assert (seen.reports, seen.exit_codes) == ([MARKER], [10])
 
 
 # --------------------------------------------------------------------------- a raw client
@@ -301,10 +305,7 @@ def test_ctrl_c_interrupts_and_detach_leaves_the_vm_running(gdb_guest, guest_vm)
     assert int.from_bytes(vm.mem_read(spins, 8), "little") > counted
 
     # A client that vanishes while the VM runs under it leaves it running too.
-    client = GdbRemote(server.port)
-    assert client.ask("?").startswith("T05")
-    client.send("c")
-    time.sleep(0.1)
+    client = attach_and_continue(server.port)
     client.close()
     settle(server, 2)
     assert vm.running
@@ -313,10 +314,7 @@ def test_ctrl_c_interrupts_and_detach_leaves_the_vm_running(gdb_guest, guest_vm)
     assert int.from_bytes(vm.mem_read(spins, 8), "little") > counted
 
     # Closing the VM while a client has it running cuts the client off.
-    client = GdbRemote(server.port)
-    assert client.ask("?").startswith("T05")
-    client.send("c")
-    time.sleep(0.1)
+    client = attach_and_continue(server.port)
     vm.close()
     assert server.closed
     client.sock.settimeout(HANG_GUARD)
@@ -325,6 +323,15 @@ def test_ctrl_c_interrupts_and_detach_leaves_the_vm_running(gdb_guest, guest_vm)
         left += chunk
     assert left.strip(b"+") == b"", "nothing but acknowledgements"
     client.close()
+
+
+def attach_and_continue(port: int) -> GdbRemote:
+    """A client that stopped the VM and let it run again (for a moment by now)."""
+    client = GdbRemote(port)
+    assert client.ask("?").startswith("T05")
+    client.send("c")
+    time.sleep(0.1)
+    return client
 
 
 def test_watchpoints_take_debug_registers_and_give_them_back(gdb_guest, guest_vm):
@@ -588,13 +595,10 @@ def test_reverse_execution_needs_one_vcpu(make_vm):
 
 
 @pytest.mark.standard_kvm
-def test_gdb_reverse_commands_go_back_through_the_guest(gdb, gdb_guest, guest_vm):
+def test_gdb_reverse_commands_go_back_through_the_guest(gdb_guest, guest_vm, debug_with_gdb):
     vm, seen = guest_vm()
-    server = vm.serve_gdb("127.0.0.1:0", reverse=True)
-    out = run_gdb(
-        gdb,
-        gdb_guest,
-        server.port,
+    server, out = debug_with_gdb(
+        vm,
         "break tick",
         "continue",
         "continue",
@@ -608,6 +612,7 @@ def test_gdb_reverse_commands_go_back_through_the_guest(gdb, gdb_guest, guest_vm
         "p/x $pc",
         "delete",
         "detach",
+        reverse=True,
     )
     everything = out["all"]
     assert "= 3" in out["p $rdi"] and "= 3" in out["p counter"], everything

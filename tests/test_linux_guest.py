@@ -10,6 +10,7 @@ serves the shell checks, and each boot-path test also ends the guest a different
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kvmkit
+import pexpect
 import pytest
 from kvmkit import ExitReason
 from kvmkit.images import READY_MARKER, GuestImage
@@ -241,20 +243,18 @@ def test_vsock_both_ways(booted):
 # --------------------------------------------------------------------------- the command line
 
 
-def test_kvmkit_run_on_a_terminal_reaches_the_shell_and_quits_with_ctrl_a_x(guest):
-    import pexpect
-
+@contextlib.contextmanager
+def kvmkit_run(*args: str) -> Iterator[pexpect.spawn]:
+    """`python -m kvmkit run` with `args` on a terminal; when the block ends, Ctrl-A x quits it,
+    which must end the process with status 0."""
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "kvmkit", "run", "--cpus", "1"],
+        ["-m", "kvmkit", "run", *args],
         timeout=BOOT_TIMEOUT,
         env=dict(os.environ, TERM="dumb"),
     )
     try:
-        child.expect("Ctrl-A x quits")
-        child.expect(READY_MARKER)
-        child.sendline("echo pty-$((3 * 7))")
-        child.expect("pty-21", timeout=SHELL_TIMEOUT)
+        yield child
         child.send(b"\x01x")
         child.expect("guest stopped: ", timeout=SHELL_TIMEOUT)
         child.expect(pexpect.EOF, timeout=SHELL_TIMEOUT)
@@ -263,19 +263,19 @@ def test_kvmkit_run_on_a_terminal_reaches_the_shell_and_quits_with_ctrl_a_x(gues
     assert child.exitstatus == 0, child.before
 
 
-def test_kvmkit_run_waits_for_gdb_and_lets_it_attach_again(guest):
-    import pexpect
+def test_kvmkit_run_on_a_terminal_reaches_the_shell_and_quits_with_ctrl_a_x(guest):
+    with kvmkit_run("--cpus", "1") as child:
+        child.expect("Ctrl-A x quits")
+        child.expect(READY_MARKER)
+        child.sendline("echo pty-$((3 * 7))")
+        child.expect("pty-21", timeout=SHELL_TIMEOUT)
 
+
+def test_kvmkit_run_waits_for_gdb_and_lets_it_attach_again(guest):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "kvmkit", "run", "--cpus", "2", "--gdb", f"127.0.0.1:{port}", "--wait"],
-        timeout=BOOT_TIMEOUT,
-        env=dict(os.environ, TERM="dumb"),
-    )
-    try:
+    with kvmkit_run("--cpus", "2", "--gdb", f"127.0.0.1:{port}", "--wait") as child:
         child.expect("waiting for gdb", timeout=SHELL_TIMEOUT)
         # gdb attaches before the first instruction, reads the registers and detaches.
         with GdbRemote(port, timeout=SHELL_TIMEOUT) as gdb:
@@ -292,9 +292,3 @@ def test_kvmkit_run_waits_for_gdb_and_lets_it_attach_again(guest):
             assert gdb.ask("D") == "OK"
         child.sendline("echo gdb-$((6 * 7))")
         child.expect("gdb-42", timeout=SHELL_TIMEOUT)
-        child.send(b"\x01x")
-        child.expect("guest stopped: ", timeout=SHELL_TIMEOUT)
-        child.expect(pexpect.EOF, timeout=SHELL_TIMEOUT)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0, child.before
