@@ -148,7 +148,7 @@ impl Job {
     fn serve(self, interrupted: Option<&mut dyn FnMut() -> Option<ExitReason>>) {
         let mut left = self.steps;
         self.serve_with(interrupted, &mut |_, exit| {
-            left -= 1;
+            left = left.saturating_sub(1);
             left > 0 && matches!(exit, ExitReason::Debug(event) if event.kind == DebugKind::Step)
         });
     }
