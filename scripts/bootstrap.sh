@@ -39,10 +39,10 @@ if [ ! -x .venv/bin/python ]; then
     say "creating .venv"
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import maturin, pytest, pexpect, ruff, mypy, lz4, zstandard, hypothesis' 2>/dev/null; then
+if ! .venv/bin/python -c 'import maturin, pytest, pytest_timeout, pexpect, ruff, mypy, lz4, zstandard, hypothesis' 2>/dev/null; then
     say "installing build and test tools into .venv"
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q "maturin>=1.9,<2" "pytest>=7" "pexpect>=4.8" "ruff>=0.4" "mypy>=1.8" "lz4>=4" "zstandard>=0.22" "hypothesis>=6"
+    .venv/bin/pip install -q "maturin>=1.9,<2" "pytest>=7" "pytest-timeout>=2.1" "pexpect>=4.8" "ruff>=0.4" "mypy>=1.8" "lz4>=4" "zstandard>=0.22" "hypothesis>=6"
 fi
 
 say "building kvmkit (release)"

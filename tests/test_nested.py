@@ -54,9 +54,12 @@ def test_a_missing_program_exits_127_and_a_slow_one_times_out(machine, tmp_path)
     assert nested.run(["kvmkit-no-such-program"], cwd=tmp_path, output=output, timeout=300) == 127
     assert b"not found" in output.getvalue()
     with pytest.raises(NestedTimeout, match="did not end within 20 s") as caught:
-        nested.run(["sleep", "600"], cwd=tmp_path, output=io.BytesIO(), timeout=20)
-    # What the machine's CPU was doing when it was stopped, for a hang that shows nothing else.
+        command = ["sh", "-c", "echo about-to-sleep; sleep 600"]
+        nested.run(command, cwd=tmp_path, output=io.BytesIO(), timeout=20)
+    # What the machine's CPU was doing when it was stopped, and the command's last words, for a
+    # hang that shows nothing else.
     assert str(caught.value).count("RIP=") == 2, caught.value
+    assert str(caught.value).endswith("the command's last output:\nabout-to-sleep"), caught.value
 
 
 def test_the_command_line_exits_with_the_commands_status(machine, tmp_path):

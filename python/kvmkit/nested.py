@@ -90,6 +90,8 @@ IMAGE_LAYOUT = "vmlinux initrd.cpio\n"
 NOT_STARTED = 127
 #: Seconds the machine may take to boot and start the command before it counts as failed.
 BOOT_TIMEOUT = 120.0
+#: How much of the command's output a timeout's message repeats, below the CPUs' state.
+OUTPUT_TAIL_BYTES = 4096
 
 
 class HostKvm(enum.Enum):
@@ -324,6 +326,7 @@ class _Machine:
         self.control = control
         self.output = output
         self.boot_log = bytearray()
+        self.last_output = bytearray()  # the end of what the command printed, for a timeout's message
         self.began = threading.Event()
         self.process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -354,9 +357,9 @@ class _Machine:
                 pending = b""
                 streaming = False  # the rest is the machine powering off
                 continue
-            keep = len(END_MARKER)
-            self._write(pending[:-keep])
-            pending = pending[-keep:]
+            keep = _marker_start(pending)
+            self._write(pending[: len(pending) - keep])
+            pending = pending[len(pending) - keep :]
         if streaming:
             self._write(pending)
 
@@ -364,6 +367,8 @@ class _Machine:
         if data:
             self.output.write(data)
             self.output.flush()
+            self.last_output += data
+            del self.last_output[:-OUTPUT_TAIL_BYTES]
 
     def wait(self, timeout: float | None) -> bytes:
         """Waits for the machine to power off; returns its console output before the command's."""
@@ -380,7 +385,8 @@ class _Machine:
                 if deadline is not None and now >= deadline:
                     raise NestedTimeout(
                         f"the command in the nested machine did not end within {timeout:g} s; "
-                        f"its CPUs then (QEMU's view, twice a second apart):\n{self._cpu_states()}"
+                        f"its CPUs then (QEMU's view, twice a second apart):\n{self._cpu_states()}\n"
+                        f"the command's last output:\n{_tail(self.last_output)}"
                     )
                 if not self.began.is_set() and now >= started + BOOT_TIMEOUT:
                     raise NestedError(
@@ -407,6 +413,14 @@ class _Machine:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def _marker_start(data: bytes) -> int:
+    """The length of the longest end of ``data`` that could begin the end marker."""
+    for keep in range(min(len(data), len(END_MARKER) - 1), 0, -1):
+        if END_MARKER.startswith(data[-keep:]):
+            return keep
+    return 0
 
 
 def _human_monitor(control: Path, command: str) -> str:
