@@ -88,13 +88,14 @@ def test_a_command_that_times_out_is_killed_and_the_next_exec_works(vm):
 
 def test_a_hung_command_does_not_block_the_next(vm):
     results: list[ExecResult] = []
-    slow = threading.Thread(target=lambda: results.append(vm.exec("sleep 1000; echo woke")))
+    slow = threading.Thread(target=lambda: results.append(vm.exec("sleep 1000; echo woke", timeout=300)))
     slow.start()
     try:
         assert vm.exec("echo quick", timeout=60).stdout == b"quick\n"
         assert slow.is_alive()
     finally:
-        vm.exec("killall sleep", timeout=60, check=True)
+        # The slow command may not have reached its sleep yet.
+        vm.exec("until killall sleep 2>/dev/null; do usleep 100000; done", timeout=60, check=True)
         slow.join(timeout=60)
     [woken] = results
     assert (woken.stdout, woken.status) == (b"woke\n", 0)  # the shell reports the killed sleep on stderr
