@@ -97,7 +97,7 @@ def main() -> int:
     parser.add_argument("--vms", type=int, help="VMs run at once per round")
     parser.add_argument("--exits", type=int, help="port writes each guest makes before it halts")
     args = parser.parse_args()
-    status = placement.relaunch(args, __file__, args.json.parent, cpus=2)
+    status = placement.relaunch(args, __file__, cpus=2)
     if status is not None:
         return status
     defaults = (3, 50, 10) if args.quick else (5, 100, 50) if nested.inside() else (7, 200, 100)

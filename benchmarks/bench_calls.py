@@ -138,7 +138,7 @@ def main() -> int:
     parser = placement.parser(__doc__, "calls.json", "fewer calls and rounds")
     parser.add_argument("--calls", type=int, help="calls per round and case")
     args = parser.parse_args()
-    status = placement.relaunch(args, __file__, args.json.parent, cpus=1)
+    status = placement.relaunch(args, __file__, cpus=1)
     if status is not None:
         return status
     ensure_unicorn()

@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="single steps per round")
     parser.add_argument("--hits", type=int, help="breakpoint hits per round")
     args = parser.parse_args()
-    status = placement.relaunch(args, __file__, args.json.parent, cpus=1)
+    status = placement.relaunch(args, __file__, cpus=1)
     if status is not None:
         return status
     steps = args.steps or (2000 if args.quick else 20000)

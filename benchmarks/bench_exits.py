@@ -117,7 +117,7 @@ def main() -> int:
     parser.add_argument("--exits", type=int, help="exits per round of each exit case")
     parser.add_argument("--churn", type=int, help="VMs per round of the churn case")
     args = parser.parse_args()
-    status = placement.relaunch(args, __file__, args.json.parent, cpus=1)
+    status = placement.relaunch(args, __file__, cpus=1)
     if status is not None:
         return status
     if args.quick:

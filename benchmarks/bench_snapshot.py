@@ -403,7 +403,7 @@ def main() -> int:
     parser.add_argument("--forks", type=int, help="forks (and empty VMs) per round")
     parser.add_argument("--loads", type=int, help="restores from files (and empty VMs) per round and size")
     args = parser.parse_args()
-    status = placement.relaunch(args, __file__, args.json.parent, cpus=1)
+    status = placement.relaunch(args, __file__, cpus=1)
     if status is not None:
         return status
     if args.quick:

@@ -5,7 +5,9 @@ whose KVM is paravirtualized (``kvm_pvm``) or missing."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,26 +52,33 @@ def describe() -> str:
     return "the nested machine" if nested.inside() else f"this host ({nested.host_kvm().value} KVM)"
 
 
-def relaunch(
-    args: argparse.Namespace, script: str, results: Path, cpus: int = 2, *, linux: bool = False
-) -> int | None:
-    """Runs ``script`` again with the same arguments inside the nested machine, with the folder
-    ``results`` shared back, when ``--where`` asks for it; returns its exit status, or None when
-    the benchmark should run here. ``linux``: the benchmark boots the default guest, which is
-    built here first (the nested machine sees the cache read-only, and has no network)."""
+def relaunch(args: argparse.Namespace, script: str, cpus: int = 2, *, linux: bool = False) -> int | None:
+    """Runs ``script`` again with the same arguments inside the nested machine, when ``--where``
+    asks for it, and copies its report back to ``--json``; returns its exit status, or None when
+    the benchmark should run here. ``linux``: the benchmark boots the default guest, which is built
+    here first (the nested machine sees the cache read-only, and has no network)."""
     if args.where == "here" or nested.inside():
         return None
     if args.where == "auto" and nested.host_kvm() is nested.HostKvm.HARDWARE:
         return None
     if linux:
         default_guest()
-    results.mkdir(parents=True, exist_ok=True)
     print(
         f"running in kvmkit's nested machine ({cpus} CPUs, {NESTED_MEMORY}); it takes a while to boot",
         flush=True,
     )
-    argv = [sys.executable, str(Path(script).resolve()), *sys.argv[1:], "--where", "here"]
-    return nested.run(argv, writable=[results.resolve()], cpus=cpus, memory=NESTED_MEMORY)
+    # The report comes back through a folder of its own. Sharing the report's folder instead could
+    # share the machine's /tmp, where a benchmark's Unix sockets would then sit on 9p, which
+    # cannot hold them.
+    with tempfile.TemporaryDirectory(prefix="kvmkit-bench-report-") as shared:
+        report = Path(shared) / args.json.name
+        argv = [sys.executable, str(Path(script).resolve()), *sys.argv[1:], "--where", "here"]
+        argv += ["--json", str(report)]
+        status = nested.run(argv, writable=[Path(shared)], cpus=cpus, memory=NESTED_MEMORY)
+        if report.exists():
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(report, args.json)
+    return status
 
 
 def run(
@@ -82,5 +91,5 @@ def run(
 ) -> int:
     """Runs the benchmark ``script``: ``here(args)`` on this machine, or ``relaunch``'s run in the
     nested machine; its exit status."""
-    status = relaunch(args, script, args.json.parent, cpus, linux=linux)
+    status = relaunch(args, script, cpus, linux=linux)
     return here(args) if status is None else status
